@@ -1,0 +1,25 @@
+"""Kernels for sparse NeuroAda deltas: in-place apply/restore and the sparse gather product.
+
+Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
+`kernels.reference`, which is the CPU path and the test oracle.
+"""
+
+from kernels._triton import triton_available
+from kernels.scatter import (
+    apply_delta_,
+    apply_delta_flat_,
+    flat_offsets,
+    restore_,
+    restore_flat_,
+)
+from kernels.sparse_delta import sparse_delta
+
+__all__ = [
+    "apply_delta_",
+    "apply_delta_flat_",
+    "flat_offsets",
+    "restore_",
+    "restore_flat_",
+    "sparse_delta",
+    "triton_available",
+]

@@ -1,0 +1,158 @@
+"""The sparse gather product `delta(x)[t, i] = sum_j values[i, j] * x[t, indices[i, j]]`.
+
+This is NeuroAda's bypass: `y = W x + delta(x)`. It never forms a dense [d_out, d_in] delta,
+mask or weight gradient, and autograd saves only (x, indices, values), so activation memory does
+not grow with k. Backward:
+    grad_x[t, indices[i, j]] += values[i, j] * grad_y[t, i]
+    grad_values[i, j]         = sum_t grad_y[t, i] * x[t, indices[i, j]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import tl, triton, use_triton
+from kernels.reference import sparse_delta_bwd_ref, sparse_delta_fwd_ref
+
+_BLOCK_T = 32
+_BLOCK_O = 64
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, idx_ptr, val_ptr, out_ptr, T, d_out, k, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+                    D_IN: tl.constexpr):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        mt = t < T
+        mo = o < d_out
+        rows = t.to(tl.int64)[:, None] * D_IN
+        acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
+        for j in range(k):
+            col = tl.load(idx_ptr + o * k + j, mask=mo, other=0).to(tl.int64)
+            v = tl.load(val_ptr + o * k + j, mask=mo, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + rows + col[None, :], mask=mt[:, None] & mo[None, :], other=0.0)
+            acc += xv.to(tl.float32) * v[None, :]
+        tl.store(out_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :], acc, mask=mt[:, None] & mo[None, :])
+
+    @triton.jit
+    def _grad_x_kernel(gy_ptr, idx_ptr, val_ptr, gx_ptr, T, d_out, k, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+                       D_IN: tl.constexpr):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask = (t < T)[:, None] & (o < d_out)[None, :]
+        gy = tl.load(gy_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows = t.to(tl.int64)[:, None] * D_IN
+        for j in range(k):
+            col = tl.load(idx_ptr + o * k + j, mask=o < d_out, other=0).to(tl.int64)
+            v = tl.load(val_ptr + o * k + j, mask=o < d_out, other=0.0).to(tl.float32)
+            tl.atomic_add(gx_ptr + rows + col[None, :], gy * v[None, :], mask=mask)
+
+    @triton.jit
+    def _grad_values_kernel(gy_ptr, x_ptr, idx_ptr, gv_ptr, T, d_out, k, BLOCK_T: tl.constexpr,
+                            BLOCK_O: tl.constexpr, D_IN: tl.constexpr):
+        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        j = tl.program_id(1)
+        mo = o < d_out
+        col = tl.load(idx_ptr + o * k + j, mask=mo, other=0).to(tl.int64)
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = (t < T)[:, None] & mo[None, :]
+            gy = tl.load(gy_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :], mask=mask, other=0.0)
+            xv = tl.load(x_ptr + t.to(tl.int64)[:, None] * D_IN + col[None, :], mask=mask, other=0.0)
+            acc += tl.sum(gy.to(tl.float32) * xv.to(tl.float32), axis=0)
+        tl.store(gv_ptr + o * k + j, acc, mask=mo)
+
+
+def sparse_delta_fwd_triton(
+    x: torch.Tensor,  # [T, d_in] contiguous
+    indices: torch.Tensor,  # [d_out, k] contiguous int
+    values: torch.Tensor,  # [d_out, k] contiguous
+) -> torch.Tensor:  # [T, d_out] float32
+    T, d_in = x.shape
+    d_out, k = indices.shape
+    out = torch.empty(T, d_out, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(d_out, _BLOCK_O))
+    _fwd_kernel[grid](x, indices, values, out, T, d_out, k, BLOCK_T=_BLOCK_T, BLOCK_O=_BLOCK_O, D_IN=d_in)
+    return out
+
+
+def sparse_delta_bwd_triton(
+    grad_out: torch.Tensor,  # [T, d_out] contiguous
+    x: torch.Tensor,  # [T, d_in] contiguous
+    indices: torch.Tensor,  # [d_out, k]
+    values: torch.Tensor,  # [d_out, k]
+    need_grad_x: bool = True,
+    need_grad_values: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    T, d_in = x.shape
+    d_out, k = indices.shape
+    grad_x = grad_values = None
+    if need_grad_x:
+        grad_x = torch.zeros(T, d_in, dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(d_out, _BLOCK_O))
+        _grad_x_kernel[grid](grad_out, indices, values, grad_x, T, d_out, k,
+                             BLOCK_T=_BLOCK_T, BLOCK_O=_BLOCK_O, D_IN=d_in)
+    if need_grad_values:
+        grad_values = torch.empty(d_out, k, dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(d_out, _BLOCK_O), k)
+        _grad_values_kernel[grid](grad_out, x, indices, grad_values, T, d_out, k,
+                                  BLOCK_T=_BLOCK_T, BLOCK_O=_BLOCK_O, D_IN=d_in)
+    return grad_x, grad_values
+
+
+class _SparseDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, triton_path: bool) -> torch.Tensor:
+        d_in = x.shape[-1]
+        x2d = x.reshape(-1, d_in).contiguous()
+        fwd = sparse_delta_fwd_triton if triton_path else sparse_delta_fwd_ref
+        out = fwd(x2d, indices, values)
+        ctx.save_for_backward(x2d, indices, values)
+        ctx.triton_path = triton_path
+        ctx.x_shape = x.shape
+        return out.to(x.dtype).view(*x.shape[:-1], indices.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2d, indices, values = ctx.saved_tensors
+        bwd = sparse_delta_bwd_triton if ctx.triton_path else sparse_delta_bwd_ref
+        grad_x, grad_values = bwd(
+            grad_out.reshape(-1, indices.shape[0]).contiguous(),
+            x2d,
+            indices,
+            values,
+            need_grad_x=ctx.needs_input_grad[0],
+            need_grad_values=ctx.needs_input_grad[2],
+        )
+        if grad_x is not None:
+            grad_x = grad_x.to(x2d.dtype).view(ctx.x_shape)
+        if grad_values is not None:
+            grad_values = grad_values.to(values.dtype)
+        return grad_x, None, grad_values, None
+
+
+def sparse_delta(
+    x: torch.Tensor,  # [..., d_in]
+    indices: torch.Tensor,  # [d_out, k] int64 (int32 also works)
+    values: torch.Tensor,  # [d_out, k]
+    backend: str = "auto",
+) -> torch.Tensor:  # [..., d_out], x.dtype
+    """Differentiable sparse bypass product, accumulated in float32.
+
+    backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton".
+    """
+    if indices.dim() != 2 or values.shape != indices.shape:
+        raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must both be [d_out, k]")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    if x.device != indices.device or x.device != values.device:
+        raise ValueError(f"x, indices and values must share a device, got {x.device}, {indices.device}, {values.device}")
+    if backend == "triton" and triton is None:
+        raise RuntimeError("backend='triton' asked for, but triton is not installed")
+    triton_path = backend == "triton" or (backend == "auto" and use_triton(x))
+    if not triton_path and indices.dtype != torch.int64:
+        indices = indices.long()
+    return _SparseDelta.apply(x, indices.contiguous(), values.contiguous(), triton_path)

@@ -1,0 +1,115 @@
+"""Whole-model apply / restore of an adapter into the base weights, in place and exactly.
+
+Two forms:
+- `apply_adapter_` / `restore_adapter_`: per layer, on any model (used by `neuroada merge`).
+- `PackedWeights`: the linear weights of a model re-homed into one flat buffer, so that a whole
+  adapter is applied or restored by one kernel launch on CUDA and one index op on the CPU,
+  whatever the number of layers. The model's parameters become views of that buffer and the
+  model computes exactly as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import apply_delta_, apply_delta_flat_, flat_offsets, restore_, restore_flat_
+from neuroada.fingerprint import linear_layers
+from neuroada.format import SparseAdapter
+
+
+def apply_adapter_(model: nn.Module, adapter: SparseAdapter) -> dict[str, torch.Tensor]:
+    """Merge the adapter into the model's weights; returns the saved originals for restore_adapter_."""
+    modules = dict(model.named_modules())
+    saved = {}
+    for name, d in adapter.layers.items():
+        weight = modules[name].weight.data
+        saved[name] = torch.empty(d.indices.shape, dtype=weight.dtype, device=weight.device)
+        apply_delta_(weight, d.indices.to(weight.device), d.values.to(weight.device), saved[name])
+    return saved
+
+
+def restore_adapter_(model: nn.Module, adapter: SparseAdapter, saved: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for name, d in adapter.layers.items():
+        weight = modules[name].weight.data
+        restore_(weight, d.indices.to(weight.device), saved[name])
+
+
+@dataclass(frozen=True)
+class PackedDelta:
+    """An adapter laid out for one PackedWeights: flat positions and their deltas."""
+
+    offsets: torch.Tensor  # [n] int64, positions in PackedWeights.buffer
+    values: torch.Tensor  # [n] bfloat16
+
+
+class PackedWeights:
+    """The model's untied linear weights in one contiguous buffer (one dtype, one device)."""
+
+    def __init__(self, model: nn.Module):
+        layers = _untied_linears(model)
+        if not layers:
+            raise ValueError("the model has no untied nn.Linear layers to pack")
+        dtypes = {m.weight.dtype for m in layers.values()}
+        devices = {m.weight.device for m in layers.values()}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(f"linear weights must share one dtype and device, got {dtypes} on {devices}")
+        total = sum(m.weight.numel() for m in layers.values())
+        self.buffer = torch.empty(total, dtype=dtypes.pop(), device=devices.pop())  # [N]
+        self.layout: dict[str, tuple[int, int, int]] = {}  # name -> (start, d_out, d_in)
+        start = 0
+        for name, m in layers.items():
+            d_out, d_in = m.weight.shape
+            view = self.buffer[start : start + d_out * d_in].view(d_out, d_in)
+            view.copy_(m.weight.data)
+            m.weight.data = view
+            self.layout[name] = (start, d_out, d_in)
+            start += d_out * d_in
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.buffer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def offsets(self, adapter: SparseAdapter) -> torch.Tensor:  # [n] int64 on self.device
+        parts = []
+        for name, d in adapter.layers.items():
+            if name not in self.layout:
+                raise KeyError(f"layer {name} is not a packed linear layer of this model")
+            start, _, d_in = self.layout[name]
+            parts.append(flat_offsets(d.indices.to(self.device), d_in, start))
+        return torch.cat(parts)
+
+    def pack(self, adapter: SparseAdapter, offsets: torch.Tensor | None = None) -> PackedDelta:
+        """Lay the adapter out on this buffer; pass `offsets` to share one index set between adapters."""
+        values = torch.cat([d.values.reshape(-1) for d in adapter.layers.values()]).to(self.device)
+        return PackedDelta(self.offsets(adapter) if offsets is None else offsets, values)
+
+    def apply_(self, delta: PackedDelta) -> torch.Tensor:  # saved [n], for restore_
+        saved = torch.empty(delta.offsets.shape, dtype=self.dtype, device=self.device)
+        apply_delta_flat_(self.buffer, delta.offsets, delta.values, saved)
+        return saved
+
+    def restore_(self, delta: PackedDelta, saved: torch.Tensor) -> None:
+        restore_flat_(self.buffer, delta.offsets, saved)
+
+    def checksum(self) -> str:
+        """Hash of every packed weight bit: equal before and after any apply/restore sequence."""
+        data = self.buffer.detach().cpu().view(torch.uint8).numpy()
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _untied_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers whose weight no other parameter shares (a tied lm_head stays where it is)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {n: m for n, m in linear_layers(model).items() if owners[id(m.weight)] == 1}

@@ -1,0 +1,39 @@
+"""The bypass layer: a frozen nn.Linear plus a trainable sparse delta at k positions per row.
+
+    y = base(x) + delta(x),   delta(x)[..., i] = sum_j values[i, j] * x[..., indices[i, j]]
+
+The delta is the gather product in `kernels`, which never forms a dense [d_out, d_in] tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import sparse_delta
+
+
+class NeuroAdaLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor):
+        super().__init__()
+        d_out, d_in = base_layer.weight.shape
+        if indices.shape[0] != d_out or indices.dim() != 2:
+            raise ValueError(f"indices must be [d_out={d_out}, k], got {tuple(indices.shape)}")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        device = base_layer.weight.device
+        self.register_buffer("indices", indices.to(device=device, dtype=torch.int64).contiguous())  # [d_out, k]
+        # Trainable deltas stay float32 while training whatever the base dtype; exported as bf16.
+        self.values = nn.Parameter(torch.zeros(indices.shape, dtype=torch.float32, device=device))  # [d_out, k]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y + sparse_delta(x, self.indices, self.values).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        d_out, d_in = self.base_layer.weight.shape
+        return f"d_in={d_in}, d_out={d_out}, k={self.k}"

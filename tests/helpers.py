@@ -1,0 +1,48 @@
+"""Builders shared by the tests: tiny random Llama models and adapters made for them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from neuroada.fingerprint import BaseModelSpec
+from neuroada.format import LayerDelta, SparseAdapter, build_adapter
+
+TINY_NAME = "tiny-llama"
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 256) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def random_adapter(
+    model: torch.nn.Module,
+    k: int = 2,
+    scale: float = 0.05,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+) -> SparseAdapter:
+    """Random unique indices and random deltas on the model's target layers."""
+    spec = BaseModelSpec.from_model(model, TINY_NAME)
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, (d_out, d_in) in spec.linear_shapes.items():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        indices = torch.rand(d_out, d_in, generator=g).argsort(dim=1)[:, :k]
+        values = torch.randn(d_out, k, generator=g) * scale
+        layers[name] = LayerDelta(indices, values)
+    return build_adapter(layers, base=spec, selection="random")

@@ -1,0 +1,231 @@
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from neuroada import errors
+from neuroada.fingerprint import BaseModelSpec, fingerprint
+from neuroada.format import (
+    AdapterMetadata,
+    adapter_to_bytes,
+    index_set_hash,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from tests.helpers import TINY_NAME, random_adapter, tiny_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+Q = "model.layers.0.self_attn.q_proj"  # [64, 64]
+DOWN = "model.layers.1.mlp.down_proj"  # [64, 96]
+
+
+@pytest.fixture
+def spec(model) -> BaseModelSpec:
+    return BaseModelSpec.from_model(model, TINY_NAME)
+
+
+def test_save_load_round_trip_is_bit_exact(model, spec, tmp_path):
+    adapter = random_adapter(model, k=3)
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    loaded = load_adapter(path, spec)
+    assert loaded.metadata == adapter.metadata
+    assert list(loaded.layers) == list(adapter.layers)
+    for name, d in adapter.layers.items():
+        assert loaded.layers[name].indices.dtype == torch.int16
+        assert loaded.layers[name].values.dtype == torch.bfloat16
+        assert torch.equal(loaded.layers[name].indices, d.indices)
+        assert torch.equal(loaded.layers[name].values.view(torch.int16), d.values.view(torch.int16))
+    assert [f.name for f in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left
+
+
+def test_metadata_names_base_k_selection_and_index_hash(model, spec):
+    adapter = random_adapter(model, k=2)
+    meta = adapter.metadata
+    assert (meta.format, meta.format_version, meta.k, meta.selection) == ("neuroada", 1, 2, "random")
+    assert meta.base_fingerprint == spec.fingerprint and meta.base_model == TINY_NAME
+    assert meta.index_hash == index_set_hash({n: d.indices for n, d in adapter.layers.items()})
+    assert meta.targets == sorted(adapter.layers)
+    # Same indices, other values: same hash. Other indices: another hash.
+    assert random_adapter(model, k=2, seed=0, scale=1.0).metadata.index_hash == meta.index_hash
+    assert random_adapter(model, k=2, seed=9).metadata.index_hash != meta.index_hash
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp_file(model, tmp_path, monkeypatch):
+    path = save_adapter(random_adapter(model, seed=1), tmp_path / "a.safetensors")
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(random_adapter(model, seed=2), path)
+    assert path.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+# --- malformed files: each fault is produced by a real file and named in the message -------------
+
+
+def write_raw(path, layers: dict, k: int, spec: BaseModelSpec, meta_overrides: dict | None = None) -> bytes:
+    """A safetensors file with the given tensors and otherwise consistent metadata."""
+    tensors = {}
+    for name, (indices, values) in layers.items():
+        tensors[f"{name}.indices"] = indices
+        tensors[f"{name}.values"] = values
+    names = sorted(layers)
+    meta = AdapterMetadata(
+        base_model=TINY_NAME,
+        base_fingerprint=spec.fingerprint,
+        k=k,
+        selection="magnitude",
+        index_hash=index_set_hash({n: layers[n][0] for n in names}),
+        targets=names,
+        created="2026-11-26T00:00:00+00:00",
+    ).to_strings()
+    meta.update(meta_overrides or {})
+    data = st_save(tensors, metadata=meta)
+    path.write_bytes(data)
+    return data
+
+
+def good_layer(d_out=64, k=2):
+    indices = torch.arange(k, dtype=torch.int16).repeat(d_out, 1)
+    return indices, torch.full((d_out, k), 0.01, dtype=torch.bfloat16)
+
+
+def _case(name, spec):
+    idx, val = good_layer()
+    if name == "unknown module":
+        return {"model.layers.0.self_attn.nope": (idx, val)}, errors.UnknownModuleError, "nope"
+    if name == "not linear":
+        return {"model.layers.0.input_layernorm": (idx, val)}, errors.NotLinearError, "input_layernorm"
+    if name == "d_out mismatch":
+        i, v = good_layer(d_out=65)
+        return {Q: (i, v)}, errors.DOutMismatchError, "d_out=65"
+    if name == "shapes differ":
+        return {Q: (idx, val[:, :1].contiguous())}, errors.ShapeError, Q
+    if name == "index out of range":
+        i = idx.clone()
+        i[5, 1] = 96  # DOWN has d_in = 96
+        return {DOWN: (i, val)}, errors.IndexOutOfRangeError, "96"
+    if name == "negative index":
+        i = idx.clone()
+        i[0, 0] = -3
+        return {Q: (i, val)}, errors.IndexOutOfRangeError, "-3"
+    if name == "duplicate index":
+        i = idx.clone()
+        i[7] = torch.tensor([4, 4])
+        return {Q: (i, val)}, errors.DuplicateIndexError, "row 7"
+    if name == "non-finite value":
+        v = val.clone()
+        v[3, 0] = float("nan")
+        return {Q: (idx, v)}, errors.NonFiniteValueError, Q
+    if name == "float32 values":
+        return {Q: (idx, val.float())}, errors.DtypeError, "bfloat16"
+    if name == "int64 indices":
+        return {Q: (idx.long(), val)}, errors.DtypeError, "int16 or int32"
+    raise AssertionError(name)
+
+
+CASES = [
+    "unknown module",
+    "not linear",
+    "d_out mismatch",
+    "shapes differ",
+    "index out of range",
+    "negative index",
+    "duplicate index",
+    "non-finite value",
+    "float32 values",
+    "int64 indices",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_tensor_fault_raises_its_own_error(case, spec, tmp_path):
+    layers, error, fragment = _case(case, spec)
+    path = tmp_path / "bad.safetensors"
+    write_raw(path, layers, k=next(iter(layers.values()))[0].shape[1], spec=spec)
+    with pytest.raises(error, match=fragment.replace(".", r"\.")) as info:
+        load_adapter(path, spec)
+    assert type(info.value) is error
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"k": '"two"'}, "k"),
+        ({"k": "3"}, "metadata says k = 3"),
+        ({"format": "lora"}, "format"),
+        ({"format_version": "7"}, "format_version 7"),
+        ({"selection": "best"}, "selection"),
+        ({"index_hash": "sha256:00"}, "index_hash"),
+        ({"targets": json.dumps(["x"])}, "targets"),
+        ({"training": "{not json"}, "training"),
+    ],
+)
+def test_malformed_metadata_is_refused(overrides, fragment, spec, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    write_raw(path, {Q: good_layer()}, k=2, spec=spec, meta_overrides=overrides)
+    with pytest.raises(errors.MetadataError, match=fragment):
+        load_adapter(path, spec)
+
+
+def test_missing_metadata_is_refused(tmp_path, spec):
+    idx, val = good_layer()
+    path = tmp_path / "bare.safetensors"
+    path.write_bytes(st_save({f"{Q}.indices": idx, f"{Q}.values": val}))
+    with pytest.raises(errors.MetadataError, match="no metadata"):
+        load_adapter(path, spec)
+    write_raw(path, {Q: good_layer()}, k=2, spec=spec)
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    del header["__metadata__"]["base_fingerprint"]
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + struct.unpack("<Q", raw[:8])[0] :])
+    with pytest.raises(errors.MetadataError, match="base_fingerprint"):
+        load_adapter(path, spec)
+
+
+def test_not_safetensors_and_truncated_files_are_refused(model, spec, tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"PK\x03\x04 this is a zip, or a pickle, not safetensors")
+    with pytest.raises(errors.NotSafetensorsError):
+        load_adapter(path, spec)
+    data = adapter_to_bytes(random_adapter(model))
+    for cut in (4, 100, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(errors.NotSafetensorsError):
+            load_adapter(path, spec)
+
+
+def test_fingerprint_mismatch_is_refused(model, tmp_path):
+    other = BaseModelSpec.from_model(tiny_llama(seed=1), "other-tiny")
+    path = save_adapter(random_adapter(model), tmp_path / "a.safetensors")
+    with pytest.raises(errors.FingerprintMismatchError, match="other-tiny"):
+        load_adapter(path, other)
+
+
+def test_adapter_bytes_load_like_files(model, spec):
+    adapter = random_adapter(model)
+    assert read_adapter(adapter_to_bytes(adapter)).metadata == adapter.metadata
+
+
+def test_fingerprint_is_dtype_independent_and_model_specific():
+    fp32 = tiny_llama(seed=0)
+    bf16 = tiny_llama(seed=0).to(torch.bfloat16)
+    assert fingerprint(fp32) == fingerprint(bf16)
+    assert fingerprint(fp32) != fingerprint(tiny_llama(seed=1))
+
+
+def test_fingerprint_is_identical_across_processes():
+    code = "from tests.helpers import tiny_llama; from neuroada.fingerprint import fingerprint; print(fingerprint(tiny_llama(seed=0)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == fingerprint(tiny_llama(seed=0))

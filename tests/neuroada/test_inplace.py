@@ -1,0 +1,56 @@
+import torch
+
+from neuroada.inplace import PackedWeights, apply_adapter_, restore_adapter_
+from tests.helpers import random_adapter, tiny_llama
+
+
+def _state_bits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_packing_keeps_the_model_identical_and_leaves_tied_weights_alone(model):
+    ids = torch.randint(0, 256, (2, 9))
+    before = model(ids).logits
+    state = _state_bits(model)
+    packed = PackedWeights(model)
+    assert "lm_head" not in packed.layout  # tied to embed_tokens
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    after = model(ids).logits
+    assert torch.equal(before, after)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, state[name]), name
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == packed.buffer[packed.layout["model.layers.0.self_attn.q_proj"][0]:].data_ptr()
+
+
+def test_packed_apply_equals_per_layer_apply_and_restores_bit_exactly():
+    for dtype in (torch.float32, torch.bfloat16):
+        per_layer = tiny_llama(seed=3, dtype=dtype)
+        packed_model = tiny_llama(seed=3, dtype=dtype)
+        adapter = random_adapter(per_layer, k=3, seed=5)
+
+        saved_layers = apply_adapter_(per_layer, adapter)
+        packed = PackedWeights(packed_model)
+        checksum = packed.checksum()
+        delta = packed.pack(adapter)
+        saved = packed.apply_(delta)
+        for name, p in per_layer.state_dict().items():
+            assert torch.equal(p, packed_model.state_dict()[name]), name
+        assert packed.checksum() != checksum
+
+        packed.restore_(delta, saved)
+        restore_adapter_(per_layer, adapter, saved_layers)
+        assert packed.checksum() == checksum
+        fresh = tiny_llama(seed=3, dtype=dtype)
+        for name, p in fresh.state_dict().items():
+            assert torch.equal(p, packed_model.state_dict()[name]), name
+            assert torch.equal(p, per_layer.state_dict()[name]), name
+
+
+def test_adapters_sharing_an_index_set_can_share_offsets(model):
+    packed = PackedWeights(model)
+    a = random_adapter(model, k=2, seed=1)
+    offsets = packed.offsets(a)
+    b = packed.pack(a, offsets=offsets)
+    assert b.offsets is offsets
+    assert b.values.numel() == offsets.numel() == a.num_params
