@@ -12,7 +12,7 @@ from kernels.scatter import (
     restore_,
     restore_flat_,
 )
-from kernels.sparse_delta import sparse_delta
+from kernels.sparse_product import sparse_delta
 
 __all__ = [
     "apply_delta_",

@@ -19,13 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except AdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuroada", description="Train and serve NeuroAda sparse-delta adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_merge(sub)
     for add_command in _plugin_commands():
         add_command(sub)
     return parser
@@ -77,6 +84,136 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1
     print(f"valid for base model {name}")
     return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from neuroada.config import LLAMA_TARGETS
+    from neuroada.format import SELECTIONS
+
+    p = sub.add_parser("train", help="train a NeuroAda adapter on an LLM-Adapters JSON data file")
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, type=Path, help="training data, LLM-Adapters JSON")
+    p.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
+    p.add_argument("--top-k", type=int, default=1, help="inputs adapted per output neuron (default 1)")
+    p.add_argument("--targets", default=",".join(LLAMA_TARGETS), help="comma-separated module-name suffixes")
+    p.add_argument("--selection", default="magnitude", choices=SELECTIONS)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    p.add_argument("--checkpoint", type=Path, default=None, help="resumable state (default: OUT.ckpt)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
+    from neuroada.config import NeuroAdaConfig
+    from neuroada.data import file_sha256, load_examples
+    from neuroada.fingerprint import BaseModelSpec
+    from neuroada.format import save_adapter
+    from neuroada.model import attach, export
+    from neuroada.trainer import TrainConfig, train, training_summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = resolve_model_name(args.model)
+    model = load_base_model(args.model, device=device)
+    tokenizer = load_tokenizer(args.model)
+    base = BaseModelSpec.from_model(model, name)
+    na_config = NeuroAdaConfig(
+        k=args.top_k, targets=tuple(t for t in args.targets.split(",") if t), selection=args.selection, seed=args.seed
+    )
+    attach(model, na_config)
+    examples = load_examples(args.data)[: args.limit]
+    config = TrainConfig(
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        warmup_ratio=args.warmup_ratio,
+        seed=args.seed,
+        checkpoint=args.checkpoint or args.out.with_name(args.out.name + ".ckpt"),
+        checkpoint_every=args.checkpoint_every,
+    )
+    result = train(model, tokenizer, examples, config)
+    summary = training_summary(result, config, file_sha256(args.data), args.data.name)
+    adapter = export(model, base, selection=na_config.selection, training=summary)
+    save_adapter(adapter, args.out)
+    print(
+        f"wrote {args.out}: {len(adapter.layers)} layers, k={na_config.k}, {adapter.num_params:,} parameters; "
+        f"{result.steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}, {result.seconds:.0f} s"
+    )
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="greedy accuracy on an LLM-Adapters JSON data file")
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", type=Path, default=None, help="adapter file (default: the base model alone)")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, default=None, help="per-example JSONL")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from neuroada.data import load_examples
+    from neuroada.evaluate import evaluate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = _model_with_adapter(args.model, args.adapter, device)
+    examples = load_examples(args.data)[: args.limit]
+    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, args.out)
+    label = args.adapter.name if args.adapter else "base"
+    print(f"{args.data.name} [{label}]: accuracy {result.accuracy:.4f} ({result.correct}/{result.total})")
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="write a Hugging Face model folder with the adapter merged in")
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    model, tokenizer = _model_with_adapter(args.model, args.adapter, "cpu")
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"wrote merged model to {args.out}")
+    return 0
+
+
+def _model_with_adapter(model_name: str | None, adapter_path: Path | None, device: str):
+    """The base model with an adapter merged into its weights (validated first)."""
+    from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
+    from neuroada.fingerprint import BaseModelSpec
+    from neuroada.format import load_adapter
+    from neuroada.inplace import apply_adapter_
+
+    model = load_base_model(model_name, device=device)
+    tokenizer = load_tokenizer(model_name)
+    if adapter_path is not None:
+        adapter = load_adapter(adapter_path, BaseModelSpec.from_model(model, resolve_model_name(model_name)))
+        apply_adapter_(model, adapter)
+    return model, tokenizer
 
 
 if __name__ == "__main__":

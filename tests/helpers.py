@@ -11,7 +11,7 @@ from neuroada.format import LayerDelta, SparseAdapter, build_adapter
 TINY_NAME = "tiny-llama"
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 256) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 257) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -21,6 +21,7 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+        initializer_range=0.3,  # frozen tied embeddings need a usable logit scale for training tests
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
@@ -46,3 +47,30 @@ def random_adapter(
         values = torch.randn(d_out, k, generator=g) * scale
         layers[name] = LayerDelta(indices, values)
     return build_adapter(layers, base=spec, selection="random")
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + <eos>) built in memory, for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
+    """A learnable task: the answer is a fixed word chosen by the animal named in the instruction."""
+    import random
+
+    words = {"cat": "meow 1", "dog": "woof 2", "cow": "moo 3", "owl": "hoot 4"}
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        animal = rng.choice(sorted(words))
+        examples.append({"instruction": f"What does the {animal} say?", "input": "", "output": words[animal],
+                         "answer": words[animal].split()[-1]})
+    return examples

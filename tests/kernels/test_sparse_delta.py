@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from kernels import sparse_delta, triton_available
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+
+
+def dense_reference(x, indices, values, d_in):
+    """(P * Theta) x with a dense mask: the definition the sparse op must equal."""
+    theta = torch.zeros(indices.shape[0], d_in, dtype=values.dtype).scatter(1, indices, values)
+    return x @ theta.t()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("lead_shape", [(7,), (2, 9)])
+def test_forward_and_both_gradients_equal_the_dense_reference(backend, k, lead_shape):
+    d_in, d_out = 40, 70
+    g = torch.Generator().manual_seed(k)
+    indices = torch.rand(d_out, d_in, generator=g).argsort(dim=1)[:, :k]
+    x = torch.randn(*lead_shape, d_in, generator=g, requires_grad=True)
+    values = torch.randn(d_out, k, generator=g, requires_grad=True)
+    grad_y = torch.randn(*lead_shape, d_out, generator=g)
+
+    y = sparse_delta(x, indices, values, backend=backend)
+    y.backward(grad_y)
+    x_ref = x.detach().clone().requires_grad_()
+    v_ref = values.detach().clone().requires_grad_()
+    y_ref = dense_reference(x_ref, indices, v_ref, d_in)
+    y_ref.backward(grad_y)
+
+    assert y.shape == (*lead_shape, d_out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad, v_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_saves_only_x_indices_and_values():
+    d_in, d_out, k = 32, 48, 8
+    x = torch.randn(4, 16, d_in, requires_grad=True)
+    indices = torch.rand(d_out, d_in).argsort(dim=1)[:, :k]
+    values = torch.zeros(d_out, k, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        sparse_delta(x, indices, values).sum().backward()
+    # Nothing of shape [tokens, d_out, k] (or any dense [d_out, d_in]) is kept for backward.
+    assert sorted(saved) == sorted([torch.Size([64, d_in]), torch.Size([d_out, k]), torch.Size([d_out, k])])
+
+
+def test_bf16_input_gives_bf16_output_with_float32_accumulation():
+    d_in, d_out, k = 64, 16, 64
+    x = torch.randn(3, d_in).to(torch.bfloat16)
+    indices = torch.arange(d_in).repeat(d_out, 1)
+    values = torch.randn(d_out, k)
+    y = sparse_delta(x, indices, values)
+    assert y.dtype == torch.bfloat16
+    expected = (x.float() @ values.t()).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="d_out, k"):
+        sparse_delta(torch.randn(2, 8), torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        sparse_delta(torch.randn(2, 8), torch.zeros(4, 2, dtype=torch.int16), torch.zeros(4, 2))
