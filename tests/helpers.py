@@ -21,6 +21,9 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=vocab_size - 1,  # the tiny tokenizer's <eos>
+        pad_token_id=vocab_size - 1,
         initializer_range=0.3,  # frozen tied embeddings need a usable logit scale for training tests
     )
     torch.manual_seed(seed)

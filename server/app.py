@@ -1,0 +1,33 @@
+"""The FastAPI app: built by `create_app`, with the engine loaded in the lifespan (not at import)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from server.engine import Engine
+from server.errors import install_error_handlers
+from server.routes import adapters, generate, health, openai
+from server.settings import ServerSettings
+
+
+def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
+    """`engine` may be given ready-made (tests); otherwise it is built from `settings` at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine = engine or await run_in_threadpool(Engine, settings)
+        app.state.engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.engine.stop)
+
+    app = FastAPI(title="neuroada", version="0.1.0", lifespan=lifespan)
+    app.state.engine = None
+    install_error_handlers(app)
+    for module in (generate, openai, adapters, health):
+        app.include_router(module.router)
+    return app

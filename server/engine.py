@@ -1,0 +1,254 @@
+"""The engine: one frozen base model, one worker thread that owns it, and the adapters it serves.
+
+The worker takes a batch from the scheduler, makes its adapter the applied one (restore the old
+deltas exactly, apply the new ones in place; nothing when it is already applied), runs the
+batch, and goes on. Adapter management changes the registry and the store; anything that must
+touch the weights (deleting the applied adapter, the integrity check) holds `model_lock`, which
+the worker holds for the whole of each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kernels import sparse_delta
+from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
+from neuroada.errors import AdapterError
+from neuroada.fingerprint import BaseModelSpec
+from neuroada.inplace import PackedWeights
+from server.generation import Failed, Finished, GenerationRequest, generate_batch
+from server.metrics import ServerMetrics
+from server.registry import AdapterRegistry, ResidentAdapter
+from server.scheduler import Batch, BatchScheduler
+from server.settings import ServerSettings
+from server.store import AdapterStore
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(settings: ServerSettings) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if settings.device == "auto" else settings.device)
+    if settings.dtype == "auto":
+        # bf16 matmuls are slow on most CPUs, and fp32 weights keep every merged delta.
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if settings.dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {settings.dtype!r}")
+    return device, _DTYPES[settings.dtype]
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.model_name = resolve_model_name(settings.model)
+        if model is None:
+            device, dtype = resolve_device_dtype(settings)
+            model = load_base_model(settings.model, dtype=dtype, device=device)
+            tokenizer = load_tokenizer(settings.model)
+        assert tokenizer is not None
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base = BaseModelSpec.from_model(model, self.model_name)
+        self.packed = PackedWeights(model)
+        self.base_checksum = self.packed.checksum()
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+        self.store = AdapterStore(settings.adapter_dir)
+        self.registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold)
+        self.load_errors: dict[str, str] = {}  # adapter files in the store that failed validation
+        self.scheduler = BatchScheduler(settings.max_batch_size, settings.max_queued_requests, settings.max_wait_ms / 1000)
+        self.model_lock = threading.Lock()
+        self.manage_lock = threading.Lock()  # serialises uploads and deletes: disk and registry agree
+        self._applied: ResidentAdapter | None = None
+        self._saved: torch.Tensor | None = None
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="neuroada-worker", daemon=True)
+        self._load_store()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scheduler.close()
+        if self._worker.is_alive():
+            self._worker.join(timeout=30)
+        with self.model_lock:
+            self._switch_to(None)
+
+    def _load_store(self) -> None:
+        for name in self.store.names():
+            try:
+                resident = self.registry.prepare(name, self.store.read(name))
+            except (AdapterError, OSError) as e:
+                self.load_errors[name] = str(e)
+                log.error("adapter %s skipped: %s", name, e)
+                continue
+            self.registry.put(resident)
+            log.info("adapter %s loaded: k=%d, %s path", name, resident.adapter.metadata.k,
+                     "merged" if resident.merged else "unmerged")
+        self._update_adapter_gauges()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request (raises QueueFull); its adapter must be resident (checked by the caller)."""
+        self.scheduler.submit(request)
+        self.metrics.queue_depth.set(self.scheduler.depth())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self.scheduler.next_batch(applied=self._applied.name if self._applied else None)
+            self.metrics.queue_depth.set(self.scheduler.depth())
+            if batch is None:
+                continue
+            with self.model_lock:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: Batch) -> None:
+        resident = None
+        if batch.adapter is not None:
+            resident = self.registry.get(batch.adapter)
+            if resident is None:
+                for r in batch.requests:
+                    self._count(r, "404")
+                    r.on_event(Failed(404, f"adapter {batch.adapter!r} was deleted before the request ran"))
+                return
+        label = batch.adapter or "base"
+        try:
+            self._switch_to(resident if resident is None or resident.merged else None)
+            with self._unmerged(resident):
+                generate_batch(self.model, self.tokenizer, batch.requests, self.eos_ids, self.pad_id)
+            self.metrics.batches.labels(path="merged" if resident is None or resident.merged else "unmerged").inc()
+        except Exception as e:  # a failing batch fails its requests, never the server
+            log.exception("batch for %s failed", label)
+            self._switch_to(None)
+            for r in batch.requests:
+                r.on_event(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+            return
+        if resident is not None:
+            resident.stats.requests_served += len(batch.requests)
+            resident.stats.last_used = time.time()
+
+    def _switch_to(self, resident: ResidentAdapter | None) -> None:
+        """Make `resident` (None = base) the applied adapter; lazy when it already is."""
+        if self._applied is resident:
+            return
+        started = time.perf_counter()
+        if self._applied is not None:
+            self.packed.restore_(self._applied.delta, self._saved)
+            self._applied, self._saved = None, None
+        if resident is not None:
+            self._saved = self.packed.apply_(resident.delta)
+            self._applied = resident
+        if self.packed.device.type == "cuda":
+            torch.cuda.synchronize(self.packed.device)
+        self.metrics.switches.inc()
+        self.metrics.switch_seconds.observe(time.perf_counter() - started)
+
+    @contextmanager
+    def _unmerged(self, resident: ResidentAdapter | None):
+        """For adapters served unmerged: add the sparse delta beside each frozen linear product."""
+        if resident is None or resident.merged:
+            yield
+            return
+        modules = dict(self.model.named_modules())
+        handles = []
+        for name, (indices, values) in resident.unmerged_layers.items():
+
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor, indices=indices, values=values):
+                return output + sparse_delta(args[0], indices, values).to(output.dtype)
+
+            handles.append(modules[name].register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def record(self, request: GenerationRequest, event: Finished | Failed) -> None:
+        """Metrics for a request that ended (called by the HTTP layer with its final event)."""
+        label = request.adapter or "base"
+        if isinstance(event, Finished):
+            self.metrics.requests.labels(adapter=label, status="200").inc()
+            self.metrics.tokens.labels(adapter=label).inc(event.completion_tokens)
+            if event.first_token_at is not None:
+                self.metrics.ttft.observe(event.first_token_at - request.enqueued_at)
+            self.metrics.e2e.observe(time.monotonic() - request.enqueued_at)
+        else:
+            self._count(request, str(event.status))
+
+    def _count(self, request: GenerationRequest, status: str) -> None:
+        self.metrics.requests.labels(adapter=request.adapter or "base", status=status).inc()
+
+    # --- adapter management ------------------------------------------------------------------
+
+    def upload(self, name: str, data: bytes) -> tuple[ResidentAdapter, bool]:
+        """Validate fully, persist atomically, then serve. Raises AdapterError and changes nothing."""
+        resident = self.registry.prepare(name, data)
+        with self.manage_lock:
+            replaced_on_disk = self.store.write(name, data)
+            replaced = self.registry.put(resident) or replaced_on_disk
+            self.load_errors.pop(name, None)
+        self._update_adapter_gauges()
+        return resident, replaced
+
+    def delete(self, name: str) -> bool:
+        with self.manage_lock:
+            known = self.registry.get(name) is not None or name in self.load_errors
+            with self.model_lock:
+                if self._applied is not None and self._applied.name == name:
+                    self._switch_to(None)
+                self.registry.remove(name)
+            on_disk = self.store.delete(name)
+            self.load_errors.pop(name, None)
+        self._update_adapter_gauges()
+        return known or on_disk
+
+    def _update_adapter_gauges(self) -> None:
+        self.metrics.adapters_resident.set(len(self.registry.all()))
+        self.metrics.adapter_bytes.set(self.registry.resident_bytes())
+        if self.packed.device.type == "cuda":
+            self.metrics.device_memory.set(torch.cuda.memory_allocated(self.packed.device))
+
+    # --- integrity ---------------------------------------------------------------------------
+
+    def base_weights_intact(self) -> bool:
+        """Restore the base (no adapter applied) and compare every packed weight with its load-time checksum."""
+        with self.model_lock:
+            self._switch_to(None)
+            return self.packed.checksum() == self.base_checksum
+
+    @property
+    def applied(self) -> str | None:
+        return self._applied.name if self._applied else None
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = set()
+    config_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, list):
+        ids.update(config_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,28 @@
+"""Prometheus metrics, in a registry of their own per server (tests run several in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_SWITCH_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.5)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("neuroada_requests", "Generation requests by adapter and status", ["adapter", "status"], registry=r)
+        self.queue_depth = Gauge("neuroada_queue_depth", "Requests waiting for a batch", registry=r)
+        self.ttft = Histogram("neuroada_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("neuroada_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("neuroada_generated_tokens", "Generated tokens", ["adapter"], registry=r)
+        self.batches = Counter("neuroada_batches", "Batches run", ["path"], registry=r)
+        self.switches = Counter("neuroada_adapter_switches", "Adapter switches (restore + apply)", registry=r)
+        self.switch_seconds = Histogram(
+            "neuroada_adapter_switch_seconds", "Adapter switch latency", buckets=_SWITCH_BUCKETS, registry=r
+        )
+        self.adapters_resident = Gauge("neuroada_adapters_resident", "Adapters resident on the device", registry=r)
+        self.adapter_bytes = Gauge("neuroada_adapter_bytes", "Device bytes held by resident adapters", registry=r)
+        self.device_memory = Gauge("neuroada_device_memory_bytes", "Device memory allocated (CUDA only)", registry=r)
+        self.uploads = Counter("neuroada_adapter_uploads", "Adapter uploads by result", ["result"], registry=r)

@@ -1,0 +1,79 @@
+"""Adapter management: list, inspect, upload (PUT the safetensors bytes), delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from neuroada.errors import AdapterError
+from server.deps import get_engine, require_admin
+from server.engine import Engine
+from server.errors import ApiError
+from server.store import InvalidAdapterName, check_name
+
+router = APIRouter(prefix="/adapters", dependencies=[Depends(require_admin)])
+
+
+@router.get("")
+async def list_adapters(engine: Engine = Depends(get_engine)):
+    return {
+        "base_model": engine.model_name,
+        "base_fingerprint": engine.base.fingerprint,
+        "applied": engine.applied,
+        "adapters": [r.describe() for r in engine.registry.all()],
+        "invalid": [{"name": n, "error": e} for n, e in sorted(engine.load_errors.items())],
+    }
+
+
+@router.get("/{name}")
+async def get_adapter(name: str, engine: Engine = Depends(get_engine)):
+    resident = engine.registry.get(_valid(name))
+    if resident is None:
+        if name in engine.load_errors:
+            raise ApiError(404, f"adapter {name!r} is in the store but invalid: {engine.load_errors[name]}")
+        raise ApiError(404, f"adapter {name!r} not found", "adapter_not_found")
+    return resident.describe()
+
+
+@router.put("/{name}", status_code=201)
+async def put_adapter(name: str, request: Request, response: Response, engine: Engine = Depends(get_engine)):
+    _valid(name)
+    data = await _read_body(request, engine.settings.max_upload_bytes)
+    try:
+        # Validation and the device copy are CPU/GPU work: keep them off the event loop.
+        resident, replaced = await run_in_threadpool(engine.upload, name, data)
+    except AdapterError as e:
+        engine.metrics.uploads.labels(result="rejected").inc()
+        raise ApiError(422, f"adapter {name!r} rejected: {e}", type(e).__name__) from None
+    engine.metrics.uploads.labels(result="replaced" if replaced else "created").inc()
+    response.status_code = 200 if replaced else 201
+    return resident.describe()
+
+
+@router.delete("/{name}")
+async def delete_adapter(name: str, engine: Engine = Depends(get_engine)):
+    if not await run_in_threadpool(engine.delete, _valid(name)):
+        raise ApiError(404, f"adapter {name!r} not found", "adapter_not_found")
+    return {"deleted": name}
+
+
+def _valid(name: str) -> str:
+    try:
+        return check_name(name)
+    except InvalidAdapterName as e:
+        raise ApiError(400, str(e), "invalid_name") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes (max_upload_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"upload exceeds the limit of {limit} bytes (max_upload_bytes)")
+        chunks.append(chunk)
+    if not size:
+        raise ApiError(400, "empty body: PUT the adapter's .safetensors bytes")
+    return b"".join(chunks)

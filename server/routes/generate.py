@@ -1,0 +1,58 @@
+"""POST /generate: our native generation endpoint (JSON, or server-sent events with stream=true)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from server.deps import get_engine
+from server.dispatch import submit
+from server.engine import Engine
+from server.errors import ApiError, error_body
+from server.generation import Failed, Finished, TextDelta
+from server.schemas import GenerateRequest, GenerateResponse, Usage
+
+router = APIRouter()
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(
+    body: GenerateRequest,
+    http: Request,
+    adapter: str | None = Query(None, description="adapter name (or 'adapter' in the body)"),
+    engine: Engine = Depends(get_engine),
+):
+    if adapter and body.adapter and adapter != body.adapter:
+        raise ApiError(422, f"adapter given twice: {adapter!r} in the query, {body.adapter!r} in the body")
+    name = adapter or body.adapter
+    prompt_ids = engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+    job = submit(engine, prompt_ids, name, body.max_new_tokens, body.temperature, body.top_p, body.top_k,
+                 body.seed, body.stop_strings())
+    if not body.stream:
+        done = await job.result(http)
+        return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason,
+                                usage=_usage(done))
+
+    async def events():
+        async for event in job.stream():
+            if isinstance(event, TextDelta):
+                yield _sse({"text": event.text})
+            elif isinstance(event, Finished):
+                yield _sse({"text": "", "finish_reason": event.finish_reason, "adapter": name,
+                            "usage": _usage(event).model_dump()})
+            elif isinstance(event, Failed):
+                yield _sse(error_body(event.status, event.message))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _usage(done: Finished) -> Usage:
+    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                 total_tokens=done.prompt_tokens + done.completion_tokens)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

@@ -1,0 +1,41 @@
+"""GET /health (liveness, readiness, base model identity; ?deep=1 checks the base weights) and /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request, deep: bool = Query(False, description="also verify the base weights' checksum")):
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return JSONResponse({"status": "loading", "ready": False}, status_code=503)
+    body = {
+        "status": "ok",
+        "ready": True,
+        "base_model": engine.model_name,
+        "base_fingerprint": engine.base.fingerprint,
+        "device": str(engine.packed.device),
+        "dtype": str(engine.packed.dtype).removeprefix("torch."),
+        "adapters": len(engine.registry.all()),
+        "queue_depth": engine.scheduler.depth(),
+    }
+    if deep:
+        intact = await run_in_threadpool(engine.base_weights_intact)
+        body["base_weights_intact"] = intact
+        if not intact:
+            body["status"] = "corrupt"
+            return JSONResponse(body, status_code=500)
+    return body
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    engine = request.app.state.engine
+    engine.metrics.queue_depth.set(engine.scheduler.depth())
+    return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

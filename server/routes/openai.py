@@ -1,0 +1,120 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+
+`model` names an adapter, or the base model by its name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.deps import get_engine
+from server.dispatch import Submitted, submit
+from server.engine import Engine
+from server.errors import ApiError, error_body
+from server.generation import Failed, Finished, TextDelta
+from server.schemas import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(prefix="/v1")
+
+
+def _adapter_for(engine: Engine, model: str) -> str | None:
+    if model == engine.model_name:
+        return None
+    if engine.registry.get(model) is None:
+        raise ApiError(404, f"model {model!r} not found: use the base model {engine.model_name!r} or an adapter name",
+                       "model_not_found")
+    return model
+
+
+@router.get("/models")
+async def list_models(engine: Engine = Depends(get_engine)):
+    created = int(time.time())
+    data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "neuroada"}]
+    data += [{"id": r.name, "object": "model", "created": int(r.loaded_at), "owned_by": "neuroada",
+              "parent": engine.model_name} for r in engine.registry.all()]
+    return {"object": "list", "data": data}
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, http: Request, engine: Engine = Depends(get_engine)):
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
+    adapter = _adapter_for(engine, body.model)
+    ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    job = submit(engine, ids, adapter, body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
+                 body.stop_strings())
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        def chunk(text: str, finish: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return _stream(job, chunk)
+    done = await job.result(http)
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}],
+        "usage": _usage(done),
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request, engine: Engine = Depends(get_engine)):
+    adapter = _adapter_for(engine, body.model)
+    messages = [m.model_dump() for m in body.messages]
+    try:
+        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
+    except Exception as e:  # a tokenizer without a chat template, or messages it refuses
+        raise ApiError(422, f"messages: the tokenizer's chat template cannot render them: {e}") from None
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(256, engine.settings.max_new_tokens)
+    job = submit(engine, list(ids), adapter, max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
+                 body.stop_strings())
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        first = True
+
+        def chunk(text: str, finish: str | None) -> dict:
+            nonlocal first
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            first = False
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return _stream(job, chunk)
+    done = await job.result(http)
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                     "finish_reason": _finish(done)}],
+        "usage": _usage(done),
+    }
+
+
+def _stream(job: Submitted, chunk) -> StreamingResponse:
+    async def events():
+        async for event in job.stream():
+            if isinstance(event, TextDelta):
+                yield f"data: {json.dumps(chunk(event.text, None))}\n\n"
+            elif isinstance(event, Finished):
+                yield f"data: {json.dumps(chunk('', _finish(event)))}\n\n"
+            elif isinstance(event, Failed):
+                yield f"data: {json.dumps(error_body(event.status, event.message))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _finish(done: Finished) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _usage(done: Finished) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}

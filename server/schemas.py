@@ -1,0 +1,65 @@
+"""HTTP request and response bodies (ours and the OpenAI-compatible ones)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int = 0
+
+
+class SamplingFields(BaseModel):
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1000, description="0 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description="stop strings (at most 8)")
+    stream: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+
+class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=200_000)
+    adapter: str | None = Field(None, description="adapter name; none = the base model")
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    adapter: str | None
+    finish_reason: str
+    usage: Usage
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None

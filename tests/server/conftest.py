@@ -1,0 +1,89 @@
+"""A real neuroada HTTP server (uvicorn on a free loopback port) around a tiny model, per test."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from neuroada.format import save_adapter
+from server.app import create_app
+from server.settings import ServerSettings
+from tests.helpers import random_adapter, tiny_llama, tiny_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.app = create_app(settings)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        self._thread.start()
+        deadline = time.monotonic() + 120
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=60)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(seed=0).save_pretrained(folder)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path, tiny_model_dir) -> Path:
+    """An adapter store holding four adapters for the tiny model: a, b, c (k=2, 4, 1) and d."""
+    folder = tmp_path / "adapters"
+    model = tiny_llama(seed=0)
+    for name, k, seed in [("a", 2, 1), ("b", 4, 2), ("c", 1, 3), ("d", 2, 4)]:
+        save_adapter(random_adapter(model, k=k, seed=seed, scale=0.3), folder / f"{name}.safetensors")
+    return folder
+
+
+def make_settings(model_dir: Path, store: Path, **overrides) -> ServerSettings:
+    values = dict(model=str(model_dir), adapter_dir=store, port=free_port(), max_batch_size=8, max_wait_ms=50)
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+@pytest.fixture
+def server(tiny_model_dir, store):
+    with RunningServer(make_settings(tiny_model_dir, store)) as running:
+        yield running
