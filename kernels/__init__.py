@@ -12,9 +12,12 @@ from kernels.scatter import (
     restore_,
     restore_flat_,
 )
+from kernels.sparse_csr import CsrLayout, csr_layout
 from kernels.sparse_product import sparse_delta
 
 __all__ = [
+    "CsrLayout",
+    "csr_layout",
     "apply_delta_",
     "apply_delta_flat_",
     "flat_offsets",

@@ -13,6 +13,7 @@ import torch
 
 from kernels._triton import tl, triton, use_triton
 from kernels.reference import sparse_delta_bwd_ref, sparse_delta_fwd_ref
+from kernels.sparse_csr import CsrLayout, csr_layout, sparse_delta_bwd_csr, sparse_delta_fwd_csr
 
 _BLOCK_T = 32
 _BLOCK_O = 64
@@ -105,33 +106,37 @@ def sparse_delta_bwd_triton(
 
 class _SparseDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, triton_path: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path: str,
+                layout: CsrLayout | None) -> torch.Tensor:
         d_in = x.shape[-1]
         x2d = x.reshape(-1, d_in).contiguous()
-        fwd = sparse_delta_fwd_triton if triton_path else sparse_delta_fwd_ref
-        out = fwd(x2d, indices, values)
+        if path == "triton":
+            out = sparse_delta_fwd_triton(x2d, indices, values)
+        elif path == "csr":
+            x2d = x2d.float()
+            out = sparse_delta_fwd_csr(x2d, layout, values.float())
+        else:
+            out = sparse_delta_fwd_ref(x2d, indices, values)
         ctx.save_for_backward(x2d, indices, values)
-        ctx.triton_path = triton_path
-        ctx.x_shape = x.shape
-        return out.to(x.dtype).view(*x.shape[:-1], indices.shape[0])
+        ctx.path, ctx.layout, ctx.x_shape, ctx.x_dtype = path, layout, x.shape, x.dtype
+        return out.to(x.dtype).reshape(*x.shape[:-1], indices.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2d, indices, values = ctx.saved_tensors
-        bwd = sparse_delta_bwd_triton if ctx.triton_path else sparse_delta_bwd_ref
-        grad_x, grad_values = bwd(
-            grad_out.reshape(-1, indices.shape[0]).contiguous(),
-            x2d,
-            indices,
-            values,
-            need_grad_x=ctx.needs_input_grad[0],
-            need_grad_values=ctx.needs_input_grad[2],
-        )
+        grad_out = grad_out.reshape(-1, indices.shape[0]).contiguous()
+        need = dict(need_grad_x=ctx.needs_input_grad[0], need_grad_values=ctx.needs_input_grad[2])
+        if ctx.path == "triton":
+            grad_x, grad_values = sparse_delta_bwd_triton(grad_out, x2d, indices, values, **need)
+        elif ctx.path == "csr":
+            grad_x, grad_values = sparse_delta_bwd_csr(grad_out.float(), x2d, ctx.layout, values.float(), **need)
+        else:
+            grad_x, grad_values = sparse_delta_bwd_ref(grad_out, x2d, indices, values, **need)
         if grad_x is not None:
-            grad_x = grad_x.to(x2d.dtype).view(ctx.x_shape)
+            grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
         if grad_values is not None:
             grad_values = grad_values.to(values.dtype)
-        return grad_x, None, grad_values, None
+        return grad_x, None, grad_values, None, None
 
 
 def sparse_delta(
@@ -139,10 +144,13 @@ def sparse_delta(
     indices: torch.Tensor,  # [d_out, k] int64 (int32 also works)
     values: torch.Tensor,  # [d_out, k]
     backend: str = "auto",
+    layout: CsrLayout | None = None,
 ) -> torch.Tensor:  # [..., d_out], x.dtype
     """Differentiable sparse bypass product, accumulated in float32.
 
-    backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton".
+    backend: "auto" (Triton for CUDA tensors, the CSR kernels otherwise), "triton", "csr", or
+    "torch" (per-j gathers: the reference). `layout` (from `csr_layout`) saves re-deriving the
+    pattern on every call of the CSR path; pass it wherever the indices are fixed.
     """
     if indices.dim() != 2 or values.shape != indices.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must both be [d_out, k]")
@@ -150,9 +158,13 @@ def sparse_delta(
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
     if x.device != indices.device or x.device != values.device:
         raise ValueError(f"x, indices and values must share a device, got {x.device}, {indices.device}, {values.device}")
+    if backend not in ("auto", "triton", "csr", "torch"):
+        raise ValueError(f"unknown backend {backend!r}")
     if backend == "triton" and triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
-    triton_path = backend == "triton" or (backend == "auto" and use_triton(x))
-    if not triton_path and indices.dtype != torch.int64:
+    path = backend if backend != "auto" else ("triton" if use_triton(x) else "csr")
+    if path != "triton" and indices.dtype != torch.int64:
         indices = indices.long()
-    return _SparseDelta.apply(x, indices.contiguous(), values.contiguous(), triton_path)
+    if path == "csr" and layout is None:
+        layout = csr_layout(indices, x.shape[-1])
+    return _SparseDelta.apply(x, indices.contiguous(), values.contiguous(), path, layout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import sparse_delta
+from kernels import CsrLayout, csr_layout, sparse_delta
 
 
 class NeuroAdaLinear(nn.Module):
@@ -25,6 +25,7 @@ class NeuroAdaLinear(nn.Module):
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int64).contiguous())  # [d_out, k]
         # Trainable deltas stay float32 while training whatever the base dtype; exported as bf16.
         self.values = nn.Parameter(torch.zeros(indices.shape, dtype=torch.float32, device=device))  # [d_out, k]
+        self._layout: CsrLayout | None = None  # the CPU path's pattern, derived once from indices
 
     @property
     def k(self) -> int:
@@ -32,7 +33,12 @@ class NeuroAdaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        return y + sparse_delta(x, self.indices, self.values).to(y.dtype)
+        layout = None
+        if not x.is_cuda:
+            if self._layout is None or self._layout.crow.device != x.device:
+                self._layout = csr_layout(self.indices, x.shape[-1])
+            layout = self._layout
+        return y + sparse_delta(x, self.indices, self.values, layout=layout).to(y.dtype)
 
     def extra_repr(self) -> str:
         d_out, d_in = self.base_layer.weight.shape

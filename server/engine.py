@@ -172,10 +172,11 @@ class Engine:
             return
         modules = dict(self.model.named_modules())
         handles = []
-        for name, (indices, values) in resident.unmerged_layers.items():
+        for name, (indices, values, layout) in resident.unmerged_layers.items():
 
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor, indices=indices, values=values):
-                return output + sparse_delta(args[0], indices, values).to(output.dtype)
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor, indices=indices, values=values,
+                     layout=layout):
+                return output + sparse_delta(args[0], indices, values, layout=layout).to(output.dtype)
 
             handles.append(modules[name].register_forward_hook(hook))
         try:

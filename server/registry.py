@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import CsrLayout, csr_layout
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import SparseAdapter, load_adapter
 from neuroada.inplace import PackedDelta, PackedWeights
@@ -42,8 +43,8 @@ class ResidentAdapter:
     fidelity: Fidelity
     merged: bool  # False: served through the unmerged sparse path (fidelity below threshold)
     loaded_at: float
-    # Per layer (indices int64, values float32) on the device, for the unmerged path only.
-    unmerged_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Per layer (indices int64, values float32, CPU CSR layout or None) on the device, unmerged path only.
+    unmerged_layers: dict[str, tuple[torch.Tensor, torch.Tensor, CsrLayout | None]] | None = None
     stats: UsageStats = field(default_factory=UsageStats, compare=False)
 
     def describe(self) -> dict:
@@ -90,10 +91,11 @@ class AdapterRegistry:
         device = self.packed.device
         unmerged_layers = None
         if not merged:
-            unmerged_layers = {
-                n: (d.indices.to(device, torch.int64), d.values.to(device, torch.float32))
-                for n, d in adapter.layers.items()
-            }
+            unmerged_layers = {}
+            for n, d in adapter.layers.items():
+                indices = d.indices.to(device, torch.int64)
+                layout = None if device.type == "cuda" else csr_layout(indices, self.base.linear_shapes[n][1])
+                unmerged_layers[n] = (indices, d.values.to(device, torch.float32), layout)
         return ResidentAdapter(
             name=name,
             version=next(self._versions),

@@ -3,7 +3,7 @@ import torch
 
 from kernels import sparse_delta, triton_available
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+BACKENDS = ["torch", "csr", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 
 
 def dense_reference(x, indices, values, d_in):
@@ -64,3 +64,21 @@ def test_bad_shapes_are_refused():
         sparse_delta(torch.randn(2, 8), torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="int32 or int64"):
         sparse_delta(torch.randn(2, 8), torch.zeros(4, 2, dtype=torch.int16), torch.zeros(4, 2))
+
+
+def test_csr_layout_handles_unsorted_rows_and_is_reusable():
+    from kernels.sparse_csr import csr_layout
+
+    d_in, d_out, k = 24, 10, 4
+    indices = torch.rand(d_out, d_in).argsort(dim=1)[:, :k].contiguous()  # rows not sorted
+    layout = csr_layout(indices, d_in)
+    for seed in range(2):
+        x = torch.randn(6, d_in, requires_grad=True)
+        values = torch.randn(d_out, k, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        y = sparse_delta(x, indices, values, backend="csr", layout=layout)
+        y.sum().backward()
+        x_ref, v_ref = x.detach().clone().requires_grad_(), values.detach().clone().requires_grad_()
+        dense_reference(x_ref, indices, v_ref, d_in).sum().backward()
+        torch.testing.assert_close(y, dense_reference(x, indices, values, d_in), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values.grad, v_ref.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)

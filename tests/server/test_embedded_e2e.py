@@ -1,0 +1,105 @@
+"""End to end with the real embedded SmolLM2-135M-Instruct: `neuroada serve` as a user starts it.
+
+Slow (the model loads in a few seconds from the converted cache, about 25 s the first time).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from neuroada.base_model import load_base_model, load_tokenizer
+from neuroada.format import read_adapter
+from neuroada.inplace import apply_adapter_
+from tests.server.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "adapters"
+PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nTom has 3 apples and buys 5 more. How many apples does he have?\n\n### Response:\n"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    for f in SHIPPED.glob("*.safetensors"):
+        shutil.copy(f, store / f.name)
+    port = free_port()
+    env = dict(os.environ, NEUROADA_ADAPTER_DIR=str(store), NEUROADA_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"neuroada serve exited: {proc.stdout.read().decode()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("neuroada serve did not become ready")
+        time.sleep(0.5)
+    yield url, store
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def offline(adapter_path: Path | None, max_new_tokens: int) -> str:
+    model = load_base_model()
+    tokenizer = load_tokenizer()
+    if adapter_path is not None:
+        apply_adapter_(model, read_adapter(adapter_path))
+    ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_shipped_adapters_are_served_and_match_offline_generation(served):
+    url, store = served
+    with httpx.Client(base_url=url, timeout=300) as c:
+        health = c.get("/health").json()
+        assert health["base_model"] == "SmolLM2-135M-Instruct" and health["dtype"] == "float32"
+        listing = c.get("/adapters").json()
+        names = [a["name"] for a in listing["adapters"]]
+        assert {"gsm8k", "commonsense"} <= set(names), listing
+        assert listing["invalid"] == []
+        for adapter in ["gsm8k", None]:
+            r = c.post("/generate", params={"adapter": adapter} if adapter else {},
+                       json={"prompt": PROMPT, "max_new_tokens": 24})
+            assert r.status_code == 200, r.text
+            path = store / f"{adapter}.safetensors" if adapter else None
+            assert r.json()["text"] == offline(path, 24)
+        assert c.get("/health", params={"deep": 1}).json()["base_weights_intact"] is True
+
+
+def test_upload_and_use_without_restart(served):
+    url, store = served
+    data = (SHIPPED / "commonsense.safetensors").read_bytes()
+    with httpx.Client(base_url=url, timeout=300) as c:
+        assert c.put("/adapters/cs-copy", content=data).status_code == 201
+        r = c.post("/v1/chat/completions", json={"model": "cs-copy", "max_tokens": 8, "temperature": 0,
+                                                 "messages": [{"role": "user", "content": "Is the sky blue?"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    assert (store / "cs-copy.safetensors").read_bytes() == data
+
+
+def test_inspect_validates_a_shipped_adapter():
+    out = subprocess.run([sys.executable, "-m", "neuroada.cli", "inspect", str(SHIPPED / "gsm8k.safetensors")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "valid for base model SmolLM2-135M-Instruct" in out.stdout
+    assert "k               1" in out.stdout
