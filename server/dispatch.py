@@ -67,6 +67,7 @@ def submit(
     top_k: int,
     seed: int | None,
     stop: tuple[str, ...],
+    ignore_eos: bool = False,
 ) -> Submitted:
     """Check a request against the server's limits and queue it (raises ApiError)."""
     settings = engine.settings
@@ -85,7 +86,7 @@ def submit(
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         adapter=adapter,
-        params=SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop),
+        params=SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos),
         on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         deadline=time.monotonic() + settings.request_timeout_s,
     )

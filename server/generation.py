@@ -26,6 +26,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class _RowState:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.num_tokens += 1
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.request.params.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.ids.append(token)

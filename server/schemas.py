@@ -20,6 +20,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description="stop strings (at most 8)")
     stream: bool = False
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token (benchmarks)")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

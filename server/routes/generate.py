@@ -29,7 +29,7 @@ async def generate(
     name = adapter or body.adapter
     prompt_ids = engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
     job = submit(engine, prompt_ids, name, body.max_new_tokens, body.temperature, body.top_p, body.top_k,
-                 body.seed, body.stop_strings())
+                 body.seed, body.stop_strings(), body.ignore_eos)
     if not body.stream:
         done = await job.result(http)
         return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason,

@@ -48,7 +48,7 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
     adapter = _adapter_for(engine, body.model)
     ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
     job = submit(engine, ids, adapter, body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
-                 body.stop_strings())
+                 body.stop_strings(), body.ignore_eos)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         def chunk(text: str, finish: str | None) -> dict:
@@ -76,7 +76,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
         ids = ids["input_ids"]
     max_tokens = body.max_completion_tokens or body.max_tokens or min(256, engine.settings.max_new_tokens)
     job = submit(engine, list(ids), adapter, max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
-                 body.stop_strings())
+                 body.stop_strings(), body.ignore_eos)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         first = True

@@ -1,0 +1,179 @@
+"""Serving under multi-adapter load: an async httpx client against `neuroada serve` on loopback.
+
+    python benchmarks/serve_load.py [--adapters 1 8 32] [--concurrency 4 16] [--requests 48]
+
+Starts `neuroada serve` (embedded SmolLM2-135M) on a free port with a temporary store of N
+random k=1 adapters, then for each scenario sends `--requests` streamed requests from
+`--concurrency` closed-loop clients, each choosing its adapter uniformly or by Zipf (s = 1.1),
+with fixed prompt and output lengths (ignore_eos). Base-only traffic at the same load is the
+reference. Prints req/s, output tokens/s, p50/p99 time to first token and end-to-end latency,
+and adapter switches per second (from /metrics). Bounded in count and time; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, print_table, write_json  # noqa: E402
+
+PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nWrite a short story about a robot.\n\n### Response:\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_store(folder: Path, count: int) -> None:
+    import torch
+
+    from neuroada.base_model import load_base_model
+    from neuroada.fingerprint import BaseModelSpec
+    from neuroada.format import save_adapter
+    from switch import random_adapter
+
+    model = load_base_model()
+    base = BaseModelSpec.from_model(model, "SmolLM2-135M-Instruct")
+    for i in range(count):
+        torch.manual_seed(i)
+        save_adapter(random_adapter(model, base, k=1, seed=100 + i), folder / f"task{i:02d}.safetensors")
+
+
+def start_server(store: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, NEUROADA_ADAPTER_DIR=str(store), NEUROADA_PORT=str(port),
+               NEUROADA_MAX_BATCH_SIZE=str(max_batch), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def switches(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("neuroada_adapter_switches_total"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def pick(names: list[str], traffic: str, rng: random.Random) -> str | None:
+    if not names:
+        return None
+    if traffic == "uniform":
+        return rng.choice(names)
+    weights = [1 / (i + 1) ** 1.1 for i in range(len(names))]
+    return rng.choices(names, weights)[0]
+
+
+async def one_request(client: httpx.AsyncClient, adapter: str | None, new_tokens: int) -> tuple[float, float]:
+    started = time.perf_counter()
+    first = None
+    body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "stream": True, "ignore_eos": True}
+    params = {"adapter": adapter} if adapter else {}
+    async with client.stream("POST", "/generate", params=params, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: ") and json.loads(line[6:]).get("text"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - started, end - started
+
+
+async def scenario(url: str, names: list[str], traffic: str, concurrency: int, requests: int,
+                   new_tokens: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    plan = [pick(names, traffic, rng) for _ in range(requests)]
+    results: list[tuple[float, float]] = []
+    before = switches(url)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        queue = list(plan)
+
+        async def worker():
+            while queue:
+                results.append(await one_request(client, queue.pop(), new_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ttft = sorted(r[0] for r in results)
+    e2e = sorted(r[1] for r in results)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {
+        "adapters": len(names), "traffic": traffic if names else "base", "concurrency": concurrency,
+        "requests": requests, "seconds": elapsed, "req_per_s": requests / elapsed,
+        "tokens_per_s": requests * new_tokens / elapsed,
+        "ttft_p50": statistics.median(ttft), "ttft_p99": pct(ttft, 0.99),
+        "e2e_p50": statistics.median(e2e), "e2e_p99": pct(e2e, 0.99),
+        "switches_per_s": (switches(url) - before) / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--traffic", nargs="+", default=["uniform", "zipf"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("serve_load.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        make_store(store, max(args.adapters))
+        names = sorted(p.stem for p in store.glob("*.safetensors"))
+        proc, url = start_server(store, args.threads, args.max_batch)
+        rows = []
+        try:
+            for c in args.concurrency:
+                rows.append(asyncio.run(scenario(url, [], "base", c, args.requests, args.new_tokens, 0)))
+                for n in args.adapters:
+                    for traffic in args.traffic:
+                        rows.append(asyncio.run(scenario(url, names[:n], traffic, c, args.requests,
+                                                         args.new_tokens, n)))
+                        print(f"  {n} adapters, {traffic}, concurrency {c}: {rows[-1]['tokens_per_s']:.1f} tok/s",
+                              flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    base = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["adapters"] == 0}
+    print(f"\nmachine: {machine()}; server: SmolLM2-135M fp32, max batch {args.max_batch}; "
+          f"{args.requests} requests per scenario, {args.new_tokens} output tokens\n")
+    print_table(
+        ["adapters", "traffic", "conc", "req/s", "out tok/s", "vs base", "TTFT p50/p99 s", "e2e p50/p99 s", "switch/s"],
+        [[r["adapters"] or "base", r["traffic"], r["concurrency"], f"{r['req_per_s']:.2f}",
+          f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base[r['concurrency']]:.2f}x",
+          f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f}", f"{r['e2e_p50']:.2f}/{r['e2e_p99']:.2f}",
+          f"{r['switches_per_s']:.1f}"] for r in rows])
+    write_json(args.out, {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                          "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
