@@ -23,7 +23,7 @@ from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_n
 from neuroada.errors import AdapterError
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.inplace import PackedWeights
-from server.generation import Failed, Finished, GenerationRequest, generate_batch
+from server.generation import Event, Failed, Finished, GenerationRequest, generate_batch
 from server.metrics import ServerMetrics
 from server.registry import AdapterRegistry, ResidentAdapter
 from server.scheduler import Batch, BatchScheduler
@@ -111,6 +111,14 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (raises QueueFull); its adapter must be resident (checked by the caller)."""
+        deliver = request.on_event
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, (Finished, Failed)):
+                self._record(request, event)
+            deliver(event)
+
+        request.on_event = on_event
         self.scheduler.submit(request)
         self.metrics.queue_depth.set(self.scheduler.depth())
 
@@ -129,7 +137,6 @@ class Engine:
             resident = self.registry.get(batch.adapter)
             if resident is None:
                 for r in batch.requests:
-                    self._count(r, "404")
                     r.on_event(Failed(404, f"adapter {batch.adapter!r} was deleted before the request ran"))
                 return
         label = batch.adapter or "base"
@@ -185,20 +192,19 @@ class Engine:
             for h in handles:
                 h.remove()
 
-    def record(self, request: GenerationRequest, event: Finished | Failed) -> None:
-        """Metrics for a request that ended (called by the HTTP layer with its final event)."""
+    def _record(self, request: GenerationRequest, event: Finished | Failed) -> None:
+        """Metrics for a request that ended, whether or not its client is still there."""
         label = request.adapter or "base"
         if isinstance(event, Finished):
-            self.metrics.requests.labels(adapter=label, status="200").inc()
+            # 499 (client closed request): the client went away and its generation was stopped.
+            status = "499" if event.finish_reason == "cancelled" else "200"
+            self.metrics.requests.labels(adapter=label, status=status).inc()
             self.metrics.tokens.labels(adapter=label).inc(event.completion_tokens)
             if event.first_token_at is not None:
                 self.metrics.ttft.observe(event.first_token_at - request.enqueued_at)
             self.metrics.e2e.observe(time.monotonic() - request.enqueued_at)
         else:
-            self._count(request, str(event.status))
-
-    def _count(self, request: GenerationRequest, status: str) -> None:
-        self.metrics.requests.labels(adapter=request.adapter or "base", status=status).inc()
+            self.metrics.requests.labels(adapter=label, status=str(event.status)).inc()
 
     # --- adapter management ------------------------------------------------------------------
 

@@ -155,7 +155,6 @@ def generate_batch(
     requests: list[GenerationRequest],
     eos_ids: set[int],
     pad_id: int,
-    on_step: Callable[[], None] | None = None,
 ) -> None:
     """Run `requests` to completion, sending each its events. Raises on model errors."""
     device = next(model.parameters()).device
@@ -189,8 +188,6 @@ def generate_batch(
         for slot, i in enumerate(running):
             if rows[i].finish_reason is not None:
                 rows[i].finish()
-        if on_step is not None:
-            on_step()
         if not keep:
             break
         if len(keep) < len(running):

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.generation import SamplingParams
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -22,9 +24,17 @@ class SamplingFields(BaseModel):
     stream: bool = False
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token (benchmarks)")
 
-    def stop_strings(self) -> tuple[str, ...]:
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return tuple(s for s in stops if s)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(s for s in stops if s),
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class GenerateRequest(SamplingFields):

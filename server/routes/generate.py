@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from server.deps import get_engine
 from server.dispatch import submit
 from server.engine import Engine
-from server.errors import ApiError, error_body
-from server.generation import Failed, Finished, TextDelta
+from server.errors import ApiError
+from server.generation import Finished, TextDelta
 from server.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter()
@@ -28,31 +26,20 @@ async def generate(
         raise ApiError(422, f"adapter given twice: {adapter!r} in the query, {body.adapter!r} in the body")
     name = adapter or body.adapter
     prompt_ids = engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-    job = submit(engine, prompt_ids, name, body.max_new_tokens, body.temperature, body.top_p, body.top_k,
-                 body.seed, body.stop_strings(), body.ignore_eos)
+    job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens))
     if not body.stream:
         done = await job.result(http)
         return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason,
                                 usage=_usage(done))
 
-    async def events():
-        async for event in job.stream():
-            if isinstance(event, TextDelta):
-                yield _sse({"text": event.text})
-            elif isinstance(event, Finished):
-                yield _sse({"text": "", "finish_reason": event.finish_reason, "adapter": name,
-                            "usage": _usage(event).model_dump()})
-            elif isinstance(event, Failed):
-                yield _sse(error_body(event.status, event.message))
-        yield "data: [DONE]\n\n"
+    def render(event: TextDelta | Finished) -> dict:
+        if isinstance(event, TextDelta):
+            return {"text": event.text}
+        return {"text": "", "finish_reason": event.finish_reason, "adapter": name, "usage": _usage(event).model_dump()}
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(job.sse(render), media_type="text/event-stream")
 
 
 def _usage(done: Finished) -> Usage:
     return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                  total_tokens=done.prompt_tokens + done.completion_tokens)
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -15,8 +14,8 @@ from fastapi.responses import StreamingResponse
 from server.deps import get_engine
 from server.dispatch import Submitted, submit
 from server.engine import Engine
-from server.errors import ApiError, error_body
-from server.generation import Failed, Finished, TextDelta
+from server.errors import ApiError
+from server.generation import Finished, TextDelta
 from server.schemas import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1")
@@ -47,8 +46,7 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
         raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
     adapter = _adapter_for(engine, body.model)
     ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-    job = submit(engine, ids, adapter, body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
-                 body.stop_strings(), body.ignore_eos)
+    job = submit(engine, ids, adapter, body.sampling(body.max_tokens))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         def chunk(text: str, finish: str | None) -> dict:
@@ -75,8 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
     if isinstance(ids, dict):
         ids = ids["input_ids"]
     max_tokens = body.max_completion_tokens or body.max_tokens or min(256, engine.settings.max_new_tokens)
-    job = submit(engine, list(ids), adapter, max_tokens, body.temperature, body.top_p, body.top_k, body.seed,
-                 body.stop_strings(), body.ignore_eos)
+    job = submit(engine, list(ids), adapter, body.sampling(max_tokens))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         first = True
@@ -98,17 +95,10 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
 
 
 def _stream(job: Submitted, chunk) -> StreamingResponse:
-    async def events():
-        async for event in job.stream():
-            if isinstance(event, TextDelta):
-                yield f"data: {json.dumps(chunk(event.text, None))}\n\n"
-            elif isinstance(event, Finished):
-                yield f"data: {json.dumps(chunk('', _finish(event)))}\n\n"
-            elif isinstance(event, Failed):
-                yield f"data: {json.dumps(error_body(event.status, event.message))}\n\n"
-        yield "data: [DONE]\n\n"
+    def render(event: TextDelta | Finished) -> dict:
+        return chunk(event.text, None) if isinstance(event, TextDelta) else chunk("", _finish(event))
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(job.sse(render), media_type="text/event-stream")
 
 
 def _finish(done: Finished) -> str:

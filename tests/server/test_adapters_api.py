@@ -66,12 +66,13 @@ def test_upload_while_serving_is_used_at_once_and_survives_restart(server, store
 def test_replacing_an_applied_adapter_serves_the_new_version_next(server, store, tmp_path):
     replacement = adapter_to_bytes(random_adapter(tiny_llama(seed=0), k=2, seed=21, scale=0.3))
     (tmp_path / "r.safetensors").write_bytes(replacement)
+    original = offline_greedy(store / "a.safetensors", "hello there", 12)
     with server.client() as c:
         before = generate(c, "hello there", "a")
         assert server.engine.applied == "a"
         assert c.put("/adapters/a", content=replacement).status_code == 200
         after = generate(c, "hello there", "a")
-    assert before == offline_greedy(store / "a.safetensors", "hello there", 12)
+    assert before == original
     assert after == offline_greedy(tmp_path / "r.safetensors", "hello there", 12)
     assert after != before
     assert_base_weights_pristine(server)

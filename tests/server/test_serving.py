@@ -95,3 +95,45 @@ def test_sampling_is_seeded_and_stop_strings_cut_the_text(server):
         cut = c.post("/generate", json={"prompt": "hello", "max_new_tokens": 20, "stop": [stop]}).json()
     assert cut["finish_reason"] == "stop"
     assert cut["text"] == greedy[: greedy.find(stop)]
+
+
+def _metric(server, line_prefix: str) -> float:
+    with server.client() as c:
+        for line in c.get("/metrics").text.splitlines():
+            if line.startswith(line_prefix):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    import time
+
+    with server.client() as c:
+        with c.stream("POST", "/generate", json={"prompt": "abc", "max_new_tokens": 400, "stream": True,
+                                                 "ignore_eos": True}) as r:
+            next(r.iter_lines())  # the first event arrived: generation is running; now hang up
+    deadline = time.monotonic() + 30
+    cancelled = 'neuroada_requests_total{adapter="base",status="499"}'
+    while _metric(server, cancelled) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(server, cancelled) == 1
+    assert _metric(server, 'neuroada_generated_tokens_total{adapter="base"}') < 400
+
+
+def test_a_failing_batch_fails_only_its_requests_and_reverts(server, monkeypatch):
+    import server.engine as engine_module
+
+    real = engine_module.generate_batch
+
+    def flaky(model, tokenizer, requests, *args):
+        if requests[0].adapter == "c":
+            raise RuntimeError("device fell over")
+        return real(model, tokenizer, requests, *args)
+
+    monkeypatch.setattr(engine_module, "generate_batch", flaky)
+    with server.client() as c:
+        r = c.post("/generate", params={"adapter": "c"}, json={"prompt": "hi", "max_new_tokens": 4})
+        assert r.status_code == 500 and "device fell over" in r.json()["error"]["message"]
+        assert server.engine.applied is None  # reverted
+        assert generate(c, "hello there", "a") == generate(c, "hello there", "a")
+    assert server.engine.base_weights_intact()
