@@ -61,15 +61,14 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"invalid adapter {args.file}: {e}", file=sys.stderr)
         return 1
     meta = adapter.metadata
-    print(f"file            {args.file} ({args.file.stat().st_size:,} bytes)")
-    for key in ("format", "format_version", "base_model", "base_fingerprint", "k", "selection", "index_hash", "created"):
-        print(f"{key:<15} {getattr(meta, key)}")
-    print(f"layers          {len(adapter.layers)}")
-    print(f"parameters      {adapter.num_params:,}")
-    print(f"tensor bytes    {adapter.nbytes:,}")
-    if meta.training:
-        for key, value in meta.training.items():
-            print(f"training.{key:<6} {value}")
+    rows = [("file", f"{args.file} ({args.file.stat().st_size:,} bytes)")]
+    rows += [(key, getattr(meta, key)) for key in
+             ("format", "format_version", "base_model", "base_fingerprint", "k", "selection", "index_hash", "created")]
+    rows += [("layers", len(adapter.layers)), ("parameters", f"{adapter.num_params:,}"),
+             ("tensor bytes", f"{adapter.nbytes:,}")]
+    rows += [(f"training.{key}", value) for key, value in (meta.training or {}).items()]
+    for key, value in rows:
+        print(f"{key:<22} {value}")
     for name, d in list(adapter.layers.items())[:3]:
         print(f"  {name}: indices {tuple(d.indices.shape)} {d.indices.dtype}, values {d.values.dtype}")
     if len(adapter.layers) > 3:
