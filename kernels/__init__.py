@@ -9,6 +9,7 @@ from kernels.scatter import (
     apply_delta_,
     apply_delta_flat_,
     flat_offsets,
+    reapply_delta_flat_,
     restore_,
     restore_flat_,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "apply_delta_",
     "apply_delta_flat_",
     "flat_offsets",
+    "reapply_delta_flat_",
     "restore_",
     "restore_flat_",
     "sparse_delta",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 # Same-width integer dtype per float dtype: save/restore are pure bit copies, and integer
-# index_select/index_copy_ avoid the slow bf16 paths of CPU scatter kernels.
+# take/put_ avoid the slow bf16 paths of CPU scatter kernels.
 BITS_DTYPE = {
     torch.float32: torch.int32,
     torch.bfloat16: torch.int16,
@@ -26,10 +26,21 @@ def apply_delta_flat_ref_(
 ) -> None:
     bits_dtype = BITS_DTYPE[buffer.dtype]
     bits = buffer.view(bits_dtype)
-    torch.index_select(bits, 0, offsets, out=saved.view(bits_dtype))
+    saved.view(bits_dtype).copy_(torch.take(bits, offsets))
+    reapply_delta_flat_ref_(buffer, offsets, values, saved)
+
+
+def reapply_delta_flat_ref_(
+    buffer: torch.Tensor,  # [N]
+    offsets: torch.Tensor,  # [n] int64, unique
+    values: torch.Tensor,  # [n] deltas
+    saved: torch.Tensor,  # [n] buffer.dtype, the original weights at offsets (read only)
+) -> None:
+    """buffer[offsets] = round(saved + values): apply over the originals in `saved`, whatever is there now."""
+    bits_dtype = BITS_DTYPE[buffer.dtype]
     # The sum is formed in float32 and rounded once to the weight dtype (round to nearest even).
     merged = (saved.float() + values.float()).to(buffer.dtype)
-    bits.index_copy_(0, offsets, merged.view(bits_dtype))
+    buffer.view(bits_dtype).put_(offsets, merged.view(bits_dtype))
 
 
 def restore_flat_ref_(
@@ -38,7 +49,7 @@ def restore_flat_ref_(
     saved: torch.Tensor,  # [n] buffer.dtype, from apply_delta_flat_ref_
 ) -> None:
     bits_dtype = BITS_DTYPE[buffer.dtype]
-    buffer.view(bits_dtype).index_copy_(0, offsets, saved.view(bits_dtype))
+    buffer.view(bits_dtype).put_(offsets, saved.view(bits_dtype))
 
 
 def sparse_delta_fwd_ref(

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from kernels._triton import tl, triton, use_triton
-from kernels.reference import BITS_DTYPE, apply_delta_flat_ref_, restore_flat_ref_
+from kernels.reference import BITS_DTYPE, apply_delta_flat_ref_, reapply_delta_flat_ref_, restore_flat_ref_
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -34,6 +34,16 @@ if triton is not None:
         off = tl.load(off_ptr + i, mask=mask, other=0)
         w = tl.load(buf_ptr + off, mask=mask)
         tl.store(saved_ptr + i, w, mask=mask)
+        v = tl.load(val_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        merged = (w.to(tl.float32) + v).to(buf_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(buf_ptr + off, merged, mask=mask)
+
+    @triton.jit
+    def _reapply_delta_kernel(buf_ptr, off_ptr, val_ptr, saved_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        off = tl.load(off_ptr + i, mask=mask, other=0)
+        w = tl.load(saved_ptr + i, mask=mask)
         v = tl.load(val_ptr + i, mask=mask, other=0.0).to(tl.float32)
         merged = (w.to(tl.float32) + v).to(buf_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(buf_ptr + off, merged, mask=mask)
@@ -68,6 +78,28 @@ def apply_delta_flat_(
             _apply_delta_kernel[(triton.cdiv(n, _BLOCK),)](buffer, offsets, values, saved, n, BLOCK=_BLOCK)
     else:
         apply_delta_flat_ref_(buffer, offsets, values, saved)
+
+
+def reapply_delta_flat_(
+    buffer: torch.Tensor,  # [N]
+    offsets: torch.Tensor,  # [n] int64, unique
+    values: torch.Tensor,  # [n]
+    saved: torch.Tensor,  # [n] buffer.dtype, the original weights at offsets
+    backend: Backend = "auto",
+) -> None:
+    """`buffer[offsets] = round(saved + values)`, reading no weight.
+
+    Switching between two adapters with the same offsets (same index set, as magnitude selection
+    gives every adapter of a base) is then one scatter instead of restore + gather + scatter; the
+    originals stay in `saved`, so a later restore_flat_ is still exact.
+    """
+    _check_flat(buffer, offsets, saved, values)
+    if _pick_triton(buffer, backend):
+        n = offsets.numel()
+        if n:
+            _reapply_delta_kernel[(triton.cdiv(n, _BLOCK),)](buffer, offsets, values, saved, n, BLOCK=_BLOCK)
+    else:
+        reapply_delta_flat_ref_(buffer, offsets, values, saved)
 
 
 def restore_flat_(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import apply_delta_, apply_delta_flat_, flat_offsets, restore_, restore_flat_
+from kernels import apply_delta_, apply_delta_flat_, flat_offsets, reapply_delta_flat_, restore_, restore_flat_
 from neuroada.fingerprint import linear_layers
 from neuroada.format import SparseAdapter
 
@@ -99,6 +99,17 @@ class PackedWeights:
 
     def restore_(self, delta: PackedDelta, saved: torch.Tensor) -> None:
         restore_flat_(self.buffer, delta.offsets, saved)
+
+    def switch_(self, applied: PackedDelta, new: PackedDelta, saved: torch.Tensor) -> torch.Tensor:
+        """Replace the applied delta by `new`; returns the saved originals for the next restore.
+
+        Deltas sharing one offsets tensor (one index set) switch in a single scatter.
+        """
+        if applied.offsets is new.offsets:
+            reapply_delta_flat_(self.buffer, new.offsets, new.values, saved)
+            return saved
+        self.restore_(applied, saved)
+        return self.apply_(new)
 
     def checksum(self) -> str:
         """Hash of every packed weight bit: equal before and after any apply/restore sequence."""

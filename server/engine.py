@@ -160,12 +160,14 @@ class Engine:
         if self._applied is resident:
             return
         started = time.perf_counter()
-        if self._applied is not None:
+        if self._applied is not None and resident is not None:
+            self._saved = self.packed.switch_(self._applied.delta, resident.delta, self._saved)
+        elif self._applied is not None:
             self.packed.restore_(self._applied.delta, self._saved)
-            self._applied, self._saved = None, None
-        if resident is not None:
+            self._saved = None
+        else:
             self._saved = self.packed.apply_(resident.delta)
-            self._applied = resident
+        self._applied = resident
         if self.packed.device.type == "cuda":
             torch.cuda.synchronize(self.packed.device)
         self.metrics.switches.inc()

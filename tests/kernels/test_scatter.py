@@ -152,3 +152,27 @@ def test_bad_inputs_are_refused_with_a_clear_error(mutate, message):
     mutate(args)
     with pytest.raises(ValueError, match=message):
         apply_delta_(args["weight"], args["indices"], args["values"], args["saved"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reapply_over_saved_originals_equals_restore_then_apply(backend, dtype):
+    from kernels import reapply_delta_flat_
+
+    g = torch.Generator().manual_seed(4)
+    buffer = torch.randn(500, generator=g).to(dtype)
+    original = buffer.clone()
+    offsets = torch.randperm(500, generator=g)[:120]
+    first = (torch.randn(120, generator=g) * 0.1).to(torch.bfloat16)
+    second = (torch.randn(120, generator=g) * 0.1).to(torch.bfloat16)
+    saved = torch.empty(120, dtype=dtype)
+    apply_delta_flat_(buffer, offsets, first, saved, backend=backend)
+    reapply_delta_flat_(buffer, offsets, second, saved, backend=backend)  # switch first -> second
+
+    expected = original.clone()
+    apply_delta_flat_(expected, offsets, second, torch.empty(120, dtype=dtype), backend="torch")
+    ulps = (bits(buffer).int() - bits(expected).int()).abs()
+    exact = dtype == torch.float32 or backend == "torch" or torch.cuda.is_available()
+    assert int(ulps.max()) <= (0 if exact else 1)
+    restore_flat_(buffer, offsets, saved, backend=backend)
+    assert torch.equal(bits(buffer), bits(original))

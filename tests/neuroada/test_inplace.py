@@ -54,3 +54,24 @@ def test_adapters_sharing_an_index_set_can_share_offsets(model):
     b = packed.pack(a, offsets=offsets)
     assert b.offsets is offsets
     assert b.values.numel() == offsets.numel() == a.num_params
+
+
+def test_switch_between_adapters_sharing_offsets_is_one_scatter_and_exact():
+    model = tiny_llama(seed=2)
+    a = random_adapter(model, k=2, seed=1)
+    b = random_adapter(model, k=2, seed=1, scale=0.5)  # same indices, other values
+    packed = PackedWeights(model)
+    checksum = packed.checksum()
+    offsets = packed.offsets(a)
+    da, db = packed.pack(a, offsets), packed.pack(b, offsets)
+    saved = packed.apply_(da)
+    saved = packed.switch_(da, db, saved)
+
+    reference = tiny_llama(seed=2)
+    apply_adapter_(reference, b)
+    for name, p in reference.state_dict().items():
+        assert torch.equal(p, model.state_dict()[name]), name
+    other = packed.pack(random_adapter(model, k=3, seed=7))  # its own offsets: restore + apply
+    saved = packed.switch_(db, other, saved)
+    packed.restore_(other, saved)
+    assert packed.checksum() == checksum

@@ -137,3 +137,21 @@ def test_a_failing_batch_fails_only_its_requests_and_reverts(server, monkeypatch
         assert server.engine.applied is None  # reverted
         assert generate(c, "hello there", "a") == generate(c, "hello there", "a")
     assert server.engine.base_weights_intact()
+
+
+def test_adapters_sharing_an_index_set_switch_exactly(tiny_model_dir, tmp_path):
+    from neuroada.format import save_adapter
+    from tests.helpers import random_adapter
+    from tests.server.conftest import RunningServer, make_settings
+
+    store = tmp_path / "shared"
+    model = tiny_llama(seed=0)
+    save_adapter(random_adapter(model, k=3, seed=5, scale=0.3), store / "x.safetensors")
+    save_adapter(random_adapter(model, k=3, seed=5, scale=0.6), store / "y.safetensors")  # same indices
+    with RunningServer(make_settings(tiny_model_dir, store)) as s, s.client() as c:
+        x, y = s.engine.registry.get("x"), s.engine.registry.get("y")
+        assert x.delta.offsets is y.delta.offsets  # one copy of the shared index set
+        for name in ["x", "y", "x", None, "y"]:
+            path = store / f"{name}.safetensors" if name else None
+            assert generate(c, "hello there", name) == offline_greedy(path, "hello there", 12)
+        assert s.engine.base_weights_intact()
