@@ -1,11 +1,12 @@
-"""The sparse gather product on the CPU through torch's sparse CSR kernels.
+"""The sparse gather product on the CPU through torch's sparse CSR kernels, for k >= CSR_MIN_K.
 
 The k selected positions of a layer are a fixed sparsity pattern S [d_out, d_in] with k entries
 per row, so delta(x) = x S^T and grad_x = grad_y S are sparse-dense products, which torch's CSR
-kernels vectorise along the tokens. grad_values[i, j] = grad_y[:, i] . x[:, indices[i, j]] is
-computed from token-major rows gathered in chunks of j, never through a dense [d_out, d_in]
-product (torch's sampled_addmm forms one on the CPU). The pattern is laid out once
-(`CsrLayout`); each call only brings the current values.
+kernels vectorise along the tokens: at k = 20 on SmolLM2's MLP shapes about 6x faster than
+per-j gathers (benchmarks/train_cost.py). At small k their fixed cost loses to the gathers.
+grad_values stays on the per-j gathers: the alternatives measured (torch's sampled_addmm, which
+forms a dense [d_out, d_in] product on the CPU; token-major row gathers with bmm) were slower or
+dense. The pattern is laid out once (`CsrLayout`); each call only brings the current values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 import warnings
 
 import torch
+
+from kernels.reference import sparse_delta_bwd_ref
+
+CSR_MIN_K = 4  # below this, per-j gathers are faster on the CPU
 
 
 @dataclass(frozen=True)
@@ -79,26 +84,5 @@ def sparse_delta_bwd_csr(
         s_t = _csr_tensor(layout.crow_t, layout.col_t, flat[layout.perm_t], (d_in, d_out))
         grad_x = torch.sparse.mm(s_t, grad_out.t()).t()
     if need_grad_values:
-        grad_values = _grad_values(grad_out, x, layout.indices)
+        _, grad_values = sparse_delta_bwd_ref(grad_out, x, layout.indices, values, need_grad_x=False)
     return grad_x, grad_values
-
-
-_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 gathered rows per chunk
-
-
-def _grad_values(
-    grad_out: torch.Tensor,  # [T, d_out]
-    x: torch.Tensor,  # [T, d_in]
-    indices: torch.Tensor,  # [d_out, k] int64
-) -> torch.Tensor:  # [d_out, k]
-    d_out, k = indices.shape
-    T = x.shape[0]
-    x_rows = x.t().contiguous()  # [d_in, T]: gathering whole rows is a memcpy per index
-    gy_rows = grad_out.t().contiguous().unsqueeze(-1)  # [d_out, T, 1]
-    grad_values = torch.empty(d_out, k, dtype=torch.float32, device=x.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, d_out * T))
-    for j0 in range(0, k, step):
-        j1 = min(k, j0 + step)
-        gathered = x_rows.index_select(0, indices[:, j0:j1].reshape(-1)).view(d_out, j1 - j0, T)
-        grad_values[:, j0:j1] = torch.bmm(gathered, gy_rows).squeeze(-1)
-    return grad_values

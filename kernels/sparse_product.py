@@ -13,7 +13,7 @@ import torch
 
 from kernels._triton import tl, triton, use_triton
 from kernels.reference import sparse_delta_bwd_ref, sparse_delta_fwd_ref
-from kernels.sparse_csr import CsrLayout, csr_layout, sparse_delta_bwd_csr, sparse_delta_fwd_csr
+from kernels.sparse_csr import CSR_MIN_K, CsrLayout, csr_layout, sparse_delta_bwd_csr, sparse_delta_fwd_csr
 
 _BLOCK_T = 32
 _BLOCK_O = 64
@@ -148,8 +148,8 @@ def sparse_delta(
 ) -> torch.Tensor:  # [..., d_out], x.dtype
     """Differentiable sparse bypass product, accumulated in float32.
 
-    backend: "auto" (Triton for CUDA tensors, the CSR kernels otherwise), "triton", "csr", or
-    "torch" (per-j gathers: the reference). `layout` (from `csr_layout`) saves re-deriving the
+    backend: "auto" (Triton for CUDA tensors; on the CPU the CSR kernels for k >= CSR_MIN_K, else
+    per-j gathers), "triton", "csr", or "torch" (per-j gathers: the reference). `layout` (from `csr_layout`) saves re-deriving the
     pattern on every call of the CSR path; pass it wherever the indices are fixed.
     """
     if indices.dim() != 2 or values.shape != indices.shape:
@@ -162,7 +162,10 @@ def sparse_delta(
         raise ValueError(f"unknown backend {backend!r}")
     if backend == "triton" and triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
-    path = backend if backend != "auto" else ("triton" if use_triton(x) else "csr")
+    if backend == "auto":
+        path = "triton" if use_triton(x) else ("csr" if indices.shape[1] >= CSR_MIN_K else "torch")
+    else:
+        path = backend
     if path != "triton" and indices.dtype != torch.int64:
         indices = indices.long()
     if path == "csr" and layout is None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kernels import CsrLayout, csr_layout, sparse_delta
+from kernels.sparse_csr import CSR_MIN_K
 
 
 class NeuroAdaLinear(nn.Module):
@@ -34,7 +35,7 @@ class NeuroAdaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         layout = None
-        if not x.is_cuda:
+        if not x.is_cuda and self.k >= CSR_MIN_K:
             if self._layout is None or self._layout.crow.device != x.device:
                 self._layout = csr_layout(self.indices, x.shape[-1])
             layout = self._layout

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import CsrLayout, csr_layout
+from kernels.sparse_csr import CSR_MIN_K
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import SparseAdapter, load_adapter
 from neuroada.inplace import PackedDelta, PackedWeights
@@ -94,7 +95,8 @@ class AdapterRegistry:
             unmerged_layers = {}
             for n, d in adapter.layers.items():
                 indices = d.indices.to(device, torch.int64)
-                layout = None if device.type == "cuda" else csr_layout(indices, self.base.linear_shapes[n][1])
+                use_csr = device.type != "cuda" and adapter.metadata.k >= CSR_MIN_K
+                layout = csr_layout(indices, self.base.linear_shapes[n][1]) if use_csr else None
                 unmerged_layers[n] = (indices, d.values.to(device, torch.float32), layout)
         return ResidentAdapter(
             name=name,
