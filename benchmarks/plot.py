@@ -20,17 +20,20 @@ def plot_switch(data: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for dtype, marker in (("float32", "o"), ("bfloat16", "s")):
         ours = [r for r in data["rows"] if r["method"] == "neuroada" and r["dtype"] == dtype]
-        if ours:
-            ax.plot([r["params"] for r in ours], [r["seconds"]["median"] * 1e3 for r in ours], marker=marker,
-                    label=f"NeuroAda restore+apply ({dtype})")
-            for r in ours:
-                ax.annotate(f"k={r['k']}", (r["params"], r["seconds"]["median"] * 1e3), fontsize=8,
-                            textcoords="offset points", xytext=(4, 4))
+        for op, style in (("switch, shared index set", "-"), ("restore+apply, own index sets", "--")):
+            sel = [r for r in ours if r["op"] == op]
+            if not sel:
+                continue
+            ax.plot([r["params"] for r in sel], [r["seconds"]["median"] * 1e3 for r in sel], style, marker=marker,
+                    label=f"NeuroAda {op} ({dtype})")
+            for r in sel:
+                ax.annotate(f"k={r['k']}", (r["params"], r["seconds"]["median"] * 1e3), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10 if style == "-" else 4))
         lora = [r for r in data["rows"] if r["method"].startswith("lora") and r["dtype"] == dtype
                 and r["op"] == "merge+unmerge"]
         if lora:
             ax.scatter([r["params"] for r in lora], [r["seconds"]["median"] * 1e3 for r in lora], marker="x",
-                       s=60, label=f"LoRA merge+unmerge ({dtype})")
+                       s=60, label=f"LoRA r=8/16 merge+unmerge ({dtype})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("adapter parameters")
