@@ -13,12 +13,12 @@ from server.routes import adapters, generate, health, openai
 from server.settings import ServerSettings
 
 
-def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
-    """`engine` may be given ready-made (tests); otherwise it is built from `settings` at start-up."""
+def create_app(settings: ServerSettings) -> FastAPI:
+    """The app; its engine (model, adapters, worker) is built from `settings` at start-up."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = engine or await run_in_threadpool(Engine, settings)
+        app.state.engine = await run_in_threadpool(Engine, settings)
         app.state.engine.start()
         try:
             yield

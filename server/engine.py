@@ -36,38 +36,30 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device_dtype(settings: ServerSettings) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if settings.device == "auto" else settings.device)
+    if settings.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(settings.device)
     if settings.dtype == "auto":
         # bf16 matmuls are slow on most CPUs, and fp32 weights keep every merged delta.
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if settings.dtype not in _DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {settings.dtype!r}")
     return device, _DTYPES[settings.dtype]
 
 
 class Engine:
-    def __init__(
-        self,
-        settings: ServerSettings,
-        model: PreTrainedModel | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-    ):
+    def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.metrics = ServerMetrics()
         self.model_name = resolve_model_name(settings.model)
-        if model is None:
-            device, dtype = resolve_device_dtype(settings)
-            model = load_base_model(settings.model, dtype=dtype, device=device)
-            tokenizer = load_tokenizer(settings.model)
-        assert tokenizer is not None
-        self.model = model
-        self.tokenizer = tokenizer
-        self.base = BaseModelSpec.from_model(model, self.model_name)
-        self.packed = PackedWeights(model)
+        device, dtype = resolve_device_dtype(settings)
+        self.model: PreTrainedModel = load_base_model(settings.model, dtype=dtype, device=device)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(settings.model)
+        self.base = BaseModelSpec.from_model(self.model, self.model_name)
+        self.packed = PackedWeights(self.model)
         self.base_checksum = self.packed.checksum()
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
 
         self.store = AdapterStore(settings.adapter_dir)
         self.registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold)

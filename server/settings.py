@@ -6,6 +6,7 @@ Each field `foo` reads `NEUROADA_FOO`; `neuroada serve --foo` overrides it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,7 +17,9 @@ class ServerSettings(BaseSettings):
 
     model: str | None = Field(None, description="base model: a local HF folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    dtype: str = Field("auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    )
     adapter_dir: Path = Field(Path("adapters"), description="adapter store folder, read at start-up, written by uploads")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")
