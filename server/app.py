@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server.engine import Engine
-from server.errors import install_error_handlers
+from server.errors import BodyLimit, install_error_handlers
 from server.routes import adapters, generate, health, openai
 from server.settings import ServerSettings
 
@@ -28,6 +28,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="neuroada", version="0.1.0", lifespan=lifespan)
     app.state.engine = None
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_json_bytes=settings.max_request_bytes, max_upload_bytes=settings.max_upload_bytes)
     for module in (generate, openai, adapters, health):
         app.include_router(module.router)
     return app

@@ -18,12 +18,18 @@ def get_engine(request: Request) -> Engine:
 
 
 def require_admin(request: Request) -> None:
-    token = get_engine(request).settings.admin_token
+    _require_bearer(request, get_engine(request).settings.admin_token, "adapter management")
+
+
+def require_api_token(request: Request) -> None:
+    _require_bearer(request, get_engine(request).settings.api_token, "generation")
+
+
+def _require_bearer(request: Request, token: str | None, what: str) -> None:
     if not token:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
     # Constant-time comparison: response timing must not reveal how much of a guess was right.
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, "adapter management needs 'Authorization: Bearer <admin token>'", "unauthorized",
+        raise ApiError(401, f"{what} needs 'Authorization: Bearer <token>'", "unauthorized",
                        headers={"WWW-Authenticate": "Bearer"})

@@ -29,6 +29,8 @@ class ServerSettings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="cap on max_new_tokens per request")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest accepted adapter upload")
     admin_token: str | None = Field(None, description="when set, adapter management needs 'Authorization: Bearer <token>'")
+    api_token: str | None = Field(None, description="when set, generation endpoints need 'Authorization: Bearer <token>'")
+    max_request_bytes: int = Field(1024 * 1024, ge=1, description="largest JSON request body (uploads: max_upload_bytes)")
     fidelity_threshold: float = Field(
         0.9, ge=0, le=1, description="adapters whose merged deltas survive below this share are served unmerged"
     )

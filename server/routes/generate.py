@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from server.deps import get_engine
+from server.deps import get_engine, require_api_token
 from server.dispatch import submit
 from server.engine import Engine
 from server.errors import ApiError
 from server.generation import Finished, TextDelta
 from server.schemas import GenerateRequest, GenerateResponse, Usage
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_api_token)])
 
 
 @router.post("/generate", response_model=GenerateResponse)

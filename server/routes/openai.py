@@ -11,14 +11,14 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.deps import get_engine
+from server.deps import get_engine, require_api_token
 from server.dispatch import Submitted, submit
 from server.engine import Engine
 from server.errors import ApiError
 from server.generation import Finished, TextDelta
 from server.schemas import ChatCompletionRequest, CompletionRequest
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
 
 def _adapter_for(engine: Engine, model: str) -> str | None:

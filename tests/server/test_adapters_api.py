@@ -243,3 +243,64 @@ def test_overload_gets_429_with_retry_after(store, tiny_model_dir):
         assert 429 in statuses and 200 in statuses
         limited = next(r for r in results if r.status_code == 429)
         assert limited.headers["retry-after"] and "overloaded" in limited.json()["error"]["message"]
+
+
+def test_request_bodies_over_the_limit_are_refused(store, tiny_model_dir):
+    with RunningServer(make_settings(tiny_model_dir, store, max_request_bytes=2000)) as s, s.client() as c:
+        big = {"prompt": "x" * 5000, "max_new_tokens": 2}
+        r = c.post("/generate", json=big)
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+        def chunked():
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"x" * 500
+            yield b'", "max_new_tokens": 2}'
+
+        r = c.post("/generate", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert c.post("/generate", json={"prompt": "ok", "max_new_tokens": 2}).status_code == 200
+        # Uploads have their own, larger limit.
+        data = (store / "a.safetensors").read_bytes()
+        assert len(data) > 2000
+        assert c.put("/adapters/a2", content=data).status_code == 201
+
+
+def test_api_token_guards_generation_only(store, tiny_model_dir):
+    with RunningServer(make_settings(tiny_model_dir, store, api_token="gen-key")) as s, s.client() as c:
+        body = {"prompt": "hi", "max_new_tokens": 2}
+        assert c.post("/generate", json=body).status_code == 401
+        assert c.post("/v1/completions", json={"model": "a", "prompt": "hi"}).status_code == 401
+        ok = c.post("/generate", json=body, headers={"Authorization": "Bearer gen-key"})
+        assert ok.status_code == 200
+        assert c.get("/health").status_code == 200
+
+
+def test_concurrent_put_delete_put_of_one_name_leaves_one_consistent_version(server, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_llama(seed=0)
+    versions = [adapter_to_bytes(random_adapter(model, k=2, seed=200 + i, scale=0.3)) for i in range(6)]
+
+    def hammer(i):
+        with server.client() as c:
+            for j in range(6):
+                if (i + j) % 3 == 2:
+                    c.delete("/adapters/race")
+                else:
+                    c.put("/adapters/race", content=versions[(i + j) % 6])
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(hammer, range(6)))
+    path = store / "race.safetensors"
+    served = server.engine.registry.get("race")
+    if served is None:
+        assert not path.exists()
+    else:
+        on_disk = path.read_bytes()
+        assert on_disk in versions
+        assert served.adapter.metadata == read_adapter(on_disk).metadata
+        with server.client() as c:
+            assert generate(c, "hello", "race") == offline_greedy(path, "hello", 12)
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert_base_weights_pristine(server)
