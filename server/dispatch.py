@@ -65,7 +65,13 @@ class Submitted:
         raise ApiError(499, "the client closed the connection")
 
 
-def submit(engine: Engine, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> Submitted:
+def submit(
+    engine: Engine,
+    prompt_ids: list[int],
+    adapter: str | None,
+    params: SamplingParams,
+    timeout_s: float | None = None,
+) -> Submitted:
     """Check a request against the server's limits and queue it (raises ApiError)."""
     settings = engine.settings
     if adapter is not None and engine.registry.get(adapter) is None:
@@ -89,7 +95,7 @@ def submit(engine: Engine, prompt_ids: list[int], adapter: str | None, params: S
         adapter=adapter,
         params=params,
         on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-        deadline=time.monotonic() + settings.request_timeout_s,
+        deadline=time.monotonic() + min(settings.request_timeout_s, timeout_s or settings.request_timeout_s),
     )
     try:
         engine.submit(request)

@@ -32,6 +32,9 @@ class AdapterStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Temp files of writes a crash interrupted: never under a final name, safe to drop.
+        for stale in self.folder.glob(f".*{SUFFIX}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{check_name(name)}{SUFFIX}"

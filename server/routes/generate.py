@@ -26,7 +26,7 @@ async def generate(
         raise ApiError(422, f"adapter given twice: {adapter!r} in the query, {body.adapter!r} in the body")
     name = adapter or body.adapter
     prompt_ids = engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-    job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens))
+    job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens), body.timeout_s)
     if not body.stream:
         done = await job.result(http)
         return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason,

@@ -46,7 +46,7 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
         raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
     adapter = _adapter_for(engine, body.model)
     ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-    job = submit(engine, ids, adapter, body.sampling(body.max_tokens))
+    job = submit(engine, ids, adapter, body.sampling(body.max_tokens), body.timeout_s)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         def chunk(text: str, finish: str | None) -> dict:
@@ -73,7 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
     if isinstance(ids, dict):
         ids = ids["input_ids"]
     max_tokens = body.max_completion_tokens or body.max_tokens or min(256, engine.settings.max_new_tokens)
-    job = submit(engine, list(ids), adapter, body.sampling(max_tokens))
+    job = submit(engine, list(ids), adapter, body.sampling(max_tokens), body.timeout_s)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         first = True
