@@ -60,6 +60,7 @@ class AdapterMetadata(BaseModel):
     k: int  # selected inputs per output neuron
     selection: str  # how indices were chosen: magnitude | random | reverse
     index_hash: str  # hash of every layer's indices; equal hashes mean identical index sets
+    values_hash: str | None = None  # hash of every layer's values: a damaged file is refused (optional)
     targets: list[str]  # module paths of the adapted linear layers, sorted
     created: str  # ISO 8601 UTC
     training: dict[str, Any] | None = None  # optional summary: steps, final loss, data hash, ...
@@ -93,13 +94,13 @@ class AdapterMetadata(BaseModel):
         return v
 
     def to_strings(self) -> dict[str, str]:
-        return {key: v if isinstance(v, str) else json.dumps(v) for key, v in self.model_dump().items()}
+        return {key: v if isinstance(v, str) else json.dumps(v) for key, v in self.model_dump().items() if v is not None}
 
     @classmethod
     def from_strings(cls, raw: dict[str, str]) -> AdapterMetadata:
         fields = {}
         for key, v in raw.items():
-            if key in ("format", "base_model", "base_fingerprint", "selection", "index_hash", "created"):
+            if key in ("format", "base_model", "base_fingerprint", "selection", "index_hash", "values_hash", "created"):
                 fields[key] = v
             else:
                 try:
@@ -147,6 +148,15 @@ def index_set_hash(indices: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def values_hash(values: dict[str, torch.Tensor]) -> str:
+    """Hash of all layers' bf16 values, in layer order: detects a damaged file."""
+    h = hashlib.sha256()
+    for name in sorted(values):
+        h.update(name.encode())
+        h.update(values[name].to(VALUES_DTYPE).cpu().contiguous().view(torch.int16).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
 def build_adapter(
     layers: dict[str, LayerDelta],
     *,
@@ -172,6 +182,7 @@ def build_adapter(
         k=ks.pop(),
         selection=selection,
         index_hash=index_set_hash({n: d.indices for n, d in packed.items()}),
+        values_hash=values_hash({n: d.values for n, d in packed.items()}),
         targets=list(packed),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         training=training,
@@ -268,6 +279,11 @@ def check_structure(adapter: SparseAdapter) -> None:
     expected_hash = index_set_hash({n: d.indices for n, d in adapter.layers.items()})
     if meta.index_hash != expected_hash:
         raise MetadataError(f"metadata index_hash {meta.index_hash} does not match the indices ({expected_hash})")
+    if meta.values_hash is not None:
+        actual = values_hash({n: d.values for n, d in adapter.layers.items()})
+        if meta.values_hash != actual:
+            raise MetadataError(f"metadata values_hash {meta.values_hash} does not match the values ({actual}): "
+                                "the file is damaged")
 
 
 def validate_adapter(adapter: SparseAdapter, base: BaseModelSpec) -> None:

@@ -229,3 +229,17 @@ def test_fingerprint_is_identical_across_processes():
     code = "from tests.helpers import tiny_llama; from neuroada.fingerprint import fingerprint; print(fingerprint(tiny_llama(seed=0)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == fingerprint(tiny_llama(seed=0))
+
+
+def test_a_damaged_value_is_detected_by_the_values_hash(model, spec, tmp_path):
+    from safetensors.torch import load as st_load
+
+    adapter = random_adapter(model, k=2)
+    tensors = st_load(adapter_to_bytes(adapter))
+    key = next(k for k in tensors if k.endswith(".values"))
+    bits = tensors[key].view(torch.int16)
+    bits[3, 1] ^= 0x0040  # one flipped bit: still a finite bf16 value, so only the hash can tell
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(st_save(tensors, metadata=adapter.metadata.to_strings()))
+    with pytest.raises(errors.MetadataError, match="values_hash"):
+        load_adapter(path, spec)
