@@ -41,11 +41,11 @@ def free_port() -> int:
 
 def make_store(folder: Path, count: int) -> None:
     import torch
+    from switch import random_adapter
 
     from neuroada.base_model import load_base_model
     from neuroada.fingerprint import BaseModelSpec
     from neuroada.format import save_adapter
-    from switch import random_adapter
 
     model = load_base_model()
     base = BaseModelSpec.from_model(model, "SmolLM2-135M-Instruct")

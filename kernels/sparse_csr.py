@@ -11,9 +11,8 @@ dense. The pattern is laid out once (`CsrLayout`); each call only brings the cur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ from server.app import create_app
 from server.settings import ServerSettings
 from tests.helpers import random_adapter, tiny_llama, tiny_tokenizer
 
+ROOT = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -26,6 +30,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_serve(env_overrides: dict[str, str], timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`neuroada serve` in its own process on a free port, as a user starts it; waits for /health."""
+    port = free_port()
+    env = dict(os.environ, NEUROADA_PORT=str(port), **env_overrides)
+    proc = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"neuroada serve exited: {proc.stdout.read().decode()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("neuroada serve did not become ready")
+        time.sleep(0.2)
 
 
 class RunningServer:

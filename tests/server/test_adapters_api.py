@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import pytest
 import torch
-from safetensors.torch import save as st_save
 
 from neuroada.format import adapter_to_bytes, read_adapter
 from tests.helpers import random_adapter, tiny_llama

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.server.conftest import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.server.conftest import spawn_serve
 
 
 def start(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, NEUROADA_MODEL=str(model_dir), NEUROADA_ADAPTER_DIR=str(store), NEUROADA_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return spawn_serve({"NEUROADA_MODEL": str(model_dir), "NEUROADA_ADAPTER_DIR": str(store)}, timeout=120)
 
 
 def test_sigkill_during_upload_then_restart(tiny_model_dir, store):

@@ -5,13 +5,11 @@ Slow (the model loads in a few seconds from the converted cache, about 25 s the 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,9 +19,8 @@ import torch
 from neuroada.base_model import load_base_model, load_tokenizer
 from neuroada.format import read_adapter
 from neuroada.inplace import apply_adapter_
-from tests.server.conftest import free_port
+from tests.server.conftest import ROOT, spawn_serve
 
-ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "adapters"
 PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nTom has 3 apples and buys 5 more. How many apples does he have?\n\n### Response:\n"
 
@@ -35,24 +32,7 @@ def served(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     for f in SHIPPED.glob("*.safetensors"):
         shutil.copy(f, store / f.name)
-    port = free_port()
-    env = dict(os.environ, NEUROADA_ADAPTER_DIR=str(store), NEUROADA_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"neuroada serve exited: {proc.stdout.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("neuroada serve did not become ready")
-        time.sleep(0.5)
+    proc, url = spawn_serve({"NEUROADA_ADAPTER_DIR": str(store)})
     yield url, store
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)

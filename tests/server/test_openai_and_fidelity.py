@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from neuroada.base_model import load_base_model
+from neuroada.config import NeuroAdaConfig
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import LayerDelta, build_adapter, save_adapter
 from neuroada.model import attach, bypasses
-from neuroada.config import NeuroAdaConfig
 from tests.helpers import TINY_NAME, tiny_llama, tiny_tokenizer
 from tests.server.conftest import RunningServer, make_settings
 from tests.server.test_serving import generate, offline_greedy
