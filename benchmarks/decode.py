@@ -29,9 +29,15 @@ def run(model, tokenizer, batch: int, new_tokens: int, repeats: int, **generate_
 
     @torch.inference_mode()
     def go():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                       **generate_kwargs)
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
 
     samples = timed(go, repeats=repeats, warmup=1, sync=device.type == "cuda")
     return {"seconds": summarize(samples), "tokens_per_s": batch * new_tokens / summarize(samples)["median"]}
@@ -65,8 +71,13 @@ def main() -> None:
     for batch in args.batch:
         rows.append({"variant": "base", "batch": batch, **run(model, tokenizer, batch, args.new_tokens, args.repeats)})
         saved = packed.apply_(delta)
-        rows.append({"variant": f"neuroada k={args.k} applied", "batch": batch,
-                     **run(model, tokenizer, batch, args.new_tokens, args.repeats)})
+        rows.append(
+            {
+                "variant": f"neuroada k={args.k} applied",
+                "batch": batch,
+                **run(model, tokenizer, batch, args.new_tokens, args.repeats),
+            }
+        )
         packed.restore_(delta, saved)
 
     if not args.no_lora:
@@ -80,18 +91,40 @@ def main() -> None:
         peft_model.set_adapter("a0")
         peft_model.eval()
         for batch in args.batch:
-            rows.append({"variant": "lora r=8 unmerged", "batch": batch,
-                         **run(peft_model, tokenizer, batch, args.new_tokens, args.repeats)})
+            rows.append(
+                {
+                    "variant": "lora r=8 unmerged",
+                    "batch": batch,
+                    **run(peft_model, tokenizer, batch, args.new_tokens, args.repeats),
+                }
+            )
             names = [f"a{i % 4}" for i in range(batch)]
-            rows.append({"variant": "lora r=8 mixed, 4 adapters", "batch": batch,
-                         **run(peft_model, tokenizer, batch, args.new_tokens, args.repeats, adapter_names=names)})
+            rows.append(
+                {
+                    "variant": "lora r=8 mixed, 4 adapters",
+                    "batch": batch,
+                    **run(peft_model, tokenizer, batch, args.new_tokens, args.repeats, adapter_names=names),
+                }
+            )
 
     base_tps = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "base"}
-    print(f"\nmachine: {machine()}; SmolLM2-135M {str(dtype).removeprefix('torch.')}, "
-          f"{args.new_tokens} new tokens, greedy\n")
-    print_table(["variant", "batch", "tokens/s", "vs base", "s median (min-max)"], [
-        [r["variant"], r["batch"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base_tps[r['batch']]:.2f}x",
-         f"{r['seconds']['median']:.2f} ({r['seconds']['min']:.2f}-{r['seconds']['max']:.2f})"] for r in rows])
+    print(
+        f"\nmachine: {machine()}; SmolLM2-135M {str(dtype).removeprefix('torch.')}, "
+        f"{args.new_tokens} new tokens, greedy\n"
+    )
+    print_table(
+        ["variant", "batch", "tokens/s", "vs base", "s median (min-max)"],
+        [
+            [
+                r["variant"],
+                r["batch"],
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['tokens_per_s'] / base_tps[r['batch']]:.2f}x",
+                f"{r['seconds']['median']:.2f} ({r['seconds']['min']:.2f}-{r['seconds']['max']:.2f})",
+            ]
+            for r in rows
+        ],
+    )
     write_json(args.out, {"config": vars(args) | {"out": str(args.out)}, "rows": rows})
 
 

@@ -1,6 +1,6 @@
 """Charts from the benchmark JSON files (needs matplotlib, in the `bench` extra).
 
-    python benchmarks/plot.py    # reads benchmarks/*.json, writes benchmarks/*.png
+python benchmarks/plot.py    # reads benchmarks/*.json, writes benchmarks/*.png
 """
 
 from __future__ import annotations
@@ -24,16 +24,34 @@ def plot_switch(data: dict, out: Path) -> None:
             sel = [r for r in ours if r["op"] == op]
             if not sel:
                 continue
-            ax.plot([r["params"] for r in sel], [r["seconds"]["median"] * 1e3 for r in sel], style, marker=marker,
-                    label=f"NeuroAda {op} ({dtype})")
+            ax.plot(
+                [r["params"] for r in sel],
+                [r["seconds"]["median"] * 1e3 for r in sel],
+                style,
+                marker=marker,
+                label=f"NeuroAda {op} ({dtype})",
+            )
             for r in sel:
-                ax.annotate(f"k={r['k']}", (r["params"], r["seconds"]["median"] * 1e3), fontsize=7,
-                            textcoords="offset points", xytext=(4, -10 if style == "-" else 4))
-        lora = [r for r in data["rows"] if r["method"].startswith("lora") and r["dtype"] == dtype
-                and r["op"] == "merge+unmerge"]
+                ax.annotate(
+                    f"k={r['k']}",
+                    (r["params"], r["seconds"]["median"] * 1e3),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, -10 if style == "-" else 4),
+                )
+        lora = [
+            r
+            for r in data["rows"]
+            if r["method"].startswith("lora") and r["dtype"] == dtype and r["op"] == "merge+unmerge"
+        ]
         if lora:
-            ax.scatter([r["params"] for r in lora], [r["seconds"]["median"] * 1e3 for r in lora], marker="x",
-                       s=60, label=f"LoRA r=8/16 merge+unmerge ({dtype})")
+            ax.scatter(
+                [r["params"] for r in lora],
+                [r["seconds"]["median"] * 1e3 for r in lora],
+                marker="x",
+                s=60,
+                label=f"LoRA r=8/16 merge+unmerge ({dtype})",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("adapter parameters")
@@ -52,8 +70,9 @@ def plot_serve(data: dict, out: Path) -> None:
     for conc in sorted({r["concurrency"] for r in rows}):
         base = next((r for r in rows if r["adapters"] == 0 and r["concurrency"] == conc), None)
         for traffic, style in (("uniform", "-o"), ("zipf", "--s")):
-            sel = sorted((r for r in rows if r["traffic"] == traffic and r["concurrency"] == conc),
-                         key=lambda r: r["adapters"])
+            sel = sorted(
+                (r for r in rows if r["traffic"] == traffic and r["concurrency"] == conc), key=lambda r: r["adapters"]
+            )
             if not sel:
                 continue
             xs = [r["adapters"] for r in sel]

@@ -56,10 +56,16 @@ def make_store(folder: Path, count: int) -> None:
 
 def start_server(store: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, NEUROADA_ADAPTER_DIR=str(store), NEUROADA_PORT=str(port),
-               NEUROADA_MAX_BATCH_SIZE=str(max_batch), OMP_NUM_THREADS=str(threads))
-    proc = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(
+        os.environ,
+        NEUROADA_ADAPTER_DIR=str(store),
+        NEUROADA_PORT=str(port),
+        NEUROADA_MAX_BATCH_SIZE=str(max_batch),
+        OMP_NUM_THREADS=str(threads),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neuroada.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -102,8 +108,9 @@ async def one_request(client: httpx.AsyncClient, adapter: str | None, new_tokens
     return (first or end) - started, end - started
 
 
-async def scenario(url: str, names: list[str], traffic: str, concurrency: int, requests: int,
-                   new_tokens: int, seed: int) -> dict:
+async def scenario(
+    url: str, names: list[str], traffic: str, concurrency: int, requests: int, new_tokens: int, seed: int
+) -> dict:
     rng = random.Random(seed)
     plan = [pick(names, traffic, rng) for _ in range(requests)]
     results: list[tuple[float, float]] = []
@@ -122,11 +129,17 @@ async def scenario(url: str, names: list[str], traffic: str, concurrency: int, r
     e2e = sorted(r[1] for r in results)
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
     return {
-        "adapters": len(names), "traffic": traffic if names else "base", "concurrency": concurrency,
-        "requests": requests, "seconds": elapsed, "req_per_s": requests / elapsed,
+        "adapters": len(names),
+        "traffic": traffic if names else "base",
+        "concurrency": concurrency,
+        "requests": requests,
+        "seconds": elapsed,
+        "req_per_s": requests / elapsed,
         "tokens_per_s": requests * new_tokens / elapsed,
-        "ttft_p50": statistics.median(ttft), "ttft_p99": pct(ttft, 0.99),
-        "e2e_p50": statistics.median(e2e), "e2e_p99": pct(e2e, 0.99),
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p99": pct(ttft, 0.99),
+        "e2e_p50": statistics.median(e2e),
+        "e2e_p99": pct(e2e, 0.99),
         "switches_per_s": (switches(url) - before) / elapsed,
     }
 
@@ -154,25 +167,42 @@ def main() -> None:
                 rows.append(asyncio.run(scenario(url, [], "base", c, args.requests, args.new_tokens, 0)))
                 for n in args.adapters:
                     for traffic in args.traffic:
-                        rows.append(asyncio.run(scenario(url, names[:n], traffic, c, args.requests,
-                                                         args.new_tokens, n)))
-                        print(f"  {n} adapters, {traffic}, concurrency {c}: {rows[-1]['tokens_per_s']:.1f} tok/s",
-                              flush=True)
+                        rows.append(
+                            asyncio.run(scenario(url, names[:n], traffic, c, args.requests, args.new_tokens, n))
+                        )
+                        print(
+                            f"  {n} adapters, {traffic}, concurrency {c}: {rows[-1]['tokens_per_s']:.1f} tok/s",
+                            flush=True,
+                        )
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
     base = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["adapters"] == 0}
-    print(f"\nmachine: {machine()}; server: SmolLM2-135M fp32, max batch {args.max_batch}; "
-          f"{args.requests} requests per scenario, {args.new_tokens} output tokens\n")
+    print(
+        f"\nmachine: {machine()}; server: SmolLM2-135M fp32, max batch {args.max_batch}; "
+        f"{args.requests} requests per scenario, {args.new_tokens} output tokens\n"
+    )
     print_table(
         ["adapters", "traffic", "conc", "req/s", "out tok/s", "vs base", "TTFT p50/p99 s", "e2e p50/p99 s", "switch/s"],
-        [[r["adapters"] or "base", r["traffic"], r["concurrency"], f"{r['req_per_s']:.2f}",
-          f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base[r['concurrency']]:.2f}x",
-          f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f}", f"{r['e2e_p50']:.2f}/{r['e2e_p99']:.2f}",
-          f"{r['switches_per_s']:.1f}"] for r in rows])
-    write_json(args.out, {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                          "rows": rows})
+        [
+            [
+                r["adapters"] or "base",
+                r["traffic"],
+                r["concurrency"],
+                f"{r['req_per_s']:.2f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['tokens_per_s'] / base[r['concurrency']]:.2f}x",
+                f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f}",
+                f"{r['e2e_p50']:.2f}/{r['e2e_p99']:.2f}",
+                f"{r['switches_per_s']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+    write_json(
+        args.out, {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,12 @@ async def client_loop(url: str, names: list[str], stop_at: float, rng: random.Ra
                 continue
             adapter = rng.choice(names + [None])
             params = {"adapter": adapter} if adapter else {}
-            body = {"prompt": PROMPT, "max_new_tokens": rng.randint(4, 24), "temperature": rng.choice([0, 0.8]),
-                    "seed": rng.randint(0, 1000)}
+            body = {
+                "prompt": PROMPT,
+                "max_new_tokens": rng.randint(4, 24),
+                "temperature": rng.choice([0, 0.8]),
+                "seed": rng.randint(0, 1000),
+            }
             started = time.perf_counter()
             try:
                 if rng.random() < 0.1:  # a stream the client abandons after its first event
@@ -76,8 +80,9 @@ async def client_loop(url: str, names: list[str], stop_at: float, rng: random.Ra
                 stats["latency"].append(time.perf_counter() - started)
 
 
-async def churn_loop(url: str, store: Path, pool: dict[str, bytes], stop_at: float, rng: random.Random,
-                     stats: dict) -> None:
+async def churn_loop(
+    url: str, store: Path, pool: dict[str, bytes], stop_at: float, rng: random.Random, stats: dict
+) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=300) as c:
         while time.monotonic() < stop_at:
             name = rng.choice(["churn0", "churn1", "churn2"])
@@ -91,7 +96,9 @@ async def churn_loop(url: str, store: Path, pool: dict[str, bytes], stop_at: flo
                 data[len(data) // 2] ^= 0xFF  # a corrupt upload: must be refused
                 stats["malformed"] += 1
                 r = await c.put(f"/adapters/{name}", content=bytes(data))
-            stats["churn"][f"{'corrupt' if action >= 0.75 else 'put' if action < 0.5 else 'delete'} {r.status_code}"] += 1
+            stats["churn"][
+                f"{'corrupt' if action >= 0.75 else 'put' if action < 0.5 else 'delete'} {r.status_code}"
+            ] += 1
             await asyncio.sleep(rng.uniform(0.2, 1.0))
 
 
@@ -109,24 +116,35 @@ def disk_matches_served(url: str, store: Path) -> bool:
 
 
 async def soak(url: str, store: Path, names: list[str], pool: dict[str, bytes], args) -> dict:
-    stats = {"status": collections.Counter(), "churn": collections.Counter(), "latency": [], "malformed": 0,
-             "abandoned": 0}
+    stats = {
+        "status": collections.Counter(),
+        "churn": collections.Counter(),
+        "latency": [],
+        "malformed": 0,
+        "abandoned": 0,
+    }
     stop_at = time.monotonic() + args.minutes * 60
     before = switches(url)
     rngs = [random.Random(i) for i in range(args.clients + 1)]
-    await asyncio.gather(*(client_loop(url, names, stop_at, rngs[i], stats) for i in range(args.clients)),
-                         churn_loop(url, store, pool, stop_at, rngs[-1], stats))
+    await asyncio.gather(
+        *(client_loop(url, names, stop_at, rngs[i], stats) for i in range(args.clients)),
+        churn_loop(url, store, pool, stop_at, rngs[-1], stats),
+    )
     lat = sorted(stats["latency"])
     return {
-        "minutes": args.minutes, "clients": args.clients,
+        "minutes": args.minutes,
+        "clients": args.clients,
         "requests_by_status": {str(k): v for k, v in sorted(stats["status"].items(), key=str)},
-        "churn": dict(stats["churn"]), "malformed_tried": stats["malformed"], "abandoned_streams": stats["abandoned"],
+        "churn": dict(stats["churn"]),
+        "malformed_tried": stats["malformed"],
+        "abandoned_streams": stats["abandoned"],
         "server_errors_5xx": sum(v for k, v in stats["status"].items() if isinstance(k, int) and k >= 500),
         "latency_p50_s": statistics.median(lat) if lat else None,
         "latency_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
         "adapter_switches": switches(url) - before,
-        "base_checksum_equal": httpx.get(f"{url}/health", params={"deep": 1}, timeout=120).json().get(
-            "base_weights_intact"),
+        "base_checksum_equal": httpx.get(f"{url}/health", params={"deep": 1}, timeout=120)
+        .json()
+        .get("base_weights_intact"),
         "disk_equals_served": disk_matches_served(url, store),
     }
 
@@ -144,7 +162,7 @@ def main() -> None:
         store.mkdir()
         make_store(store, args.adapters + 3)
         pool = {}
-        for p in sorted(store.glob("*.safetensors"))[args.adapters:]:  # kept aside for the churn client
+        for p in sorted(store.glob("*.safetensors"))[args.adapters :]:  # kept aside for the churn client
             pool[p.stem] = p.read_bytes()
             p.unlink()
         names = sorted(p.stem for p in store.glob("*.safetensors"))

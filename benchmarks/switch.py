@@ -77,9 +77,18 @@ def ours(dtype: torch.dtype, k: int, repeats: int, bandwidth: float, device: tor
             moved = n * (8 + es + 2 + es)
         else:  # restore: read offsets, saved; write weights. apply: read offsets, weights, values; write saved, weights
             moved = n * (8 + 2 * es) + n * (8 + 3 * es + 2)
-        rows.append({"method": "neuroada", "dtype": str(dtype).removeprefix("torch."), "k": k,
-                     "params": a.num_params, "op": label, "seconds": summarize(samples),
-                     "floor_s": moved / bandwidth, "bytes": moved})
+        rows.append(
+            {
+                "method": "neuroada",
+                "dtype": str(dtype).removeprefix("torch."),
+                "k": k,
+                "params": a.num_params,
+                "op": label,
+                "seconds": summarize(samples),
+                "floor_s": moved / bandwidth,
+                "bytes": moved,
+            }
+        )
     return rows
 
 
@@ -105,20 +114,53 @@ def lora(dtype: torch.dtype, r: int, repeats: int, bandwidth: float, device: tor
 
     samples = timed(merge_unmerge, repeats=repeats, warmup=2, sync=sync)
     # merge and unmerge each read and write every targeted dense weight (factors are small)
-    rows.append({"method": f"lora r={r}", "dtype": str(dtype).removeprefix("torch."), "k": None, "params": params,
-                 "op": "merge+unmerge", "seconds": summarize(samples), "floor_s": 4 * dense * es / bandwidth,
-                 "bytes": 4 * dense * es})
+    rows.append(
+        {
+            "method": f"lora r={r}",
+            "dtype": str(dtype).removeprefix("torch."),
+            "k": None,
+            "params": params,
+            "op": "merge+unmerge",
+            "seconds": summarize(samples),
+            "floor_s": 4 * dense * es / bandwidth,
+            "bytes": 4 * dense * es,
+        }
+    )
     names = iter(["one", "two"] * (repeats + 10))
     samples = timed(lambda: peft_model.set_adapter(next(names)), repeats=repeats, warmup=2, sync=sync)
-    rows.append({"method": f"lora r={r}", "dtype": str(dtype).removeprefix("torch."), "k": None, "params": params,
-                 "op": "set_adapter (unmerged)", "seconds": summarize(samples), "floor_s": None, "bytes": 0})
+    rows.append(
+        {
+            "method": f"lora r={r}",
+            "dtype": str(dtype).removeprefix("torch."),
+            "k": None,
+            "params": params,
+            "op": "set_adapter (unmerged)",
+            "seconds": summarize(samples),
+            "floor_s": None,
+            "bytes": 0,
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=["two"])
         path = Path(tmp) / "two"
-        samples = timed(lambda: hotswap_adapter(peft_model, str(path), adapter_name="one",
-                                                torch_device=str(device)), repeats=repeats, warmup=2, sync=sync)
-    rows.append({"method": f"lora r={r}", "dtype": str(dtype).removeprefix("torch."), "k": None, "params": params,
-                 "op": "hotswap_adapter (from file)", "seconds": summarize(samples), "floor_s": None, "bytes": 0})
+        samples = timed(
+            lambda: hotswap_adapter(peft_model, str(path), adapter_name="one", torch_device=str(device)),
+            repeats=repeats,
+            warmup=2,
+            sync=sync,
+        )
+    rows.append(
+        {
+            "method": f"lora r={r}",
+            "dtype": str(dtype).removeprefix("torch."),
+            "k": None,
+            "params": params,
+            "op": "hotswap_adapter (from file)",
+            "seconds": summarize(samples),
+            "floor_s": None,
+            "bytes": 0,
+        }
+    )
     return rows
 
 
@@ -148,8 +190,18 @@ def main() -> None:
         s = r["seconds"]
         floor = f"{r['floor_s'] * 1e3:.3f}" if r["floor_s"] else "-"
         vs = f"{s['median'] / r['floor_s']:.1f}x" if r["floor_s"] else "-"
-        table.append([r["method"], r["dtype"], r["k"] or "-", f"{r['params']:,}", r["op"],
-                      f"{s['median'] * 1e3:.3f} ({s['min'] * 1e3:.3f}-{s['max'] * 1e3:.3f})", floor, vs])
+        table.append(
+            [
+                r["method"],
+                r["dtype"],
+                r["k"] or "-",
+                f"{r['params']:,}",
+                r["op"],
+                f"{s['median'] * 1e3:.3f} ({s['min'] * 1e3:.3f}-{s['max'] * 1e3:.3f})",
+                floor,
+                vs,
+            ]
+        )
     print_table(["method", "dtype", "k", "params", "operation", "ms median (min-max)", "floor ms", "vs floor"], table)
     write_json(args.out, {"bandwidth_bytes_per_s": bandwidth, "rows": rows})
 

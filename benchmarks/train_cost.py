@@ -97,10 +97,12 @@ def child(variant: str, k: int, steps: int) -> dict:
     return {
         "variant": variant,
         "k": k if variant in ("ours", "reference", "mask") else None,
-        "trainable": sum(p.numel() for p in params) if variant != "mask" else sum(
-            int(m.weight.numel()) for m in targets.values()),
-        "effective_trainable": sum(p.numel() for p in params) if variant != "mask" else k * sum(
-            m.weight.shape[0] for m in targets.values()),
+        "trainable": sum(p.numel() for p in params)
+        if variant != "mask"
+        else sum(int(m.weight.numel()) for m in targets.values()),
+        "effective_trainable": sum(p.numel() for p in params)
+        if variant != "mask"
+        else k * sum(m.weight.shape[0] for m in targets.values()),
         "step_s": summarize(samples),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
     }
@@ -123,8 +125,18 @@ def main() -> None:
     runs = []
     for variant in args.variants:
         for k in args.k if variant in ("ours", "reference", "mask") else [args.k[0]]:
-            cmd = [sys.executable, __file__, "--child", variant, "--k", str(k), "--steps", str(args.steps),
-                   "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--k",
+                str(k),
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
@@ -139,12 +151,22 @@ def main() -> None:
         s = r["step_s"]
         ratio = f"{s['median'] / floor['step_s']['median']:.2f}x" if floor else "-"
         mem = f"{r['peak_rss_gb'] / floor['peak_rss_gb']:.2f}x" if floor else "-"
-        rows.append([r["variant"], r["k"] or "-", f"{r['effective_trainable']:,}",
-                     f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})", ratio, f"{r['peak_rss_gb']:.2f}", mem])
+        rows.append(
+            [
+                r["variant"],
+                r["k"] or "-",
+                f"{r['effective_trainable']:,}",
+                f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
+                ratio,
+                f"{r['peak_rss_gb']:.2f}",
+                mem,
+            ]
+        )
     print(f"\nmachine: {machine()}; SmolLM2-135M fp32, batch 4 x 256 tokens, {args.steps} timed steps\n")
     print_table(["variant", "k", "trainable", "s/step median (min-max)", "vs floor", "peak RSS GB", "vs floor"], rows)
-    write_json(args.out, {"config": {"batch": 4, "seq_len": 256, "steps": args.steps, "threads": args.threads},
-                          "runs": runs})
+    write_json(
+        args.out, {"config": {"batch": 4, "seq_len": 256, "steps": args.steps, "threads": args.threads}, "runs": runs}
+    )
 
 
 if __name__ == "__main__":

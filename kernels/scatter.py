@@ -169,7 +169,9 @@ def _check_flat(
     tensors = [buffer, offsets, saved]
     if values is not None:
         _check(values.is_floating_point(), f"values must be floating point, got {values.dtype}")
-        _check(values.shape == offsets.shape and values.is_contiguous(), "values must be contiguous, shaped like offsets")
+        _check(
+            values.shape == offsets.shape and values.is_contiguous(), "values must be contiguous, shaped like offsets"
+        )
         tensors.append(values)
     devices = {t.device for t in tensors}
     _check(len(devices) == 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -22,8 +22,9 @@ _BLOCK_O = 64
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(x_ptr, idx_ptr, val_ptr, out_ptr, T, d_out, k, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
-                    D_IN: tl.constexpr):
+    def _fwd_kernel(
+        x_ptr, idx_ptr, val_ptr, out_ptr, T, d_out, k, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, D_IN: tl.constexpr
+    ):
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         mt = t < T
@@ -38,8 +39,9 @@ if triton is not None:
         tl.store(out_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :], acc, mask=mt[:, None] & mo[None, :])
 
     @triton.jit
-    def _grad_x_kernel(gy_ptr, idx_ptr, val_ptr, gx_ptr, T, d_out, k, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
-                       D_IN: tl.constexpr):
+    def _grad_x_kernel(
+        gy_ptr, idx_ptr, val_ptr, gx_ptr, T, d_out, k, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, D_IN: tl.constexpr
+    ):
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         mask = (t < T)[:, None] & (o < d_out)[None, :]
@@ -51,8 +53,9 @@ if triton is not None:
             tl.atomic_add(gx_ptr + rows + col[None, :], gy * v[None, :], mask=mask)
 
     @triton.jit
-    def _grad_values_kernel(gy_ptr, x_ptr, idx_ptr, gv_ptr, T, d_out, k, BLOCK_T: tl.constexpr,
-                            BLOCK_O: tl.constexpr, D_IN: tl.constexpr):
+    def _grad_values_kernel(
+        gy_ptr, x_ptr, idx_ptr, gv_ptr, T, d_out, k, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, D_IN: tl.constexpr
+    ):
         o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         j = tl.program_id(1)
         mo = o < d_out
@@ -94,20 +97,23 @@ def sparse_delta_bwd_triton(
     if need_grad_x:
         grad_x = torch.zeros(T, d_in, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(d_out, _BLOCK_O))
-        _grad_x_kernel[grid](grad_out, indices, values, grad_x, T, d_out, k,
-                             BLOCK_T=_BLOCK_T, BLOCK_O=_BLOCK_O, D_IN=d_in)
+        _grad_x_kernel[grid](
+            grad_out, indices, values, grad_x, T, d_out, k, BLOCK_T=_BLOCK_T, BLOCK_O=_BLOCK_O, D_IN=d_in
+        )
     if need_grad_values:
         grad_values = torch.empty(d_out, k, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(d_out, _BLOCK_O), k)
-        _grad_values_kernel[grid](grad_out, x, indices, grad_values, T, d_out, k,
-                                  BLOCK_T=_BLOCK_T, BLOCK_O=_BLOCK_O, D_IN=d_in)
+        _grad_values_kernel[grid](
+            grad_out, x, indices, grad_values, T, d_out, k, BLOCK_T=_BLOCK_T, BLOCK_O=_BLOCK_O, D_IN=d_in
+        )
     return grad_x, grad_values
 
 
 class _SparseDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path: str,
-                layout: CsrLayout | None) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, path: str, layout: CsrLayout | None
+    ) -> torch.Tensor:
         d_in = x.shape[-1]
         x2d = x.reshape(-1, d_in).contiguous()
         if path == "triton":
@@ -157,7 +163,9 @@ def sparse_delta(
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
     if x.device != indices.device or x.device != values.device:
-        raise ValueError(f"x, indices and values must share a device, got {x.device}, {indices.device}, {values.device}")
+        raise ValueError(
+            f"x, indices and values must share a device, got {x.device}, {indices.device}, {values.device}"
+        )
     if backend not in ("auto", "triton", "csr", "torch"):
         raise ValueError(f"unknown backend {backend!r}")
     if backend == "triton" and triton is None:

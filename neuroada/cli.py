@@ -62,10 +62,24 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1
     meta = adapter.metadata
     rows = [("file", f"{args.file} ({args.file.stat().st_size:,} bytes)")]
-    rows += [(key, getattr(meta, key)) for key in
-             ("format", "format_version", "base_model", "base_fingerprint", "k", "selection", "index_hash", "created")]
-    rows += [("layers", len(adapter.layers)), ("parameters", f"{adapter.num_params:,}"),
-             ("tensor bytes", f"{adapter.nbytes:,}")]
+    rows += [
+        (key, getattr(meta, key))
+        for key in (
+            "format",
+            "format_version",
+            "base_model",
+            "base_fingerprint",
+            "k",
+            "selection",
+            "index_hash",
+            "created",
+        )
+    ]
+    rows += [
+        ("layers", len(adapter.layers)),
+        ("parameters", f"{adapter.num_params:,}"),
+        ("tensor bytes", f"{adapter.nbytes:,}"),
+    ]
     rows += [(f"training.{key}", value) for key, value in (meta.training or {}).items()]
     for key, value in rows:
         print(f"{key:<22} {value}")

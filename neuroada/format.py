@@ -94,7 +94,9 @@ class AdapterMetadata(BaseModel):
         return v
 
     def to_strings(self) -> dict[str, str]:
-        return {key: v if isinstance(v, str) else json.dumps(v) for key, v in self.model_dump().items() if v is not None}
+        return {
+            key: v if isinstance(v, str) else json.dumps(v) for key, v in self.model_dump().items() if v is not None
+        }
 
     @classmethod
     def from_strings(cls, raw: dict[str, str]) -> AdapterMetadata:
@@ -282,8 +284,9 @@ def check_structure(adapter: SparseAdapter) -> None:
     if meta.values_hash is not None:
         actual = values_hash({n: d.values for n, d in adapter.layers.items()})
         if meta.values_hash != actual:
-            raise MetadataError(f"metadata values_hash {meta.values_hash} does not match the values ({actual}): "
-                                "the file is damaged")
+            raise MetadataError(
+                f"metadata values_hash {meta.values_hash} does not match the values ({actual}): the file is damaged"
+            )
 
 
 def validate_adapter(adapter: SparseAdapter, base: BaseModelSpec) -> None:
@@ -310,7 +313,9 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
         raise NotSafetensorsError(f"not a safetensors file: {len(data)} bytes is shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise NotSafetensorsError(f"not a safetensors file or truncated: header length {header_len}, file {len(data)} bytes")
+        raise NotSafetensorsError(
+            f"not a safetensors file or truncated: header length {header_len}, file {len(data)} bytes"
+        )
     try:
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError):

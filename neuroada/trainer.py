@@ -105,7 +105,9 @@ def train(
             first_loss = step_loss
         elapsed = time.perf_counter() - started
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+        bar.set_postfix(
+            loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens / elapsed:.0f}"
+        )
         if config.checkpoint and (step % config.checkpoint_every == 0 or step == total_steps):
             _save_checkpoint(config.checkpoint, model, optimizer, scheduler, step)
     bar.close()

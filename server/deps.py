@@ -31,5 +31,6 @@ def _require_bearer(request: Request, token: str | None, what: str) -> None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     # Constant-time comparison: response timing must not reveal how much of a guess was right.
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, f"{what} needs 'Authorization: Bearer <token>'", "unauthorized",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, f"{what} needs 'Authorization: Bearer <token>'", "unauthorized", headers={"WWW-Authenticate": "Bearer"}
+        )

@@ -79,7 +79,9 @@ def submit(
         engine.metrics.requests.labels(adapter="unknown", status="404").inc()
         raise ApiError(404, f"adapter {adapter!r} not found", "adapter_not_found")
     if len(prompt_ids) > settings.max_prompt_tokens:
-        raise ApiError(413, f"prompt has {len(prompt_ids)} tokens; the limit (max_prompt_tokens) is {settings.max_prompt_tokens}")
+        raise ApiError(
+            413, f"prompt has {len(prompt_ids)} tokens; the limit (max_prompt_tokens) is {settings.max_prompt_tokens}"
+        )
     if not prompt_ids:
         raise ApiError(422, "prompt is empty after tokenization")
     if params.max_new_tokens > settings.max_new_tokens:

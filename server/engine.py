@@ -64,7 +64,9 @@ class Engine:
         self.store = AdapterStore(settings.adapter_dir)
         self.registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold)
         self.load_errors: dict[str, str] = {}  # adapter files in the store that failed validation
-        self.scheduler = BatchScheduler(settings.max_batch_size, settings.max_queued_requests, settings.max_wait_ms / 1000)
+        self.scheduler = BatchScheduler(
+            settings.max_batch_size, settings.max_queued_requests, settings.max_wait_ms / 1000
+        )
         self.model_lock = threading.Lock()
         self.manage_lock = threading.Lock()  # serialises uploads and deletes: disk and registry agree
         self._applied: ResidentAdapter | None = None
@@ -95,8 +97,12 @@ class Engine:
                 log.error("adapter %s skipped: %s", name, e)
                 continue
             self.registry.put(resident)
-            log.info("adapter %s loaded: k=%d, %s path", name, resident.adapter.metadata.k,
-                     "merged" if resident.merged else "unmerged")
+            log.info(
+                "adapter %s loaded: k=%d, %s path",
+                name,
+                resident.adapter.metadata.k,
+                "merged" if resident.merged else "unmerged",
+            )
         self._update_adapter_gauges()
 
     # --- requests ----------------------------------------------------------------------------
@@ -175,8 +181,9 @@ class Engine:
         handles = []
         for name, (indices, values, layout) in resident.unmerged_layers.items():
 
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor, indices=indices, values=values,
-                     layout=layout):
+            def hook(
+                module: nn.Module, args: tuple, output: torch.Tensor, indices=indices, values=values, layout=layout
+            ):
                 return output + sparse_delta(args[0], indices, values, layout=layout).to(output.dtype)
 
             handles.append(modules[name].register_forward_hook(hook))

@@ -169,19 +169,27 @@ def generate_batch(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     cache = DynamicCache()
     cache_kw = {_cache_keyword(model): cache}
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        **cache_kw,
-    ).logits[:, -1, :].float()
+    logits = (
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **cache_kw,
+        )
+        .logits[:, -1, :]
+        .float()
+    )
     next_pos = position_ids[:, -1] + 1  # [B]
     running = list(range(len(rows)))  # rows still generating, in cache order
     while running:
         tokens = []
+        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
         for slot, i in enumerate(running):
-            token = sample_next(logits[slot].cpu(), rows[i].request.params, rows[i].generator)
+            params = rows[i].request.params
+            token = (
+                greedy[slot] if params.temperature == 0 else sample_next(logits[slot].cpu(), params, rows[i].generator)
+            )
             rows[i].push(token)
             tokens.append(token)
         keep = [slot for slot, i in enumerate(running) if rows[i].finish_reason is None]
@@ -197,11 +205,15 @@ def generate_batch(
             tokens = [tokens[s] for s in keep]
             running = [running[s] for s in keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)
-        logits = model(
-            input_ids=torch.tensor(tokens, device=device)[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_pos[:, None],
-            use_cache=True,
-            **cache_kw,
-        ).logits[:, -1, :].float()
+        logits = (
+            model(
+                input_ids=torch.tensor(tokens, device=device)[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **cache_kw,
+            )
+            .logits[:, -1, :]
+            .float()
+        )
         next_pos = next_pos + 1

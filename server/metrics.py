@@ -12,10 +12,16 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("neuroada_requests", "Generation requests by adapter and status", ["adapter", "status"], registry=r)
+        self.requests = Counter(
+            "neuroada_requests", "Generation requests by adapter and status", ["adapter", "status"], registry=r
+        )
         self.queue_depth = Gauge("neuroada_queue_depth", "Requests waiting for a batch", registry=r)
-        self.ttft = Histogram("neuroada_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("neuroada_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "neuroada_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "neuroada_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.tokens = Counter("neuroada_generated_tokens", "Generated tokens", ["adapter"], registry=r)
         self.batches = Counter("neuroada_batches", "Batches run", ["path"], registry=r)
         self.switches = Counter("neuroada_adapter_switches", "Adapter switches (restore + apply)", registry=r)

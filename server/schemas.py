@@ -23,8 +23,11 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = Field(None, description="stop strings (at most 8)")
     stream: bool = False
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token (benchmarks)")
-    timeout_s: float | None = Field(None, gt=0, description="drop the request if still queued after this long "
-                                    "(the server's request_timeout_s caps it)")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="drop the request if still queued after this long (the server's request_timeout_s caps it)",
+    )
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -15,12 +15,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEUROADA_", extra="ignore")
 
-    model: str | None = Field(None, description="base model: a local HF folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    model: str | None = Field(
+        None, description="base model: a local HF folder or hub id (default: embedded SmolLM2-135M-Instruct)"
+    )
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
     )
-    adapter_dir: Path = Field(Path("adapters"), description="adapter store folder, read at start-up, written by uploads")
+    adapter_dir: Path = Field(
+        Path("adapters"), description="adapter store folder, read at start-up, written by uploads"
+    )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")
     max_batch_size: int = Field(16, ge=1, description="requests per batch")
@@ -28,11 +32,19 @@ class ServerSettings(BaseSettings):
     max_prompt_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
     max_new_tokens: int = Field(512, ge=1, description="cap on max_new_tokens per request")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest accepted adapter upload")
-    admin_token: str | None = Field(None, description="when set, adapter management needs 'Authorization: Bearer <token>'")
-    api_token: str | None = Field(None, description="when set, generation endpoints need 'Authorization: Bearer <token>'")
-    max_request_bytes: int = Field(1024 * 1024, ge=1, description="largest JSON request body (uploads: max_upload_bytes)")
+    admin_token: str | None = Field(
+        None, description="when set, adapter management needs 'Authorization: Bearer <token>'"
+    )
+    api_token: str | None = Field(
+        None, description="when set, generation endpoints need 'Authorization: Bearer <token>'"
+    )
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1, description="largest JSON request body (uploads: max_upload_bytes)"
+    )
     fidelity_threshold: float = Field(
         0.9, ge=0, le=1, description="adapters whose merged deltas survive below this share are served unmerged"
     )
     request_timeout_s: float = Field(300.0, gt=0, description="a request still queued after this long is dropped (504)")
-    max_wait_ms: int = Field(2000, ge=0, description="an adapter with waiting requests is served within about this long")
+    max_wait_ms: int = Field(
+        2000, ge=0, description="an adapter with waiting requests is served within about this long"
+    )

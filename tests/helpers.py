@@ -74,6 +74,12 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
     examples = []
     for _ in range(n):
         animal = rng.choice(sorted(words))
-        examples.append({"instruction": f"What does the {animal} say?", "input": "", "output": words[animal],
-                         "answer": words[animal].split()[-1]})
+        examples.append(
+            {
+                "instruction": f"What does the {animal} say?",
+                "input": "",
+                "output": words[animal],
+                "answer": words[animal].split()[-1],
+            }
+        )
     return examples

@@ -29,8 +29,7 @@ async def generate(
     job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens), body.timeout_s)
     if not body.stream:
         done = await job.result(http)
-        return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason,
-                                usage=_usage(done))
+        return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason, usage=_usage(done))
 
     def render(event: TextDelta | Finished) -> dict:
         if isinstance(event, TextDelta):
@@ -41,5 +40,8 @@ async def generate(
 
 
 def _usage(done: Finished) -> Usage:
-    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                 total_tokens=done.prompt_tokens + done.completion_tokens)
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )

@@ -25,8 +25,11 @@ def _adapter_for(engine: Engine, model: str) -> str | None:
     if model == engine.model_name:
         return None
     if engine.registry.get(model) is None:
-        raise ApiError(404, f"model {model!r} not found: use the base model {engine.model_name!r} or an adapter name",
-                       "model_not_found")
+        raise ApiError(
+            404,
+            f"model {model!r} not found: use the base model {engine.model_name!r} or an adapter name",
+            "model_not_found",
+        )
     return model
 
 
@@ -34,8 +37,16 @@ def _adapter_for(engine: Engine, model: str) -> str | None:
 async def list_models(engine: Engine = Depends(get_engine)):
     created = int(time.time())
     data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "neuroada"}]
-    data += [{"id": r.name, "object": "model", "created": int(r.loaded_at), "owned_by": "neuroada",
-              "parent": engine.model_name} for r in engine.registry.all()]
+    data += [
+        {
+            "id": r.name,
+            "object": "model",
+            "created": int(r.loaded_at),
+            "owned_by": "neuroada",
+            "parent": engine.model_name,
+        }
+        for r in engine.registry.all()
+    ]
     return {"object": "list", "data": data}
 
 
@@ -49,13 +60,23 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
     job = submit(engine, ids, adapter, body.sampling(body.max_tokens), body.timeout_s)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
+
         def chunk(text: str, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+
         return _stream(job, chunk)
     done = await job.result(http)
     return {
-        "id": rid, "object": "text_completion", "created": created, "model": body.model,
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
         "choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}],
         "usage": _usage(done),
     }
@@ -66,8 +87,9 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
     adapter = _adapter_for(engine, body.model)
     messages = [m.model_dump() for m in body.messages]
     try:
-        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
+        ids = engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
     except Exception as e:  # a tokenizer without a chat template, or messages it refuses
         raise ApiError(422, f"messages: the tokenizer's chat template cannot render them: {e}") from None
     if isinstance(ids, dict):
@@ -82,14 +104,24 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
             nonlocal first
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             first = False
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
         return _stream(job, chunk)
     done = await job.result(http)
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                     "finish_reason": _finish(done)}],
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": _finish(done)}
+        ],
         "usage": _usage(done),
     }
 
@@ -106,5 +138,8 @@ def _finish(done: Finished) -> str:
 
 
 def _usage(done: Finished) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }

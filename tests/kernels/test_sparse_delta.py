@@ -3,7 +3,11 @@ import torch
 
 from kernels import sparse_delta, triton_available
 
-BACKENDS = ["torch", "csr", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+BACKENDS = [
+    "torch",
+    "csr",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton")),
+]
 
 
 def dense_reference(x, indices, values, d_in):

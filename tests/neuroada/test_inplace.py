@@ -20,7 +20,7 @@ def test_packing_keeps_the_model_identical_and_leaves_tied_weights_alone(model):
     for name, t in model.state_dict().items():
         assert torch.equal(t, state[name]), name
     q = model.model.layers[0].self_attn.q_proj.weight
-    assert q.data_ptr() == packed.buffer[packed.layout["model.layers.0.self_attn.q_proj"][0]:].data_ptr()
+    assert q.data_ptr() == packed.buffer[packed.layout["model.layers.0.self_attn.q_proj"][0] :].data_ptr()
 
 
 def test_packed_apply_equals_per_layer_apply_and_restores_bit_exactly():

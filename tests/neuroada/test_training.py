@@ -39,8 +39,15 @@ def test_attach_freezes_base_and_detach_restores_modules(model):
 
 def _train_tiny(model, steps, checkpoint=None, lr=5e-2):
     attach(model, NeuroAdaConfig(k=4))
-    config = TrainConfig(lr=lr, max_steps=steps, batch_size=8, max_length=200, warmup_ratio=0.1,
-                         checkpoint=checkpoint, checkpoint_every=2)
+    config = TrainConfig(
+        lr=lr,
+        max_steps=steps,
+        batch_size=8,
+        max_length=200,
+        warmup_ratio=0.1,
+        checkpoint=checkpoint,
+        checkpoint_every=2,
+    )
     return train(model, tiny_tokenizer(), synthetic_examples(64), config, progress=False)
 
 
@@ -111,8 +118,30 @@ def test_cli_train_eval_inspect_merge_end_to_end(tiny_folder, tmp_path, capsys):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(synthetic_examples(48)))
     out = tmp_path / "a.safetensors"
-    assert main(["train", "--model", str(tiny_folder), "--data", str(data), "--out", str(out), "--top-k", "4",
-                 "--lr", "5e-2", "--max-steps", "30", "--batch-size", "8", "--max-length", "200"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_folder),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--top-k",
+                "4",
+                "--lr",
+                "5e-2",
+                "--max-steps",
+                "30",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "200",
+            ]
+        )
+        == 0
+    )
     model = tiny_llama(seed=0)
     adapter = load_adapter(out, BaseModelSpec.from_model(model, str(tiny_folder)))
     assert adapter.metadata.k == 4 and adapter.metadata.training["steps"] == 30
@@ -120,8 +149,26 @@ def test_cli_train_eval_inspect_merge_end_to_end(tiny_folder, tmp_path, capsys):
     assert adapter.metadata.training["data_sha256"].startswith("sha256:")
 
     jsonl = tmp_path / "eval.jsonl"
-    assert main(["eval", "--model", str(tiny_folder), "--adapter", str(out), "--data", str(data), "--limit", "8",
-                 "--max-new-tokens", "8", "--out", str(jsonl)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_folder),
+                "--adapter",
+                str(out),
+                "--data",
+                str(data),
+                "--limit",
+                "8",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(jsonl),
+            ]
+        )
+        == 0
+    )
     assert "accuracy" in capsys.readouterr().out
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(records) == 8 and all({"generation", "correct", "answer"} <= r.keys() for r in records)

@@ -36,8 +36,13 @@ def spawn_serve(env_overrides: dict[str, str], timeout: float = 300) -> tuple[su
     """`neuroada serve` in its own process on a free port, as a user starts it; waits for /health."""
     port = free_port()
     env = dict(os.environ, NEUROADA_PORT=str(port), **env_overrides)
-    proc = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neuroada.cli", "serve"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
@@ -59,7 +64,9 @@ class RunningServer:
         self.settings = settings
         self.app = create_app(settings)
         self.url = f"http://127.0.0.1:{settings.port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning")
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self) -> RunningServer:

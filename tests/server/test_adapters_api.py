@@ -187,8 +187,12 @@ def test_long_mixed_sequence_leaves_base_weights_bit_identical(server, store):
             if i % 41 == 40:
                 c.delete("/adapters/u1")
             if i % 13 == 0:  # a stream the client abandons after its first event
-                with c.stream("POST", "/generate", json={"prompt": "abc", "max_new_tokens": 50, "stream": True},
-                              params={"adapter": "u0"} if server.engine.registry.get("u0") else {}) as r:
+                with c.stream(
+                    "POST",
+                    "/generate",
+                    json={"prompt": "abc", "max_new_tokens": 50, "stream": True},
+                    params={"adapter": "u0"} if server.engine.registry.get("u0") else {},
+                ) as r:
                     next(r.iter_lines())
             body = {"prompt": f"p{i}", "max_new_tokens": 3, "temperature": 0.7 if i % 2 else 0.0, "seed": i}
             r = c.post("/generate", params={"adapter": name} if name else {}, json=body)
@@ -306,8 +310,9 @@ def test_concurrent_put_delete_put_of_one_name_leaves_one_consistent_version(ser
 
 def test_a_request_past_its_deadline_in_the_queue_gets_504(store, tiny_model_dir):
     with RunningServer(make_settings(tiny_model_dir, store, max_batch_size=1)) as s, s.client() as c:
-        long = threading.Thread(target=lambda: c.post("/generate", json={
-            "prompt": "hi", "max_new_tokens": 400, "ignore_eos": True}))
+        long = threading.Thread(
+            target=lambda: c.post("/generate", json={"prompt": "hi", "max_new_tokens": 400, "ignore_eos": True})
+        )
         long.start()
         time.sleep(0.3)  # the long request holds the worker
         r = c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 2, "timeout_s": 0.05})

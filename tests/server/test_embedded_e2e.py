@@ -46,7 +46,7 @@ def offline(adapter_path: Path | None, max_new_tokens: int) -> str:
     ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_shipped_adapters_are_served_and_match_offline_generation(served):
@@ -59,8 +59,11 @@ def test_shipped_adapters_are_served_and_match_offline_generation(served):
         assert {"gsm8k", "commonsense"} <= set(names), listing
         assert listing["invalid"] == []
         for adapter in ["gsm8k", None]:
-            r = c.post("/generate", params={"adapter": adapter} if adapter else {},
-                       json={"prompt": PROMPT, "max_new_tokens": 24})
+            r = c.post(
+                "/generate",
+                params={"adapter": adapter} if adapter else {},
+                json={"prompt": PROMPT, "max_new_tokens": 24},
+            )
             assert r.status_code == 200, r.text
             path = store / f"{adapter}.safetensors" if adapter else None
             assert r.json()["text"] == offline(path, 24)
@@ -72,15 +75,26 @@ def test_upload_and_use_without_restart(served):
     data = (SHIPPED / "commonsense.safetensors").read_bytes()
     with httpx.Client(base_url=url, timeout=300) as c:
         assert c.put("/adapters/cs-copy", content=data).status_code == 201
-        r = c.post("/v1/chat/completions", json={"model": "cs-copy", "max_tokens": 8, "temperature": 0,
-                                                 "messages": [{"role": "user", "content": "Is the sky blue?"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "cs-copy",
+                "max_tokens": 8,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Is the sky blue?"}],
+            },
+        )
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     assert (store / "cs-copy.safetensors").read_bytes() == data
 
 
 def test_inspect_validates_a_shipped_adapter():
-    out = subprocess.run([sys.executable, "-m", "neuroada.cli", "inspect", str(SHIPPED / "gsm8k.safetensors")],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "neuroada.cli", "inspect", str(SHIPPED / "gsm8k.safetensors")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     assert "valid for base model SmolLM2-135M-Instruct" in out.stdout
     assert re.search(r"^k +1$", out.stdout, re.MULTILINE)

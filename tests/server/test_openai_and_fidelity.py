@@ -62,9 +62,14 @@ def test_small_deltas_on_a_bf16_base_are_served_unmerged_with_bypass_output(tmp_
     tokenizer = tiny_tokenizer()
     ids = tokenizer("hello there", add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = reference.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.eos_token_id)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = reference.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     with RunningServer(make_settings(tiny_model_dir, store, dtype="bfloat16")) as s, s.client() as c:
         info = c.get("/adapters/small").json()

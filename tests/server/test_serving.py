@@ -22,9 +22,14 @@ def offline_greedy(adapter_path, prompt: str, max_new_tokens: int) -> str:
     tokenizer = tiny_tokenizer()
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def generate(client, prompt: str, adapter: str | None, n: int = 12) -> str:
@@ -74,8 +79,12 @@ def test_switching_is_lazy_between_batches_of_the_same_adapter(server):
 def test_stream_sends_text_deltas_that_add_up_to_the_full_text(server):
     with server.client() as c:
         full = generate(c, "hello there", "a", n=16)
-        with c.stream("POST", "/generate", params={"adapter": "a"},
-                      json={"prompt": "hello there", "max_new_tokens": 16, "stream": True}) as r:
+        with c.stream(
+            "POST",
+            "/generate",
+            params={"adapter": "a"},
+            json={"prompt": "hello there", "max_new_tokens": 16, "stream": True},
+        ) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -109,8 +118,9 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     import time
 
     with server.client() as c:
-        with c.stream("POST", "/generate", json={"prompt": "abc", "max_new_tokens": 400, "stream": True,
-                                                 "ignore_eos": True}) as r:
+        with c.stream(
+            "POST", "/generate", json={"prompt": "abc", "max_new_tokens": 400, "stream": True, "ignore_eos": True}
+        ) as r:
             next(r.iter_lines())  # the first event arrived: generation is running; now hang up
     deadline = time.monotonic() + 30
     cancelled = 'neuroada_requests_total{adapter="base",status="499"}'
