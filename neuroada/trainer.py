@@ -76,7 +76,18 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = int(total_steps * config.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
-    step = _resume(config.checkpoint, model, optimizer, scheduler)
+    # What a checkpoint must agree on to be resumed: the data order and the lr schedule.
+    run = {
+        "examples": len(data),
+        "total_steps": total_steps,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "max_length": config.max_length,
+        "warmup_ratio": config.warmup_ratio,
+        "seed": config.seed,
+    }
+    step = _resume(config.checkpoint, run, model, optimizer, scheduler)
 
     micro_batches = _micro_batches(data, config, start=step * config.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -109,7 +120,7 @@ def train(
             loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens / elapsed:.0f}"
         )
         if config.checkpoint and (step % config.checkpoint_every == 0 or step == total_steps):
-            _save_checkpoint(config.checkpoint, model, optimizer, scheduler, step)
+            _save_checkpoint(config.checkpoint, run, model, optimizer, scheduler, step)
     bar.close()
     model.eval()
     window = losses[-max(1, min(20, len(losses) // 5)) :] or [math.nan]
@@ -158,8 +169,9 @@ def _micro_batches(data: list[TokenizedExample], config: TrainConfig, start: int
         index += 1
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int) -> None:
+def _save_checkpoint(path: Path, run: dict, model, optimizer, scheduler, step: int) -> None:
     state = {
+        "run": run,
         "values": {name: m.values.detach().cpu() for name, m in bypasses(model).items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -171,13 +183,18 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int) -> None
     tmp.replace(path)
 
 
-def _resume(path: Path | None, model, optimizer, scheduler) -> int:
+def _resume(path: Path | None, run: dict, model, optimizer, scheduler) -> int:
     if path is None or not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("run") != run:
+        raise ValueError(
+            f"checkpoint {path} belongs to another run ({state.get('run')}, this run: {run}); "
+            "delete it or choose another checkpoint path"
+        )
     found = bypasses(model)
-    if set(state["values"]) != set(found):
-        raise ValueError(f"checkpoint {path} was made for other target layers")
+    if {n: tuple(v.shape) for n, v in state["values"].items()} != {n: tuple(m.values.shape) for n, m in found.items()}:
+        raise ValueError(f"checkpoint {path} was made for other target layers or another k")
     for name, values in state["values"].items():
         found[name].values.data.copy_(values)
     optimizer.load_state_dict(state["optimizer"])

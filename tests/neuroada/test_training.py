@@ -71,9 +71,9 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
     real_save = train_module._save_checkpoint
 
-    def save_then_crash(path, model, optimizer, scheduler, step):
-        real_save(path, model, optimizer, scheduler, step)
-        if step == 4:
+    def save_then_crash(*args):
+        real_save(*args)
+        if args[-1] == 4:  # the step
             raise KeyboardInterrupt  # the process dies right after its step-4 checkpoint
 
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
@@ -86,6 +86,9 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert result.steps == 6
     for name, m in bypasses(straight).items():
         torch.testing.assert_close(bypasses(again)[name].values, m.values, rtol=1e-5, atol=1e-7)
+    # A run with another schedule must not silently continue this checkpoint.
+    with pytest.raises(ValueError, match="another run"):
+        _train_tiny(tiny_llama(seed=0), steps=9, checkpoint=tmp_path / "c.ckpt")
 
 
 def test_exported_adapter_applied_in_place_matches_the_bypass_model(model):
