@@ -163,6 +163,8 @@ def main() -> None:
         proc, url = start_server(store, args.threads, args.max_batch)
         rows = []
         try:
+            # Warm-up (not recorded): the first requests after start-up run cold.
+            asyncio.run(scenario(url, names[:1], "uniform", max(args.concurrency), 8, args.new_tokens, 0))
             for c in args.concurrency:
                 rows.append(asyncio.run(scenario(url, [], "base", c, args.requests, args.new_tokens, 0)))
                 for n in args.adapters:
