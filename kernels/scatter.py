@@ -72,12 +72,7 @@ def apply_delta_flat_(
     backend: Backend = "auto",
 ) -> None:
     _check_flat(buffer, offsets, saved, values)
-    if _pick_triton(buffer, backend):
-        n = offsets.numel()
-        if n:
-            _apply_delta_kernel[(triton.cdiv(n, _BLOCK),)](buffer, offsets, values, saved, n, BLOCK=_BLOCK)
-    else:
-        apply_delta_flat_ref_(buffer, offsets, values, saved)
+    _dispatch("_apply_delta_kernel", apply_delta_flat_ref_, backend, buffer, offsets, values, saved)
 
 
 def reapply_delta_flat_(
@@ -94,12 +89,7 @@ def reapply_delta_flat_(
     originals stay in `saved`, so a later restore_flat_ is still exact.
     """
     _check_flat(buffer, offsets, saved, values)
-    if _pick_triton(buffer, backend):
-        n = offsets.numel()
-        if n:
-            _reapply_delta_kernel[(triton.cdiv(n, _BLOCK),)](buffer, offsets, values, saved, n, BLOCK=_BLOCK)
-    else:
-        reapply_delta_flat_ref_(buffer, offsets, values, saved)
+    _dispatch("_reapply_delta_kernel", reapply_delta_flat_ref_, backend, buffer, offsets, values, saved)
 
 
 def restore_flat_(
@@ -109,12 +99,7 @@ def restore_flat_(
     backend: Backend = "auto",
 ) -> None:
     _check_flat(buffer, offsets, saved)
-    if _pick_triton(buffer, backend):
-        n = offsets.numel()
-        if n:
-            _restore_kernel[(triton.cdiv(n, _BLOCK),)](buffer, offsets, saved, n, BLOCK=_BLOCK)
-    else:
-        restore_flat_ref_(buffer, offsets, saved)
+    _dispatch("_restore_kernel", restore_flat_ref_, backend, buffer, offsets, saved)
 
 
 def apply_delta_(
@@ -140,6 +125,18 @@ def restore_(
     _check_layer(weight, indices, saved)
     offsets = flat_offsets(indices, weight.shape[1])
     restore_flat_(weight.view(-1), offsets, saved.view(-1), backend)
+
+
+def _dispatch(
+    kernel_name: str, reference, backend: Backend, buffer: torch.Tensor, offsets: torch.Tensor, *rest
+) -> None:
+    """Run the Triton kernel (one launch over all n entries) or its torch twin, same arguments."""
+    if not _pick_triton(buffer, backend):
+        reference(buffer, offsets, *rest)
+        return
+    n = offsets.numel()
+    if n:  # kernels are looked up by name: they exist only where triton is installed
+        globals()[kernel_name][(triton.cdiv(n, _BLOCK),)](buffer, offsets, *rest, n, BLOCK=_BLOCK)
 
 
 def _pick_triton(buffer: torch.Tensor, backend: Backend) -> bool:

@@ -62,24 +62,13 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
     if body.stream:
 
         def chunk(text: str, finish: str | None) -> dict:
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            }
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return _envelope(rid, "text_completion", created, body.model, choice)
 
         return _stream(job, chunk)
     done = await job.result(http)
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "choices": [{"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}],
-        "usage": _usage(done),
-    }
+    choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}
+    return _envelope(rid, "text_completion", created, body.model, choice, _usage(done))
 
 
 @router.post("/chat/completions")
@@ -104,26 +93,21 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
             nonlocal first
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             first = False
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return _envelope(rid, "chat.completion.chunk", created, body.model, choice)
 
         return _stream(job, chunk)
     done = await job.result(http)
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": _finish(done)}
-        ],
-        "usage": _usage(done),
-    }
+    choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": _finish(done)}
+    return _envelope(rid, "chat.completion", created, body.model, choice, _usage(done))
+
+
+def _envelope(rid: str, kind: str, created: int, model: str, choice: dict, usage: dict | None = None) -> dict:
+    """The OpenAI response (or stream chunk) around one choice."""
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
 
 
 def _stream(job: Submitted, chunk) -> StreamingResponse:
