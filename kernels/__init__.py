@@ -1,10 +1,12 @@
-"""Kernels for sparse NeuroAda deltas: in-place apply/restore and the sparse gather product.
+"""Kernels for sparse NeuroAda deltas: in-place apply/restore, the sparse gather
+product, and the mixed-adapter product.
 
 Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
 `kernels.reference`, which is the CPU path and the test oracle.
 """
 
 from kernels._triton import triton_available
+from kernels.mixed_delta import mixed_delta_
 from kernels.scatter import (
     apply_delta_,
     apply_delta_flat_,
@@ -18,10 +20,11 @@ from kernels.sparse_product import sparse_delta
 
 __all__ = [
     "CsrLayout",
-    "csr_layout",
     "apply_delta_",
     "apply_delta_flat_",
+    "csr_layout",
     "flat_offsets",
+    "mixed_delta_",
     "reapply_delta_flat_",
     "restore_",
     "restore_flat_",

@@ -90,3 +90,29 @@ def sparse_delta_bwd_ref(
         if grad_x is not None:
             grad_x.index_add_(1, col, grad_out * values[:, j])
     return grad_x, grad_values
+
+
+def mixed_delta_ref_(
+    out: torch.Tensor,  # [B, ..., d_out], updated in place
+    x: torch.Tensor,  # [B, ..., d_in]
+    indices: torch.Tensor,  # [d_out, k] int64, shared by every slot
+    values: torch.Tensor,  # [S, d_out, k]; slot 0 = zeros
+    slots: torch.Tensor,  # [B] int64
+) -> None:
+    """out[b, ..., i] += sum_j values[slots[b], i, j] * x[b, ..., indices[i, j]], in float32.
+
+    Works feature-major ([features, tokens]): gathering whole rows of x^T is a contiguous copy
+    per selected feature, several times faster on CPUs than gathering columns of x.
+    """
+    d_out, k = indices.shape
+    T = x.numel() // x.shape[-1]
+    xt = x.reshape(T, x.shape[-1]).t().float().contiguous()  # [d_in, T]
+    product = xt.index_select(0, indices.view(-1))  # [d_out * k, T]
+    token_slots = slots.repeat_interleave(T // x.shape[0]) if T != x.shape[0] else slots
+    product.mul_(values.view(values.shape[0], -1).index_select(0, token_slots).t())
+    delta = product if k == 1 else product.view(d_out, k, T).sum(1)  # [d_out, T]
+    flat_out = out.view(T, d_out)
+    if out.dtype == torch.float32:
+        flat_out.add_(delta.t())
+    else:
+        flat_out.copy_(flat_out.float() + delta.t())

@@ -1,10 +1,16 @@
 """The engine: one frozen base model, one worker thread that owns it, and the adapters it serves.
 
-The worker takes a batch from the scheduler, makes its adapter the applied one (restore the old
-deltas exactly, apply the new ones in place; nothing when it is already applied), runs the
-batch, and goes on. Adapter management changes the registry and the store; anything that must
-touch the weights (deleting the applied adapter, the integrity check) holds `model_lock`, which
-the worker holds for the whole of each batch.
+The worker runs one batch continuously: between decode steps the scheduler admits waiting
+requests and finished ones leave. Each step takes one of two paths:
+- merged, when every request in it uses the same adapter (or none): that adapter is applied in
+  place (restore the old deltas exactly, apply the new; nothing when already applied), and the
+  model runs as plain as the base;
+- mixed, otherwise: the base weights are restored to pristine and each row's own sparse delta
+  is added beside every target linear (`server.mixed`). Adapters whose deltas would not survive
+  merging into the serving dtype take this path even alone.
+Adapter management changes the registry and the store; anything that must touch the weights
+(deleting the applied adapter, the integrity check) holds `model_lock`, which the worker holds
+for each step.
 """
 
 from __future__ import annotations
@@ -12,21 +18,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kernels import sparse_delta
 from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
 from neuroada.errors import AdapterError
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.inplace import PackedWeights
-from server.generation import Event, Failed, Finished, GenerationRequest, generate_batch
+from server.generation import Event, Failed, Finished, GenerationRequest, RunningBatch
 from server.metrics import ServerMetrics
+from server.mixed import MixedAdapters
 from server.registry import AdapterRegistry, ResidentAdapter
-from server.scheduler import Batch, BatchScheduler
+from server.scheduler import BatchScheduler
 from server.settings import ServerSettings
 from server.store import AdapterStore
 
@@ -65,8 +69,10 @@ class Engine:
         self.registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold)
         self.load_errors: dict[str, str] = {}  # adapter files in the store that failed validation
         self.scheduler = BatchScheduler(
-            settings.max_batch_size, settings.max_queued_requests, settings.max_wait_ms / 1000
+            settings.max_batch_size, settings.max_queued_requests, settings.max_wait_ms / 1000, settings.mixed_batches
         )
+        self.mixed = MixedAdapters(self.model, device)
+        self._path = "merged"
         self.model_lock = threading.Lock()
         self.manage_lock = threading.Lock()  # serialises uploads and deletes: disk and registry agree
         self._applied: ResidentAdapter | None = None
@@ -98,10 +104,10 @@ class Engine:
                 continue
             self.registry.put(resident)
             log.info(
-                "adapter %s loaded: k=%d, %s path",
+                "adapter %s loaded: k=%d, %s",
                 name,
                 resident.adapter.metadata.k,
-                "merged" if resident.merged else "unmerged",
+                "mergeable" if resident.merged else "served unmerged (mixed path)",
             )
         self._update_adapter_gauges()
 
@@ -121,37 +127,68 @@ class Engine:
         self.metrics.queue_depth.set(self.scheduler.depth())
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            batch = self.scheduler.next_batch(applied=self._applied.name if self._applied else None)
+        batch = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, before_forward=self._bind_rows)
+        while not (self._stop.is_set() and not batch):  # on stop, running requests finish first
+            newcomers = self.scheduler.admit([r.adapter for r in batch.requests], applied=self.applied)
             self.metrics.queue_depth.set(self.scheduler.depth())
-            if batch is None:
-                continue
-            with self.model_lock:
-                self._run_batch(batch)
+            newcomers = self._resolve(newcomers)
+            if batch or newcomers:
+                with self.model_lock:
+                    self._step(batch, newcomers)
+            self.metrics.running.set(len(batch))
 
-    def _run_batch(self, batch: Batch) -> None:
-        resident = None
-        if batch.adapter is not None:
-            resident = self.registry.get(batch.adapter)
-            if resident is None:
-                for r in batch.requests:
-                    r.on_event(Failed(404, f"adapter {batch.adapter!r} was deleted before the request ran"))
-                return
-        label = batch.adapter or "base"
+    def _resolve(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Fix the adapter version each request runs with; one deleted meanwhile fails with 404."""
+        ready = []
+        for r in requests:
+            if r.adapter is not None:
+                r.resident = self.registry.get(r.adapter)
+                if r.resident is None:
+                    r.on_event(Failed(404, f"adapter {r.adapter!r} was deleted before the request ran"))
+                    continue
+                r.resident.stats.requests_served += 1
+                r.resident.stats.last_used = time.time()
+            ready.append(r)
+        return ready
+
+    def _step(self, batch: RunningBatch, newcomers: list[GenerationRequest]) -> None:
+        """Newcomers' prefill, then one decode step of the whole batch, on the path this step needs."""
+        stage = "prefill"
         try:
-            self._switch_to(resident if resident is None or resident.merged else None)
-            with self._unmerged(resident):
-                generate_batch(self.model, self.tokenizer, batch.requests, self.eos_ids, self.pad_id)
-            self.metrics.batches.labels(path="merged" if resident is None or resident.merged else "unmerged").inc()
-        except Exception as e:  # a failing batch fails its requests, never the server
-            log.exception("batch for %s failed", label)
+            self._choose_path(batch.requests + newcomers)
+            if newcomers:
+                batch.join(newcomers)
+            stage = "decode"
+            if batch:
+                batch.step()
+        except Exception as e:  # a failing forward fails its requests, never the server
+            log.exception("%s step failed", stage)
+            failed = Failed(500, f"generation failed: {type(e).__name__}: {e}")
+            if stage == "prefill":  # the running rows were not in that call: they go on
+                for r in newcomers:
+                    r.on_event(failed)
+            else:
+                batch.fail(failed)
+            self.mixed.unbind()
             self._switch_to(None)
-            for r in batch.requests:
-                r.on_event(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
-            return
-        if resident is not None:
-            resident.stats.requests_served += len(batch.requests)
-            resident.stats.last_used = time.time()
+
+    def _choose_path(self, requests: list[GenerationRequest]) -> None:
+        """Merged when every request runs the same mergeable adapter (or none): zero overhead per
+        token. Mixed otherwise: pristine base weights plus each row's own delta."""
+        versions = {id(r.resident): r.resident for r in requests}
+        only = next(iter(versions.values())) if len(versions) == 1 else None
+        if len(versions) == 1 and (only is None or only.merged):
+            self.mixed.unbind()
+            self._switch_to(only)
+            self._path = "merged"
+        else:
+            self._switch_to(None)
+            self._path = "mixed"
+        self.metrics.steps.labels(path=self._path).inc()
+
+    def _bind_rows(self, requests: list[GenerationRequest]) -> None:
+        if self._path == "mixed":
+            self.mixed.bind([r.resident for r in requests])
 
     def _switch_to(self, resident: ResidentAdapter | None) -> None:
         """Make `resident` (None = base) the applied adapter; lazy when it already is."""
@@ -170,28 +207,6 @@ class Engine:
             torch.cuda.synchronize(self.packed.device)
         self.metrics.switches.inc()
         self.metrics.switch_seconds.observe(time.perf_counter() - started)
-
-    @contextmanager
-    def _unmerged(self, resident: ResidentAdapter | None):
-        """For adapters served unmerged: add the sparse delta beside each frozen linear product."""
-        if resident is None or resident.merged:
-            yield
-            return
-        modules = dict(self.model.named_modules())
-        handles = []
-        for name, (indices, values, layout) in resident.unmerged_layers.items():
-
-            def hook(
-                module: nn.Module, args: tuple, output: torch.Tensor, indices=indices, values=values, layout=layout
-            ):
-                return output + sparse_delta(args[0], indices, values, layout=layout).to(output.dtype)
-
-            handles.append(modules[name].register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def _record(self, request: GenerationRequest, event: Finished | Failed) -> None:
         """Metrics for a request that ended, whether or not its client is still there."""

@@ -1,8 +1,8 @@
-"""Batched generation with our own KV-cache decode loop.
+"""Batched generation with our own KV-cache decode loop, open to requests joining and leaving.
 
-Prefill runs the whole batch at once with left padding; decode then feeds one token per running
-request per step. Requests that finish (eos, stop string, length, cancelled) leave the batch and
-their rows leave the KV cache. Each request samples with its own parameters and generator.
+Continuous batching: requests join a running batch between decode steps (their prefill is one
+forward call, left-padded, its KV cache appended to the batch's) and leave it as soon as they
+finish. Each request samples with its own parameters and generator.
 """
 
 from __future__ import annotations
@@ -11,11 +11,16 @@ import inspect
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from server import kv_cache
+
+if TYPE_CHECKING:
+    from server.registry import ResidentAdapter
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+    resident: ResidentAdapter | None = None  # the adapter version it runs with, fixed when it joins a batch
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
@@ -148,72 +154,118 @@ def _cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
-def generate_batch(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: list[GenerationRequest],
-    eos_ids: set[int],
-    pad_id: int,
-) -> None:
-    """Run `requests` to completion, sending each its events. Raises on model errors."""
-    device = next(model.parameters()).device
-    rows = [_RowState(r, tokenizer, eos_ids) for r in requests]
-    T = max(len(r.prompt_ids) for r in requests)
-    input_ids = torch.full((len(requests), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(requests), T, dtype=torch.long)
-    for i, r in enumerate(requests):
-        input_ids[i, T - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        attention_mask[i, T - len(r.prompt_ids) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    cache = DynamicCache()
-    cache_kw = {_cache_keyword(model): cache}
-    logits = (
-        model(
+class RunningBatch:
+    """The requests decoding together, and their KV cache; requests join and leave between steps.
+
+    `join` prefills newcomers (as their own forward call) and appends their rows to the cache;
+    `step` feeds every row its last sampled token. Rows that finish (eos, stop string, length,
+    cancelled) leave at once and their cache rows with them. `before_forward` is told the
+    requests of each forward call, in row order (the engine binds their adapters there).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: set[int],
+        pad_id: int,
+        before_forward: Callable[[list[GenerationRequest]], None] = lambda requests: None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.before_forward = before_forward
+        self.device = next(model.parameters()).device
+        self.cache_kw = _cache_keyword(model)
+        self.rows: list[_RowState] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [rows, cache length]
+        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows]
+        self.pending: list[int] = []  # each row's last sampled token, fed by the next step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [row.request for row in self.rows]
+
+    @torch.inference_mode()
+    def join(self, requests: list[GenerationRequest]) -> None:
+        """Prefill `requests`, sample their first tokens and add them to the batch."""
+        rows = [_RowState(r, self.tokenizer, self.eos_ids) for r in requests]
+        T = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.full((len(requests), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(requests), T, dtype=torch.long)
+        for i, r in enumerate(requests):
+            input_ids[i, T - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, T - len(r.prompt_ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(requests, input_ids, mask, position_ids, cache)
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            self.mask = kv_cache.join_(self.cache, self.mask, cache, mask)
+        self.rows += rows
+        self.next_pos = torch.cat([self.next_pos, position_ids[:, -1] + 1])
+        self.pending += self._sample(rows, logits)
+        self._drop_finished()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decode step for every row."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        tokens = torch.tensor(self.pending, device=self.device)[:, None]
+        logits = self._forward(self.requests, tokens, self.mask, self.next_pos[:, None], self.cache)
+        self.next_pos = self.next_pos + 1
+        self.pending = self._sample(self.rows, logits)
+        self._drop_finished()
+
+    def fail(self, event: Failed) -> None:
+        """End every row with `event` (the batch raised) and empty the batch."""
+        for row in self.rows:
+            row.request.on_event(event)
+        self.rows, self.pending, self.cache = [], [], None
+        self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
+
+    def _forward(self, requests, input_ids, mask, position_ids, cache) -> torch.Tensor:  # [B, V] float32
+        self.before_forward(requests)
+        out = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
-            **cache_kw,
+            **{self.cache_kw: cache},
         )
-        .logits[:, -1, :]
-        .float()
-    )
-    next_pos = position_ids[:, -1] + 1  # [B]
-    running = list(range(len(rows)))  # rows still generating, in cache order
-    while running:
-        tokens = []
+        return out.logits[:, -1, :].float()
+
+    def _sample(self, rows: list[_RowState], logits: torch.Tensor) -> list[int]:
         greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
-        for slot, i in enumerate(running):
-            params = rows[i].request.params
-            token = (
-                greedy[slot] if params.temperature == 0 else sample_next(logits[slot].cpu(), params, rows[i].generator)
-            )
-            rows[i].push(token)
+        tokens = []
+        for slot, row in enumerate(rows):
+            params = row.request.params
+            token = greedy[slot] if params.temperature == 0 else sample_next(logits[slot].cpu(), params, row.generator)
+            row.push(token)
             tokens.append(token)
-        keep = [slot for slot, i in enumerate(running) if rows[i].finish_reason is None]
-        for slot, i in enumerate(running):
-            if rows[i].finish_reason is not None:
-                rows[i].finish()
+        return tokens
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+        if len(keep) == len(self.rows):
+            return
+        for row in self.rows:
+            if row.finish_reason is not None:
+                row.finish()
+        self.rows = [self.rows[i] for i in keep]
+        self.pending = [self.pending[i] for i in keep]
         if not keep:
-            break
-        if len(keep) < len(running):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            attention_mask, next_pos = attention_mask[index], next_pos[index]
-            tokens = [tokens[s] for s in keep]
-            running = [running[s] for s in keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)
-        logits = (
-            model(
-                input_ids=torch.tensor(tokens, device=device)[:, None],
-                attention_mask=attention_mask,
-                position_ids=next_pos[:, None],
-                use_cache=True,
-                **cache_kw,
-            )
-            .logits[:, -1, :]
-            .float()
-        )
-        next_pos = next_pos + 1
+            self.cache = None
+            self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.mask = kv_cache.trim_(self.cache, self.mask)

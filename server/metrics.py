@@ -23,7 +23,13 @@ class ServerMetrics:
             "neuroada_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.tokens = Counter("neuroada_generated_tokens", "Generated tokens", ["adapter"], registry=r)
-        self.batches = Counter("neuroada_batches", "Batches run", ["path"], registry=r)
+        self.steps = Counter(
+            "neuroada_steps",
+            "Forward steps of the running batch by path: merged (one adapter applied in place) or mixed",
+            ["path"],
+            registry=r,
+        )
+        self.running = Gauge("neuroada_running_requests", "Requests in the running batch", registry=r)
         self.switches = Counter("neuroada_adapter_switches", "Adapter switches (restore + apply)", registry=r)
         self.switch_seconds = Histogram(
             "neuroada_adapter_switch_seconds", "Adapter switch latency", buckets=_SWITCH_BUCKETS, registry=r

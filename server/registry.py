@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import CsrLayout, csr_layout
-from kernels.sparse_csr import CSR_MIN_K
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import SparseAdapter, load_adapter
 from neuroada.inplace import PackedDelta, PackedWeights
@@ -42,10 +40,8 @@ class ResidentAdapter:
     adapter: SparseAdapter  # metadata and the host copy of the tensors
     delta: PackedDelta  # on the device
     fidelity: Fidelity
-    merged: bool  # False: served through the unmerged sparse path (fidelity below threshold)
+    merged: bool  # False: always served through the mixed path (fidelity below threshold)
     loaded_at: float
-    # Per layer (indices int64, values float32, CPU CSR layout or None) on the device, unmerged path only.
-    unmerged_layers: dict[str, tuple[torch.Tensor, torch.Tensor, CsrLayout | None]] | None = None
     stats: UsageStats = field(default_factory=UsageStats, compare=False)
 
     def describe(self) -> dict:
@@ -88,25 +84,14 @@ class AdapterRegistry:
             offsets = self._offsets.get(adapter.metadata.index_hash)
         delta = self.packed.pack(adapter, offsets=offsets)
         fidelity = measure_fidelity(self.packed, delta)
-        merged = fidelity.survived >= self.fidelity_threshold
-        device = self.packed.device
-        unmerged_layers = None
-        if not merged:
-            unmerged_layers = {}
-            for n, d in adapter.layers.items():
-                indices = d.indices.to(device, torch.int64)
-                use_csr = device.type != "cuda" and adapter.metadata.k >= CSR_MIN_K
-                layout = csr_layout(indices, self.base.linear_shapes[n][1]) if use_csr else None
-                unmerged_layers[n] = (indices, d.values.to(device, torch.float32), layout)
         return ResidentAdapter(
             name=name,
             version=next(self._versions),
             adapter=adapter,
             delta=delta,
             fidelity=fidelity,
-            merged=merged,
+            merged=fidelity.survived >= self.fidelity_threshold,
             loaded_at=time.time(),
-            unmerged_layers=unmerged_layers,
         )
 
     def put(self, resident: ResidentAdapter) -> bool:

@@ -1,12 +1,14 @@
-"""BatchScheduler: a bounded queue of requests, cut into batches that share one adapter.
+"""BatchScheduler: a bounded queue of requests, admitted into the running batch between steps.
 
-Which adapter goes next:
-- the oldest waiting request's adapter, once that request has waited `max_wait_s` (fairness:
-  no adapter with waiting requests starves);
-- otherwise the adapter already applied, if it has waiting requests (no switch needed);
-- otherwise the oldest waiting request's adapter.
-A batch takes up to `max_batch_size` requests of that adapter in arrival order. Each request
-still carries its own adapter name, so a mixed-adapter mode can consume the same batches.
+Mixed mode (the default): the oldest waiting requests join, whatever their adapters, as long as
+the batch has room; the engine serves a batch of several adapters through the mixed path.
+
+Per-adapter mode (`mixed=False`, one adapter per batch, as servers that merge adapters must):
+- a running batch admits only requests of its own adapter, and none once another adapter's
+  request has waited `max_wait_s` (the batch drains so that adapter gets its turn);
+- an empty batch takes the oldest waiting request's adapter once that request has waited
+  `max_wait_s` (no adapter starves), otherwise the adapter already applied if it has waiting
+  requests (no switch), otherwise the oldest request's adapter.
 """
 
 from __future__ import annotations
@@ -14,30 +16,23 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from server.generation import Failed, GenerationRequest
+
+_ANY = object()  # mixed mode: requests of any adapter may join
+_DRAIN = object()  # per-adapter mode: none may join; the running batch drains first
 
 
 class QueueFull(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Batch:
-    requests: list[GenerationRequest]
-
-    @property
-    def adapter(self) -> str | None:
-        """The adapter every request of this batch uses (batches are single-adapter for now)."""
-        return self.requests[0].adapter
-
-
 class BatchScheduler:
-    def __init__(self, max_batch_size: int, max_queued: int, max_wait_s: float):
+    def __init__(self, max_batch_size: int, max_queued: int, max_wait_s: float, mixed: bool = True):
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.max_wait_s = max_wait_s
+        self.mixed = mixed
         self._queue: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -58,30 +53,44 @@ class BatchScheduler:
             self._closed = True
             self._cond.notify_all()
 
-    def next_batch(self, applied: str | None, timeout: float = 0.5) -> Batch | None:
-        """Block up to `timeout` for work; None if there is none (or the scheduler closed)."""
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def admit(self, running: list[str | None], applied: str | None, timeout: float = 0.5) -> list[GenerationRequest]:
+        """Requests to join a batch now running `running` (their adapters); waits only when it is empty."""
+        free = self.max_batch_size - len(running)
         with self._cond:
-            if not self._queue and not self._closed:
+            if not self._queue and not running and not self._closed:
                 self._cond.wait(timeout)
             self._drop_dead()
-            if not self._queue or self._closed:
-                return None
-            now = time.monotonic()
-            oldest = self._queue[0]
-            if now - oldest.enqueued_at >= self.max_wait_s:
-                adapter = oldest.adapter
-            elif any(r.adapter == applied for r in self._queue):
-                adapter = applied
-            else:
-                adapter = oldest.adapter
+            if not self._queue or self._closed or free <= 0:
+                return []
+            adapter = _ANY if self.mixed else self._next_adapter(running, applied)
+            if adapter is _DRAIN:
+                return []
             chosen, rest = [], deque()
             for r in self._queue:
-                if r.adapter == adapter and len(chosen) < self.max_batch_size:
+                if len(chosen) < free and (adapter is _ANY or r.adapter == adapter):
                     chosen.append(r)
                 else:
                     rest.append(r)
             self._queue = rest
-            return Batch(chosen)
+            return chosen
+
+    def _next_adapter(self, running: list[str | None], applied: str | None):
+        """Per-adapter mode: the adapter whose requests may join now, or _DRAIN."""
+        oldest = self._queue[0]
+        overdue = time.monotonic() - oldest.enqueued_at >= self.max_wait_s
+        if running:
+            if overdue and oldest.adapter != running[0]:
+                return _DRAIN
+            return running[0]
+        if overdue:
+            return oldest.adapter
+        if any(r.adapter == applied for r in self._queue):
+            return applied
+        return oldest.adapter
 
     def _drop_dead(self) -> None:
         """Cancelled requests leave silently; expired ones get a 504-style error."""

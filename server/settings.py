@@ -27,7 +27,7 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")
-    max_batch_size: int = Field(16, ge=1, description="requests per batch")
+    max_batch_size: int = Field(16, ge=1, description="requests decoding together in the running batch")
     max_queued_requests: int = Field(256, ge=1, description="waiting requests before new ones get 429")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
     max_new_tokens: int = Field(512, ge=1, description="cap on max_new_tokens per request")
@@ -45,6 +45,11 @@ class ServerSettings(BaseSettings):
         0.9, ge=0, le=1, description="adapters whose merged deltas survive below this share are served unmerged"
     )
     request_timeout_s: float = Field(300.0, gt=0, description="a request still queued after this long is dropped (504)")
+    mixed_batches: bool = Field(
+        True, description="one running batch serves every adapter (mixed path); false: one adapter per batch"
+    )
     max_wait_ms: int = Field(
-        2000, ge=0, description="an adapter with waiting requests is served within about this long"
+        2000,
+        ge=0,
+        description="one adapter per batch only: an adapter with waiting requests is served within about this long",
     )

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,7 @@ import torch
 
 from neuroada.base_model import load_base_model, load_tokenizer
 from neuroada.format import read_adapter
-from neuroada.inplace import apply_adapter_
+from neuroada.inplace import apply_adapter_, restore_adapter_
 from tests.server.conftest import ROOT, spawn_serve
 
 SHIPPED = ROOT / "adapters"
@@ -98,3 +99,67 @@ def test_inspect_validates_a_shipped_adapter():
     assert out.returncode == 0, out.stderr
     assert "valid for base model SmolLM2-135M-Instruct" in out.stdout
     assert re.search(r"^k +1$", out.stdout, re.MULTILINE)
+
+
+def _own_index_set_adapter(model) -> bytes:
+    """k=4, random positions (an index set of its own), deltas large enough to change the output."""
+    from neuroada.base_model import EMBEDDED_MODEL
+    from neuroada.fingerprint import BaseModelSpec, linear_layers
+    from neuroada.format import LayerDelta, adapter_to_bytes, build_adapter
+    from neuroada.selection import select_topk
+
+    g = torch.Generator().manual_seed(7)
+    layers = {}
+    for name, linear in linear_layers(model).items():
+        if name.endswith(("q_proj", "v_proj", "down_proj")):
+            indices = select_topk(linear.weight, 4, "random", seed=len(layers))
+            layers[name] = LayerDelta(indices, torch.randn(indices.shape, generator=g) * 0.05)
+    base = BaseModelSpec.from_model(model, EMBEDDED_MODEL)
+    return adapter_to_bytes(build_adapter(layers, base=base, selection="random"))
+
+
+def test_a_mixed_batch_on_the_embedded_model_equals_each_adapter_served_alone(served, tmp_path):
+    """Every request of a mixed batch equals its output served alone with its adapter merged."""
+    url, store = served
+    model, tokenizer = load_base_model(), load_tokenizer()
+    files = {name: store / f"{name}.safetensors" for name in ["gsm8k", "commonsense"]}
+    files["own"] = tmp_path / "own.safetensors"
+    files["own"].write_bytes(_own_index_set_adapter(model))
+    questions = ["Tom has 3 apples and buys 5 more.", "Is the sky blue?", "Name a color.", "What is 12 - 4?"]
+    prompts = [PROMPT.replace("Tom has 3 apples and buys 5 more. How many apples does he have?", q) for q in questions]
+    jobs = [(adapter, p) for adapter in [None, "gsm8k", "commonsense", "own"] for p in prompts[:2]]
+    jobs += [(adapter, prompts[2 + i % 2]) for i, adapter in enumerate(["own", "gsm8k", None, "commonsense"])]
+
+    expected = {}
+    for adapter in [None, "gsm8k", "commonsense", "own"]:
+        sparse = read_adapter(files[adapter]) if adapter else None
+        saved = apply_adapter_(model, sparse) if sparse else None
+        for job in [j for j in jobs if j[0] == adapter]:
+            ids = tokenizer(job[1], add_special_tokens=False, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            expected[job] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        if sparse:
+            restore_adapter_(model, sparse, saved)
+
+    def mixed_steps(c) -> float:
+        lines = [x for x in c.get("/metrics").text.splitlines() if x.startswith('neuroada_steps_total{path="mixed"}')]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    with httpx.Client(base_url=url, timeout=300) as c:
+        assert c.put("/adapters/own", content=files["own"].read_bytes()).status_code in (200, 201)
+        before = mixed_steps(c)
+
+        def run(job):
+            params = {"adapter": job[0]} if job[0] else {}
+            r = c.post("/generate", params=params, json={"prompt": job[1], "max_new_tokens": 16})
+            assert r.status_code == 200, r.text
+            return job, r.json()["text"]
+
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            results = list(pool.map(run, jobs))
+        assert mixed_steps(c) > before
+        assert c.get("/health", params={"deep": 1}).json()["base_weights_intact"] is True
+    assert len({text for _, text in results}) > 4  # the adapters really differ
+    for job, text in results:
+        assert text == expected[job], job

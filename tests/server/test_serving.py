@@ -130,17 +130,17 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     assert _metric(server, 'neuroada_generated_tokens_total{adapter="base"}') < 400
 
 
-def test_a_failing_batch_fails_only_its_requests_and_reverts(server, monkeypatch):
-    import server.engine as engine_module
+def test_a_failing_step_fails_only_its_requests_and_reverts(server, monkeypatch):
+    from server.generation import RunningBatch
 
-    real = engine_module.generate_batch
+    real = RunningBatch.step
 
-    def flaky(model, tokenizer, requests, *args):
-        if requests[0].adapter == "c":
+    def flaky(self):
+        if any(r.adapter == "c" for r in self.requests):
             raise RuntimeError("device fell over")
-        return real(model, tokenizer, requests, *args)
+        return real(self)
 
-    monkeypatch.setattr(engine_module, "generate_batch", flaky)
+    monkeypatch.setattr(RunningBatch, "step", flaky)
     with server.client() as c:
         r = c.post("/generate", params={"adapter": "c"}, json={"prompt": "hi", "max_new_tokens": 4})
         assert r.status_code == 500 and "device fell over" in r.json()["error"]["message"]

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from kernels import mixed_delta_, triton_available
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+
+
+def stack(adapters: list[torch.Tensor]) -> torch.Tensor:
+    """Slot stack: slot 0 = zeros (no adapter), slot s = adapters[s - 1]."""
+    return torch.stack([torch.zeros_like(adapters[0]), *adapters])
+
+
+def per_row_dense(x, indices, values, slots, d_in):
+    """Each row through its own dense (P * Theta): the definition of the mixed product."""
+    rows = []
+    for b in range(x.shape[0]):
+        theta = torch.zeros(indices.shape[0], d_in, dtype=torch.float64)
+        theta.scatter_(1, indices, values[slots[b]].double())
+        rows.append(x[b].double() @ theta.t())
+    return torch.stack(rows)
+
+
+def case(k: int, tokens_per_row: int, seed: int = 0, d_in: int = 48, d_out: int = 70, adapters: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(d_out, d_in, generator=g).argsort(dim=1)[:, :k]
+    values = stack([torch.randn(d_out, k, generator=g) for _ in range(adapters)])
+    slots = torch.tensor([1, 0, 3, 2, 1, 0], dtype=torch.int64)
+    x = torch.randn(len(slots), tokens_per_row, d_in, generator=g)
+    out = torch.randn(len(slots), tokens_per_row, d_out, generator=g)
+    return out, x, indices, values, slots
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("tokens_per_row", [1, 5])  # decode steps and prefill
+def test_each_row_gets_its_own_adapters_delta(backend, k, tokens_per_row):
+    out, x, indices, values, slots = case(k, tokens_per_row)
+    expected = out.double() + per_row_dense(x, indices, values, slots, x.shape[-1])
+    before = out.clone()
+    mixed_delta_(out, x, indices, values, slots, backend=backend)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # Rows without an adapter (slot 0) keep their base output bit for bit.
+    assert torch.equal(out[slots == 0], before[slots == 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 4])
+def test_triton_matches_the_torch_twin(dtype, k):
+    if not triton_available():
+        pytest.skip("no triton")
+    out, x, indices, values, slots = case(k, tokens_per_row=3, seed=k)
+    out, x, values = out.to(dtype), x.to(dtype), values.to(torch.bfloat16)
+    reference = out.clone()
+    mixed_delta_(reference, x, indices, values, slots, backend="torch")
+    mixed_delta_(out, x, indices, values, slots, backend="triton")
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    else:
+        # Both sum in float32 and round once; the interpreter may round a bf16 store one ulp apart.
+        ulps = (out.view(torch.int16).int() - reference.view(torch.int16).int()).abs()
+        assert int(ulps.max()) <= 1
+
+
+def test_bf16_output_keeps_a_delta_smaller_than_half_its_ulp_in_float32_accumulation():
+    # Two tokens, each adding 0.4 ulp to 1.0 via two selected features: 0.8 ulp in float32, which
+    # rounds to +1 ulp; rounding each term to bf16 first would lose both.
+    ulp = 2.0**-7
+    out = torch.ones(1, 1, 1, dtype=torch.bfloat16)
+    x = torch.ones(1, 1, 2, dtype=torch.bfloat16)
+    indices = torch.tensor([[0, 1]])
+    values = stack([torch.full((1, 2), 0.4 * ulp)])
+    mixed_delta_(out, x, indices, values, torch.tensor([1]), backend="torch")
+    assert float(out) == 1.0 + ulp
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(indices=a["indices"].int()), "indices must be int64"),
+        (lambda a: a.update(values=a["values"][:, :, :1]), "values must be"),
+        (lambda a: a.update(slots=a["slots"][:2]), "slots must be"),
+        (lambda a: a.update(out=a["out"][..., :5]), "out"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_clear_error(mutate, message):
+    out, x, indices, values, slots = case(2, 1)
+    args = {"out": out, "x": x, "indices": indices, "values": values, "slots": slots}
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        mixed_delta_(**args)

@@ -1,0 +1,158 @@
+"""Continuous batching and mixed-adapter batches: every request's output equals it served alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from neuroada.format import save_adapter
+from server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams
+from server.scheduler import BatchScheduler
+from tests.helpers import random_adapter, tiny_llama, tiny_tokenizer
+from tests.server.conftest import RunningServer, make_settings
+from tests.server.test_serving import PROMPTS, generate, offline_greedy
+
+
+def _request(prompt: str, n: int, events: dict, adapter: str | None = None) -> GenerationRequest:
+    ids = tiny_tokenizer()(prompt, add_special_tokens=False).input_ids
+    return GenerationRequest(
+        ids, adapter, SamplingParams(max_new_tokens=n), lambda e: events.setdefault(prompt, []).append(e)
+    )
+
+
+def test_requests_joining_and_leaving_a_running_batch_each_equal_offline_generation():
+    model, tokenizer = tiny_llama(seed=0), tiny_tokenizer()
+    batch = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.eos_token_id)
+    events: dict[str, list] = {}
+    plan = {0: [("a", 20)], 3: [("what does the cow say?", 6), ("1 + 2 =", 15)], 5: [("hello there", 9)]}
+    lengths = []
+    for step in range(40):
+        if step in plan:
+            batch.join([_request(p, n, events) for p, n in plan[step]])
+        if batch:
+            batch.step()
+            lengths.append(batch.mask.shape[1])
+    assert not batch
+    for prompts in plan.values():
+        for prompt, n in prompts:
+            finished = events[prompt][-1]
+            assert isinstance(finished, Finished) and finished.text == offline_greedy(None, prompt, n), prompt
+    # Padding left with the long prompt: the cache was trimmed rather than growing by one each step.
+    assert min(lengths[6:]) < max(lengths)
+
+
+@pytest.fixture
+def mixed_store(tmp_path):
+    """Adapters with their own index sets (a, b, g) and two sharing one (x, y); g touches other layers."""
+    folder = tmp_path / "mixed"
+    model = tiny_llama(seed=0)
+    adapters = {
+        "a": random_adapter(model, k=2, seed=1, scale=0.3),
+        "b": random_adapter(model, k=4, seed=2, scale=0.3),
+        "g": random_adapter(model, k=1, seed=3, scale=0.5, targets=("gate_proj", "o_proj")),
+        "x": random_adapter(model, k=3, seed=5, scale=0.3),
+        "y": random_adapter(model, k=3, seed=5, scale=0.6),  # same seed: same indices as x
+    }
+    for name, adapter in adapters.items():
+        save_adapter(adapter, folder / f"{name}.safetensors")
+    return folder
+
+
+def _steps(server, path: str) -> float:
+    line = f'neuroada_steps_total{{path="{path}"}}'
+    with server.client() as c:
+        for text in c.get("/metrics").text.splitlines():
+            if text.startswith(line):
+                return float(text.split()[-1])
+    return 0.0
+
+
+def test_a_mixed_batch_gives_every_request_its_merged_output(tiny_model_dir, mixed_store):
+    jobs = [(adapter, prompt) for adapter in [None, "a", "b", "g", "x", "y"] for prompt in PROMPTS]
+    expected = {
+        job: offline_greedy(None if job[0] is None else mixed_store / f"{job[0]}.safetensors", job[1], 10)
+        for job in jobs
+    }
+    with RunningServer(make_settings(tiny_model_dir, mixed_store, max_batch_size=16)) as s:
+        with s.client() as c, ThreadPoolExecutor(max_workers=16) as pool:
+            results = list(
+                pool.map(lambda job: (job, generate(c, job[1], job[0], n=10)), jobs[::3] + jobs[1::3] + jobs[2::3])
+            )
+        for job, text in results:
+            assert text == expected[job], job
+        assert _steps(s, "mixed") > 0
+        # x and y share an index set: one set of indices on the device, a slot each for their values.
+        x = s.engine.registry.get("x")
+        shared = s.engine.mixed._sets[x.adapter.metadata.index_hash]
+        assert {s.engine.registry.get(n).version for n in "xy"} <= set(shared.slot_of)
+        assert s.engine.base_weights_intact()
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_runs(server, store):
+    done: dict[str, float] = {}
+
+    def long_stream():
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            body = {"prompt": "abc", "max_new_tokens": 400, "ignore_eos": True, "stream": True}
+            with c.stream("POST", "/generate", params={"adapter": "a"}, json=body) as r:
+                for _ in r.iter_lines():
+                    started.set()
+        done["long"] = time.monotonic()
+
+    started = threading.Event()
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert started.wait(60)
+    with server.client() as c:
+        text = generate(c, "hello there", "b", n=8)
+    done["short"] = time.monotonic()
+    thread.join(120)
+    assert text == offline_greedy(store / "b.safetensors", "hello there", 8)
+    assert done["short"] < done["long"]  # it did not wait for the long request's batch to end
+    assert _steps(server, "mixed") > 0
+
+
+def test_one_adapter_per_batch_mode_never_mixes_and_stays_exact(tiny_model_dir, store):
+    jobs = [(adapter, prompt) for adapter in [None, "a", "c"] for prompt in PROMPTS[:2]]
+    expected = {
+        job: offline_greedy(None if job[0] is None else store / f"{job[0]}.safetensors", job[1], 8) for job in jobs
+    }
+    with RunningServer(make_settings(tiny_model_dir, store, mixed_batches=False)) as s:
+        with s.client() as c, ThreadPoolExecutor(max_workers=6) as pool:
+            results = list(pool.map(lambda job: (job, generate(c, job[1], job[0], n=8)), jobs * 2))
+        for job, text in results:
+            assert text == expected[job], job
+        assert _steps(s, "mixed") == 0 and _steps(s, "merged") > 0
+
+
+def _queued(adapter, age: float = 0.0) -> GenerationRequest:
+    r = GenerationRequest([1], adapter, SamplingParams(), lambda e: None)
+    r.enqueued_at -= age
+    return r
+
+
+def test_mixed_admission_is_first_come_first_served_up_to_the_free_rows():
+    scheduler = BatchScheduler(max_batch_size=4, max_queued=10, max_wait_s=1.0)
+    queued = [_queued(a) for a in ["a", "b", None, "a", "c"]]
+    for r in queued:
+        scheduler.submit(r)
+    assert scheduler.admit(running=["z", "z"], applied=None) == queued[:2]
+    assert scheduler.admit(running=["z"] * 4, applied=None) == []
+    assert scheduler.admit(running=[], applied=None) == queued[2:]
+
+
+def test_per_adapter_admission_keeps_one_adapter_and_drains_for_an_overdue_one():
+    scheduler = BatchScheduler(max_batch_size=8, max_queued=10, max_wait_s=1.0, mixed=False)
+    a1, b1, a2 = _queued("a"), _queued("b"), _queued("a")
+    for r in (a1, b1, a2):
+        scheduler.submit(r)
+    assert scheduler.admit(running=[], applied="a") == [a1, a2]
+    overdue = _queued("c", age=5.0)
+    scheduler._queue.appendleft(overdue)
+    assert scheduler.admit(running=["a"], applied="a") == []  # the running batch drains for c
+    assert scheduler.admit(running=[], applied="a") == [overdue]
+    assert scheduler.admit(running=[], applied="c") == [b1]
