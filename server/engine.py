@@ -163,14 +163,14 @@ class Engine:
                 batch.step()
         except Exception as e:  # a failing forward fails its requests, never the server
             log.exception("%s step failed", stage)
+            self.mixed.unbind()
+            self._switch_to(None)  # reverted before anyone hears of the failure
             failed = Failed(500, f"generation failed: {type(e).__name__}: {e}")
             if stage == "prefill":  # the running rows were not in that call: they go on
                 for r in newcomers:
                     r.on_event(failed)
             else:
                 batch.fail(failed)
-            self.mixed.unbind()
-            self._switch_to(None)
 
     def _choose_path(self, requests: list[GenerationRequest]) -> None:
         """Merged when every request runs the same mergeable adapter (or none): zero overhead per
