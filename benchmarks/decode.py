@@ -1,11 +1,15 @@
-"""Decode throughput: the base alone, the base with a NeuroAda adapter applied, PEFT LoRA.
+"""Decode throughput: the base alone, a NeuroAda adapter applied, mixed-adapter batches, PEFT LoRA.
 
-    python benchmarks/decode.py [--batch 1 8] [--new-tokens 64] [--repeats 3] [--threads 2]
+    python benchmarks/decode.py [--batch 1 8] [--mixed-batch 8 32] [--mixed-k 1 4 20]
+                                [--adapters 1 4 8] [--new-tokens 64] [--repeats 3] [--threads 2]
 
-Greedy generate() with exactly `--new-tokens` tokens on the embedded SmolLM2-135M. An applied
-NeuroAda adapter lives inside the weights, so it must cost nothing per token; LoRA unmerged
-adds its factors to every projection, and PEFT's mixed batches (`adapter_names`) split each
-batch by adapter.
+Exactly `--new-tokens` greedy tokens on the embedded SmolLM2-135M, prefill included.
+- generate() section: an applied NeuroAda adapter lives inside the weights, so it must cost
+  nothing per token; LoRA unmerged adds its factors to every projection; PEFT's mixed batches
+  (`adapter_names`) split each batch by adapter.
+- server-loop section: the server's own decode loop (`RunningBatch`) on the base alone and on
+  the mixed path, rows spread over 1, 4 or 8 adapters (all magnitude-selected, so they share
+  one index set, as adapters trained on one base with one k do).
 """
 
 from __future__ import annotations
@@ -43,6 +47,60 @@ def run(model, tokenizer, batch: int, new_tokens: int, repeats: int, **generate_
     return {"seconds": summarize(samples), "tokens_per_s": batch * new_tokens / summarize(samples)["median"]}
 
 
+def run_loop(model, tokenizer, batch: int, new_tokens: int, repeats: int, residents: list, mixed) -> dict:
+    """The server's decode loop; rows use residents[i % len(residents)] (None: the base alone)."""
+    from server.generation import GenerationRequest, RunningBatch, SamplingParams
+
+    ids = tokenizer(PROMPT).input_ids
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+
+    def go():
+        requests = [GenerationRequest(ids, None, params, lambda event: None) for _ in range(batch)]
+        for i, r in enumerate(requests):
+            r.resident = residents[i % len(residents)]
+        bind = (
+            (lambda rows: mixed.bind([r.resident for r in rows])) if residents[0] is not None else (lambda rows: None)
+        )
+        running = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.pad_token_id, before_forward=bind)
+        running.join(requests)
+        while running:
+            running.step()
+        mixed.unbind()
+
+    device = next(model.parameters()).device
+    samples = timed(go, repeats=repeats, warmup=1, sync=device.type == "cuda")
+    return {"seconds": summarize(samples), "tokens_per_s": batch * new_tokens / summarize(samples)["median"]}
+
+
+def mixed_rows(model, tokenizer, base, packed, args) -> list[dict]:
+    from neuroada.format import adapter_to_bytes
+    from server.mixed import MixedAdapters
+    from server.registry import AdapterRegistry
+
+    registry = AdapterRegistry(packed, base, fidelity_threshold=0.0)
+    mixed = MixedAdapters(model, next(model.parameters()).device)
+    rows = []
+    for batch in args.mixed_batch:
+        rows.append(
+            {
+                "variant": "loop: base",
+                "batch": batch,
+                **run_loop(model, tokenizer, batch, args.new_tokens, args.repeats, [None], mixed),
+            }
+        )
+    for k in args.mixed_k:
+        residents = [
+            registry.prepare(f"k{k}-{i}", adapter_to_bytes(random_adapter(model, base, k, seed=i)))
+            for i in range(max(args.adapters))
+        ]
+        for batch in args.mixed_batch:
+            for n in args.adapters:
+                result = run_loop(model, tokenizer, batch, args.new_tokens, args.repeats, residents[:n], mixed)
+                rows.append({"variant": f"loop: mixed k={k}, {n} adapters", "batch": batch, **result})
+                print(rows[-1]["variant"], batch, f"{result['tokens_per_s']:.1f} tok/s", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -50,6 +108,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--mixed-batch", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--mixed-k", type=int, nargs="+", default=[1, 4, 20])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--no-lora", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("decode.json"))
     args = parser.parse_args()
@@ -79,6 +140,7 @@ def main() -> None:
             }
         )
         packed.restore_(delta, saved)
+    rows += mixed_rows(model, tokenizer, base, packed, args)
 
     if not args.no_lora:
         from peft import LoraConfig, get_peft_model
@@ -90,6 +152,9 @@ def main() -> None:
             peft_model.add_adapter(f"a{i}", config)
         peft_model.set_adapter("a0")
         peft_model.eval()
+        for i in range(4, max(args.adapters)):
+            peft_model.add_adapter(f"a{i}", config)
+        peft_model.set_adapter("a0")
         for batch in args.batch:
             rows.append(
                 {
@@ -98,20 +163,28 @@ def main() -> None:
                     **run(peft_model, tokenizer, batch, args.new_tokens, args.repeats),
                 }
             )
-            names = [f"a{i % 4}" for i in range(batch)]
+        for batch in sorted(set(args.batch) | set(args.mixed_batch)):
+            for n in (a for a in args.adapters if a > 1):
+                names = [f"a{i % n}" for i in range(batch)]
+                rows.append(
+                    {
+                        "variant": f"lora r=8 mixed, {n} adapters",
+                        "batch": batch,
+                        **run(peft_model, tokenizer, batch, args.new_tokens, args.repeats, adapter_names=names),
+                    }
+                )
+        for batch in (b for b in args.mixed_batch if b not in args.batch):  # generate()'s base at this batch
             rows.append(
-                {
-                    "variant": "lora r=8 mixed, 4 adapters",
-                    "batch": batch,
-                    **run(peft_model, tokenizer, batch, args.new_tokens, args.repeats, adapter_names=names),
-                }
+                {"variant": "base", "batch": batch, **run(model, tokenizer, batch, args.new_tokens, args.repeats)}
             )
 
     base_tps = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "base"}
+    loop_tps = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "loop: base"}
     print(
         f"\nmachine: {machine()}; SmolLM2-135M {str(dtype).removeprefix('torch.')}, "
         f"{args.new_tokens} new tokens, greedy\n"
     )
+    print("vs base: generate() rows against generate()'s base; loop rows against the loop's base\n")
     print_table(
         ["variant", "batch", "tokens/s", "vs base", "s median (min-max)"],
         [
@@ -119,7 +192,7 @@ def main() -> None:
                 r["variant"],
                 r["batch"],
                 f"{r['tokens_per_s']:.1f}",
-                f"{r['tokens_per_s'] / base_tps[r['batch']]:.2f}x",
+                f"{r['tokens_per_s'] / (loop_tps if r['variant'].startswith('loop') else base_tps)[r['batch']]:.2f}x",
                 f"{r['seconds']['median']:.2f} ({r['seconds']['min']:.2f}-{r['seconds']['max']:.2f})",
             ]
             for r in rows

@@ -1,13 +1,18 @@
-"""Serving under multi-adapter load: an async httpx client against `neuroada serve` on loopback.
+"""Serving under multi-adapter load: an async httpx client against a server on loopback.
 
-    python benchmarks/serve_load.py [--adapters 1 8 32] [--concurrency 4 16] [--requests 48]
+    python benchmarks/serve_load.py [--engines neuroada per-adapter lora] [--adapters 1 8 32]
+                                    [--concurrency 4 16] [--requests 48]
 
-Starts `neuroada serve` (embedded SmolLM2-135M) on a free port with a temporary store of N
-random k=1 adapters, then for each scenario sends `--requests` streamed requests from
+For each engine, starts a server (embedded SmolLM2-135M) on a free port with a temporary store
+of N random k=1 adapters, then for each scenario sends `--requests` streamed requests from
 `--concurrency` closed-loop clients, each choosing its adapter uniformly or by Zipf (s = 1.1),
-with fixed prompt and output lengths (ignore_eos). Base-only traffic at the same load is the
-reference. Prints req/s, output tokens/s, p50/p99 time to first token and end-to-end latency,
-and adapter switches per second (from /metrics). Bounded in count and time; loopback only.
+with fixed prompt and output lengths (ignore_eos). Engines:
+- neuroada: `neuroada serve` as shipped (continuous batching, mixed-adapter batches);
+- per-adapter: `neuroada serve` with NEUROADA_MIXED_BATCHES=false (one adapter per batch);
+- lora: the PEFT-LoRA engine of `benchmarks/peers/` (r = 8, same names) behind the same front end.
+Base-only traffic on the first engine is the reference. Prints req/s, output tokens/s, p50/p99
+time to first token and end-to-end latency, and adapter switches per second (from /metrics).
+Bounded in count and time; loopback only.
 """
 
 from __future__ import annotations
@@ -54,18 +59,22 @@ def make_store(folder: Path, count: int) -> None:
         save_adapter(random_adapter(model, base, k=1, seed=100 + i), folder / f"task{i:02d}.safetensors")
 
 
-def start_server(store: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(engine: str, store: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(
         os.environ,
         NEUROADA_ADAPTER_DIR=str(store),
         NEUROADA_PORT=str(port),
         NEUROADA_MAX_BATCH_SIZE=str(max_batch),
+        NEUROADA_MIXED_BATCHES=str(engine != "per-adapter").lower(),
         OMP_NUM_THREADS=str(threads),
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neuroada.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    command = [sys.executable, "-m", "neuroada.cli", "serve"]
+    if engine == "lora":
+        peer = Path(__file__).with_name("peers") / "lora_server.py"
+        command = [sys.executable, str(peer), "--adapter-dir", str(store), "--port", str(port)]
+        command += ["--max-batch-size", str(max_batch), "--threads", str(threads)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -146,6 +155,7 @@ async def scenario(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", nargs="+", default=["neuroada", "per-adapter", "lora"])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--traffic", nargs="+", default=["uniform", "zipf"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
@@ -160,25 +170,28 @@ def main() -> None:
         store = Path(tmp)
         make_store(store, max(args.adapters))
         names = sorted(p.stem for p in store.glob("*.safetensors"))
-        proc, url = start_server(store, args.threads, args.max_batch)
         rows = []
-        try:
-            # Warm-up (not recorded): the first requests after start-up run cold.
-            asyncio.run(scenario(url, names[:1], "uniform", max(args.concurrency), 8, args.new_tokens, 0))
-            for c in args.concurrency:
-                rows.append(asyncio.run(scenario(url, [], "base", c, args.requests, args.new_tokens, 0)))
-                for n in args.adapters:
-                    for traffic in args.traffic:
-                        rows.append(
-                            asyncio.run(scenario(url, names[:n], traffic, c, args.requests, args.new_tokens, n))
-                        )
-                        print(
-                            f"  {n} adapters, {traffic}, concurrency {c}: {rows[-1]['tokens_per_s']:.1f} tok/s",
-                            flush=True,
-                        )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        for engine in args.engines:
+            proc, url = start_server(engine, store, args.threads, args.max_batch)
+            try:
+                # Warm-up (not recorded): the first requests after start-up run cold.
+                asyncio.run(scenario(url, names[:1], "uniform", max(args.concurrency), 8, args.new_tokens, 0))
+                for c in args.concurrency:
+                    if engine == args.engines[0]:
+                        rows.append(asyncio.run(scenario(url, [], "base", c, args.requests, args.new_tokens, 0)))
+                        rows[-1]["engine"] = engine
+                    for n in args.adapters:
+                        for traffic in args.traffic:
+                            row = asyncio.run(scenario(url, names[:n], traffic, c, args.requests, args.new_tokens, n))
+                            rows.append({"engine": engine, **row})
+                            print(
+                                f"  {engine}: {n} adapters, {traffic}, concurrency {c}: "
+                                f"{row['tokens_per_s']:.1f} tok/s, TTFT p99 {row['ttft_p99']:.2f} s",
+                                flush=True,
+                            )
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
 
     base = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["adapters"] == 0}
     print(
@@ -186,9 +199,21 @@ def main() -> None:
         f"{args.requests} requests per scenario, {args.new_tokens} output tokens\n"
     )
     print_table(
-        ["adapters", "traffic", "conc", "req/s", "out tok/s", "vs base", "TTFT p50/p99 s", "e2e p50/p99 s", "switch/s"],
+        [
+            "engine",
+            "adapters",
+            "traffic",
+            "conc",
+            "req/s",
+            "out tok/s",
+            "vs base",
+            "TTFT p50/p99 s",
+            "e2e p50/p99 s",
+            "switch/s",
+        ],
         [
             [
+                r["engine"],
                 r["adapters"] or "base",
                 r["traffic"],
                 r["concurrency"],

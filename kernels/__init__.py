@@ -6,7 +6,7 @@ Depends on torch (and triton where installed) only. Every kernel has a pure-torc
 """
 
 from kernels._triton import triton_available
-from kernels.mixed_delta import mixed_delta_
+from kernels.mixed_delta import add_delta_, mixed_delta
 from kernels.scatter import (
     apply_delta_,
     apply_delta_flat_,
@@ -19,12 +19,13 @@ from kernels.sparse_csr import CsrLayout, csr_layout
 from kernels.sparse_product import sparse_delta
 
 __all__ = [
+    "add_delta_",
     "CsrLayout",
     "apply_delta_",
     "apply_delta_flat_",
     "csr_layout",
     "flat_offsets",
-    "mixed_delta_",
+    "mixed_delta",
     "reapply_delta_flat_",
     "restore_",
     "restore_flat_",

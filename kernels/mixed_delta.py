@@ -1,13 +1,15 @@
-"""The mixed-adapter product: every row of a batch adds the sparse delta of its own adapter.
+"""The mixed-adapter product: every row of a batch gets the sparse delta of its own adapter.
 
-    out[b, l, i] += sum_j values[slots[b], i, j] * x[b, l, indices[i, j]]
+    delta[b, l, i] = sum_j values[slots[b], j, i] * x[b, l, indices[j, i]]
 
 The adapters in one call share an index set (`indices`), so `x` is gathered once for all of
 them and only their values differ: `values` is a stack of slots, one adapter each, and slot 0
 holds zeros for rows without an adapter. Adapters with other index sets are further calls, one
 per index set (the segments of Punica's SGMV, cut by index set rather than by adapter).
-The sum is formed in float32 and added to `out` with one rounding to its dtype, so a bf16 base
-keeps deltas that merging into bf16 weights would round away.
+Indices and values are j-major ([k, d_out], the transpose of the adapter file's [d_out, k]):
+loads along the output dim are contiguous, and the k terms of an output sum over a leading dim.
+The delta is float32; `add_delta_` adds it to a layer's output with one rounding to its dtype,
+so a bf16 base keeps deltas that merging into bf16 weights would round away.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import tl, triton, use_triton
-from kernels.reference import mixed_delta_ref_
+from kernels.reference import mixed_delta_ref
 
 _BLOCK_T = 16
 _BLOCK_O = 64
@@ -45,80 +47,64 @@ if triton is not None:
         mask = mt[:, None] & mo[None, :]
         slot = tl.load(slot_ptr + t // L, mask=mt, other=0).to(tl.int64)
         x_rows = t.to(tl.int64)[:, None] * d_in
-        v_rows = slot[:, None] * d_out * K + o[None, :] * K
+        v_rows = slot[:, None] * d_out * K + o[None, :]
         acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
         for j in range(K):
-            col = tl.load(idx_ptr + o * K + j, mask=mo, other=0).to(tl.int64)
+            col = tl.load(idx_ptr + j * d_out + o, mask=mo, other=0).to(tl.int64)
             xv = tl.load(x_ptr + x_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(val_ptr + v_rows + j, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(val_ptr + v_rows + j * d_out, mask=mask, other=0.0).to(tl.float32)
             acc += xv * v
-        out_at = out_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :]
-        base = tl.load(out_at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_at, (base + acc).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(out_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :], acc, mask=mask)
 
 
-def mixed_delta_(
-    out: torch.Tensor,  # [B, L, d_out] (or [B, d_out]) the layer's output, updated in place
-    x: torch.Tensor,  # [B, L, d_in] (or [B, d_in]) the layer's input
-    indices: torch.Tensor,  # [d_out, k] int64, shared by every slot
-    values: torch.Tensor,  # [S, d_out, k] one slot per adapter; slot 0 = zeros
+def mixed_delta(
+    x: torch.Tensor,  # [B, L, d_in] (or [B, d_in]) a layer's input
+    indices: torch.Tensor,  # [k, d_out] int64 (j-major), shared by every slot
+    values: torch.Tensor,  # [S, k, d_out] one slot per adapter; slot 0 = zeros
     slots: torch.Tensor,  # [B] int64, the slot of each batch row
     backend: str = "auto",
-) -> None:
-    """Add each row's own sparse delta to `out` (Triton on CUDA, the torch twin elsewhere)."""
-    _check(out, x, indices, values, slots)
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {backend!r}")
-    x, indices, values, slots = x.contiguous(), indices.contiguous(), values.contiguous(), slots.contiguous()
+) -> torch.Tensor:  # [B, L, d_out] (or [B, d_out]) float32
+    """Each row's own sparse delta (Triton on CUDA, the torch twin elsewhere)."""
+    if indices.dim() != 2 or values.shape[1:] != indices.shape or slots.shape != x.shape[:1]:
+        _explain(x, indices, values, slots)
     if backend == "torch" or (backend == "auto" and not use_triton(x)):
-        mixed_delta_ref_(out, x, indices, values, slots)
-        return
+        return mixed_delta_ref(x, indices, values, slots)
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"unknown backend {backend!r}")
     if triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
-    B = x.shape[0]
+    k, d_out = indices.shape
     T = x.numel() // x.shape[-1]
-    d_out, k = indices.shape
+    out = torch.empty(*x.shape[:-1], d_out, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(d_out, _BLOCK_O))
     _mixed_delta_kernel[grid](
         out,
-        x,
-        indices,
-        values,
-        slots,
+        x.contiguous(),
+        indices.contiguous(),
+        values.contiguous(),
+        slots.contiguous(),
         T,
-        T // B,
+        T // x.shape[0],
         x.shape[-1],
         d_out,
         K=k,
         BLOCK_T=_BLOCK_T,
         BLOCK_O=_BLOCK_O,
     )
+    return out
 
 
-def _check(
-    out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
-) -> None:
-    d_out, k = indices.shape if indices.dim() == 2 else (-1, -1)
-    problems = [
-        (
-            indices.dim() == 2 and indices.dtype == torch.int64,
-            f"indices must be int64 [d_out, k], got {indices.dtype} {tuple(indices.shape)}",
-        ),
-        (
-            values.dim() == 3 and values.shape[1:] == (d_out, k),
-            f"values must be [slots, {d_out}, {k}], got {tuple(values.shape)}",
-        ),
-        (
-            slots.dim() == 1 and slots.dtype == torch.int64 and slots.shape[0] == x.shape[0],
-            f"slots must be int64 [{x.shape[0]}], got {slots.dtype} {tuple(slots.shape)}",
-        ),
-        (
-            out.shape == (*x.shape[:-1], d_out),
-            f"out {tuple(out.shape)} must be x's leading shape {tuple(x.shape[:-1])} + ({d_out},)",
-        ),
-        (out.is_contiguous(), "out must be contiguous"),
-        (len({t.device for t in (out, x, indices, values, slots)}) == 1, "all tensors must be on one device"),
-    ]
-    for ok, message in problems:
-        if not ok:
-            raise ValueError(message)
+def add_delta_(out: torch.Tensor, delta: torch.Tensor) -> None:
+    """out += delta, formed in float32 and rounded once to out's dtype."""
+    if out.dtype == torch.float32:
+        out.add_(delta)
+    else:
+        out.copy_(out.float() + delta)
+
+
+def _explain(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be [k, d_out], got shape {tuple(indices.shape)}")
+    if values.dim() != 3 or values.shape[1:] != indices.shape:
+        raise ValueError(f"values must be [slots, {indices.shape[0]}, {indices.shape[1]}], got {tuple(values.shape)}")
+    raise ValueError(f"slots must be [{x.shape[0]}] (one per batch row), got {tuple(slots.shape)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -13,12 +14,15 @@ from server.routes import adapters, generate, health, openai
 from server.settings import ServerSettings
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    """The app; its engine (model, adapters, worker) is built from `settings` at start-up."""
+def create_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings], Engine] = Engine) -> FastAPI:
+    """The app; its engine (model, adapters, worker) is built from `settings` at start-up.
+
+    `engine_factory` lets a benchmark put another engine behind the same front end.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = await run_in_threadpool(Engine, settings)
+        app.state.engine = await run_in_threadpool(engine_factory, settings)
         app.state.engine.start()
         try:
             yield

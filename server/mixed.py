@@ -3,8 +3,13 @@
 `MixedAdapters` keeps, for every index set in use, its indices on the device and a stack of
 value slots (slot 0 = zeros, for rows without an adapter), and puts adapters into slots as rows
 need them, least recently used out first: an adapter is copied to the device once, not at every
-change of the batch. While the mixed path is on, a forward hook on each target linear adds
-`kernels.mixed_delta_` for every index set bound to the coming forward call.
+change of the batch. While the mixed path is on, a forward hook on each target linear adds the
+deltas of every index set bound to the coming forward call.
+
+Sibling projections that read the same input (q/k/v, gate/up: vLLM's packed modules) form one
+unit: one gather and one product for all of them, the first sibling's hook computes it and the
+others take their slices. A sibling whose input turns out not to be the same tensor computes
+its own.
 """
 
 from __future__ import annotations
@@ -15,23 +20,35 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels import mixed_delta_
+from kernels import add_delta_, mixed_delta
 from server.registry import ResidentAdapter
 
 MAX_INDEX_SETS = 16  # index sets kept on the device; past it, unused ones are dropped (oldest first)
+PACKED_MODULES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(eq=False)
+class _Unit:
+    """Layers of one index set that read the same input, their rows concatenated."""
+
+    spans: dict[str, tuple[int, int]]  # layer -> its rows [start, end) in the concatenation
+    indices: torch.Tensor  # [k, rows] int64, j-major as the kernel takes them
+    values: torch.Tensor  # [capacity, k, rows]; slot 0 stays zero
 
 
 @dataclass
 class _IndexSet:
     """The slots of the adapters sharing one index set (one `index_hash`)."""
 
-    indices: dict[str, torch.Tensor]  # layer -> [d_out, k] int64 on the device
-    values: dict[str, torch.Tensor]  # layer -> [capacity, d_out, k]; slot 0 stays zero
-    slot_of: OrderedDict[int, int] = field(default_factory=OrderedDict)  # version -> slot, LRU first
+    units: dict[str, _Unit]  # layer -> the unit holding it
+    slot_of: OrderedDict[int, int] = field(default_factory=OrderedDict)  # adapter version -> slot, LRU first
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.values.values())).shape[0]
+        return next(iter(self.units.values())).values.shape[0]
+
+    def distinct_units(self) -> list[_Unit]:
+        return list({id(u): u for u in self.units.values()}.values())
 
 
 class MixedAdapters:
@@ -42,6 +59,7 @@ class MixedAdapters:
         self.values_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         self._sets: OrderedDict[str, _IndexSet] = OrderedDict()  # index_hash -> slots, LRU first
         self._bound: list[tuple[_IndexSet, torch.Tensor]] = []  # (index set, slots [B]) of the coming forward
+        self._unit_deltas: dict[_Unit, tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (input, delta)
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}  # layer -> its hook
 
     @property
@@ -51,7 +69,6 @@ class MixedAdapters:
     def bind(self, rows: list[ResidentAdapter | None]) -> None:
         """Make the next forward call add, to batch row b, the delta of adapter rows[b] (None: none)."""
         wanted = {r.version: r for r in rows if r is not None}
-        slots: dict[str, list[int]] = {}
         for resident in wanted.values():
             index_hash = resident.adapter.metadata.index_hash
             if index_hash not in self._sets:
@@ -59,14 +76,13 @@ class MixedAdapters:
             self._sets.move_to_end(index_hash)
             self._ensure_slot(self._sets[index_hash], resident, keep=wanted.keys())
         self._drop_cold_sets(keep={r.adapter.metadata.index_hash for r in wanted.values()})
-        for index_hash, index_set in self._sets.items():
-            row_slots = [index_set.slot_of.get(r.version, 0) if r is not None else 0 for r in rows]
-            if any(row_slots):
-                slots[index_hash] = row_slots
-        self._bound = [
-            (self._sets[h], torch.tensor(s, dtype=torch.int64, device=self.device)) for h, s in slots.items()
-        ]
-        for name in {n for s in self._sets.values() for n in s.indices} - self._handles.keys():
+        self._bound = []
+        for index_set in self._sets.values():
+            slots = [index_set.slot_of.get(r.version, 0) if r is not None else 0 for r in rows]
+            if any(slots):
+                self._bound.append((index_set, torch.tensor(slots, dtype=torch.int64, device=self.device)))
+        self._unit_deltas = {}
+        for name in {n for s in self._sets.values() for n in s.units} - self._handles.keys():
             self._handles[name] = self.modules[name].register_forward_hook(self._hook(name))
 
     def unbind(self) -> None:
@@ -75,28 +91,49 @@ class MixedAdapters:
             handle.remove()
         self._handles = {}
         self._bound = []
+        self._unit_deltas = {}
 
     def resident_bytes(self) -> int:
-        return sum(v.nbytes for s in self._sets.values() for v in (*s.values.values(), *s.indices.values()))
+        units = [u for s in self._sets.values() for u in s.distinct_units()]
+        return sum(u.values.nbytes + u.indices.nbytes for u in units)
 
     def _hook(self, name: str):
         def add_deltas(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             for index_set, slots in self._bound:
-                indices = index_set.indices.get(name)
-                if indices is not None:
-                    mixed_delta_(output, args[0], indices, index_set.values[name], slots)
+                unit = index_set.units.get(name)
+                if unit is not None:
+                    start, end = unit.spans[name]
+                    add_delta_(output, self._unit_delta(unit, args[0], slots)[..., start:end])
 
         return add_deltas
 
+    def _unit_delta(self, unit: _Unit, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        cached = self._unit_deltas.get(unit)
+        if cached is not None and cached[0] is x:  # a sibling already computed it from this very input
+            return cached[1]
+        delta = mixed_delta(x, unit.indices, unit.values, slots)
+        if len(unit.spans) > 1:
+            self._unit_deltas[unit] = (x, delta)
+        return delta
+
     def _new_set(self, resident: ResidentAdapter) -> _IndexSet:
-        layers = resident.adapter.layers
-        return _IndexSet(
-            indices={n: d.indices.to(self.device, torch.int64) for n, d in layers.items()},
-            values={
-                n: torch.zeros(2, *d.values.shape, dtype=self.values_dtype, device=self.device)
-                for n, d in layers.items()
-            },
-        )
+        groups: dict[tuple[str, int] | str, list[str]] = {}
+        for name in resident.adapter.layers:
+            parent, _, leaf = name.rpartition(".")
+            packed = next((i for i, group in enumerate(PACKED_MODULES) if leaf in group), None)
+            groups.setdefault(name if packed is None else (parent, packed), []).append(name)
+        units = {}
+        for names in groups.values():
+            deltas = [resident.adapter.layers[n] for n in names]
+            bounds = torch.tensor([0] + [d.indices.shape[0] for d in deltas]).cumsum(0).tolist()
+            indices = torch.cat([d.indices.t() for d in deltas], dim=1).to(self.device, torch.int64)
+            unit = _Unit(
+                spans={n: (bounds[i], bounds[i + 1]) for i, n in enumerate(names)},
+                indices=indices,
+                values=torch.zeros(2, *indices.shape, dtype=self.values_dtype, device=self.device),
+            )
+            units.update(dict.fromkeys(names, unit))
+        return _IndexSet(units=units)
 
     def _drop_cold_sets(self, keep: set[str]) -> None:
         """Bound the memory of index sets no running row uses: keep the most recent few."""
@@ -116,8 +153,9 @@ class MixedAdapters:
                 free = index_set.slot_of.pop(evictable)
             else:  # every slot serves a row of this batch: double the stack
                 free = index_set.capacity
-                for name, stack in index_set.values.items():
-                    index_set.values[name] = torch.cat([stack, torch.zeros_like(stack)])
-        for name, d in resident.adapter.layers.items():
-            index_set.values[name][free].copy_(d.values)
+                for unit in index_set.distinct_units():
+                    unit.values = torch.cat([unit.values, torch.zeros_like(unit.values)])
+        for name, unit in index_set.units.items():
+            start, end = unit.spans[name]
+            unit.values[free, :, start:end].copy_(resident.adapter.layers[name].values.t())
         index_set.slot_of[resident.version] = free
