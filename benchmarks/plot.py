@@ -67,17 +67,29 @@ def plot_switch(data: dict, out: Path) -> None:
 def plot_serve(data: dict, out: Path) -> None:
     fig, (tput, ttft) = plt.subplots(1, 2, figsize=(10, 4.2))
     rows = data["rows"]
+    engines = list(dict.fromkeys(r.get("engine", "neuroada") for r in rows))
+    colors = dict(zip(engines, ("tab:blue", "tab:orange", "tab:red", "tab:green")))
     for conc in sorted({r["concurrency"] for r in rows}):
         base = next((r for r in rows if r["adapters"] == 0 and r["concurrency"] == conc), None)
-        for traffic, style in (("uniform", "-o"), ("zipf", "--s")):
-            sel = sorted(
-                (r for r in rows if r["traffic"] == traffic and r["concurrency"] == conc), key=lambda r: r["adapters"]
-            )
-            if not sel:
-                continue
-            xs = [r["adapters"] for r in sel]
-            tput.plot(xs, [r["tokens_per_s"] for r in sel], style, label=f"{traffic}, conc {conc}")
-            ttft.plot(xs, [r["ttft_p99"] for r in sel], style, label=f"{traffic}, conc {conc}")
+        for engine in engines:
+            for traffic, style in (("uniform", "-o"), ("zipf", "--s")):
+                sel = sorted(
+                    (
+                        r
+                        for r in rows
+                        if r.get("engine", "neuroada") == engine
+                        and r["traffic"] == traffic
+                        and r["concurrency"] == conc
+                    ),
+                    key=lambda r: r["adapters"],
+                )
+                if not sel:
+                    continue
+                xs = [r["adapters"] for r in sel]
+                label = f"{engine}, {traffic}, conc {conc}"
+                alpha = 1.0 if conc == max(r["concurrency"] for r in rows) else 0.45
+                tput.plot(xs, [r["tokens_per_s"] for r in sel], style, color=colors[engine], alpha=alpha, label=label)
+                ttft.plot(xs, [r["ttft_p99"] for r in sel], style, color=colors[engine], alpha=alpha, label=label)
         if base:
             tput.axhline(base["tokens_per_s"], color="gray", lw=0.8, ls=":")
             ttft.axhline(base["ttft_p99"], color="gray", lw=0.8, ls=":")
@@ -87,8 +99,11 @@ def plot_serve(data: dict, out: Path) -> None:
     ttft.set_xlabel("adapters in traffic")
     tput.set_ylabel("output tokens/s (dotted: base only)")
     ttft.set_ylabel("p99 time to first token, s (dotted: base only)")
-    tput.legend(fontsize=8)
-    fig.suptitle(f"neuroada serve under load\n{data['machine']}", fontsize=9)
+    tput.legend(fontsize=6)
+    ttft.set_yscale("log")
+    fig.suptitle(
+        f"serving under load (neuroada mixed / one adapter per batch / PEFT-LoRA engine)\n{data['machine']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")

@@ -166,7 +166,7 @@ def main() -> None:
             pool[p.stem] = p.read_bytes()
             p.unlink()
         names = sorted(p.stem for p in store.glob("*.safetensors"))
-        proc, url = start_server(store, args.threads, 16)
+        proc, url = start_server("neuroada", store, args.threads, 16)
         try:
             result = asyncio.run(soak(url, store, names, pool, args))
         finally:

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from server.engine import Engine
 from server.errors import BodyLimit, install_error_handlers
 from server.routes import adapters, generate, health, openai
+from server.schemas import ERROR_RESPONSES
 from server.settings import ServerSettings
 
 
@@ -29,7 +30,7 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[ServerSetting
         finally:
             await run_in_threadpool(app.state.engine.stop)
 
-    app = FastAPI(title="neuroada", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="neuroada", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.engine = None
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_json_bytes=settings.max_request_bytes, max_upload_bytes=settings.max_upload_bytes)

@@ -98,6 +98,8 @@ def submit(
         params=params,
         on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         deadline=time.monotonic() + min(settings.request_timeout_s, timeout_s or settings.request_timeout_s),
+        # A deadline the client chose and missed is the client's (408), the server's own is 504.
+        deadline_status=408 if timeout_s is not None and timeout_s < settings.request_timeout_s else 504,
     )
     try:
         engine.submit(request)

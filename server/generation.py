@@ -64,6 +64,7 @@ class GenerationRequest:
     params: SamplingParams
     on_event: Callable[[Event], None]  # called from the worker thread
     deadline: float | None = None  # time.monotonic() after which the request is dropped
+    deadline_status: int = 504  # 408 when the client's own timeout_s set the deadline
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     resident: ResidentAdapter | None = None  # the adapter version it runs with, fixed when it joins a batch

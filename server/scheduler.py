@@ -93,14 +93,17 @@ class BatchScheduler:
         return oldest.adapter
 
     def _drop_dead(self) -> None:
-        """Cancelled requests leave silently; expired ones get a 504-style error."""
+        """Cancelled requests leave silently; expired ones get 504 (the server's timeout) or 408 (their own)."""
         now = time.monotonic()
         alive = deque()
         for r in self._queue:
             if r.cancelled.is_set():
                 continue
             if r.expired(now):
-                r.on_event(Failed(504, "the request's deadline passed while it waited in the queue"))
+                whose = "its timeout_s" if r.deadline_status == 408 else "the server's request_timeout_s"
+                r.on_event(
+                    Failed(r.deadline_status, f"the request's deadline ({whose}) passed while it waited in the queue")
+                )
                 continue
             alive.append(r)
         self._queue = alive

@@ -79,3 +79,36 @@ class ChatCompletionRequest(SamplingFields):
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in the OpenAI shape (the official client parses it)."""
+
+    error: ErrorDetail
+
+
+_ERROR_STATUSES = {
+    400: "bad request",
+    401: "missing or wrong bearer token",
+    404: "unknown adapter or model",
+    408: "the request's own timeout_s passed while it was queued",
+    413: "body, upload or prompt over its limit",
+    422: "invalid field, or an adapter file refused (naming the fault)",
+    429: "queue full (see Retry-After)",
+    500: "generation failed (this request only)",
+    503: "not ready",
+    504: "the server's request_timeout_s passed while it was queued",
+}
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_STATUSES.items()
+}
+# Generation endpoints answer JSON, or server-sent events when the body asks for stream=true.
+STREAMING_RESPONSE: dict[int | str, dict] = {
+    200: {"description": "the result, or with stream=true its events", "content": {"text/event-stream": {}}}
+}

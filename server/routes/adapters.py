@@ -35,7 +35,7 @@ async def get_adapter(name: str, engine: Engine = Depends(get_engine)):
     return resident.describe()
 
 
-@router.put("/{name}", status_code=201)
+@router.put("/{name}", status_code=201, responses={200: {"description": "replaced an adapter of that name"}})
 async def put_adapter(name: str, request: Request, response: Response, engine: Engine = Depends(get_engine)):
     _valid(name)
     data = await _read_body(request, engine.settings.max_upload_bytes)

@@ -10,12 +10,12 @@ from server.dispatch import submit
 from server.engine import Engine
 from server.errors import ApiError
 from server.generation import Finished, TextDelta
-from server.schemas import GenerateRequest, GenerateResponse, Usage
+from server.schemas import STREAMING_RESPONSE, GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter(dependencies=[Depends(require_api_token)])
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=STREAMING_RESPONSE)
 async def generate(
     body: GenerateRequest,
     http: Request,

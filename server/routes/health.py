@@ -34,7 +34,7 @@ async def health(request: Request, deep: bool = Query(False, description="also v
     return body
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 async def metrics(request: Request):
     engine = request.app.state.engine
     engine.metrics.queue_depth.set(engine.scheduler.depth())

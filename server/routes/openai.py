@@ -16,7 +16,7 @@ from server.dispatch import Submitted, submit
 from server.engine import Engine
 from server.errors import ApiError
 from server.generation import Finished, TextDelta
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.schemas import STREAMING_RESPONSE, ChatCompletionRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
@@ -50,7 +50,7 @@ async def list_models(engine: Engine = Depends(get_engine)):
     return {"object": "list", "data": data}
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAMING_RESPONSE)
 async def completions(body: CompletionRequest, http: Request, engine: Engine = Depends(get_engine)):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -71,7 +71,7 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
     return _envelope(rid, "text_completion", created, body.model, choice, _usage(done))
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAMING_RESPONSE)
 async def chat_completions(body: ChatCompletionRequest, http: Request, engine: Engine = Depends(get_engine)):
     adapter = _adapter_for(engine, body.model)
     messages = [m.model_dump() for m in body.messages]

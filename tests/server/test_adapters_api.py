@@ -308,14 +308,20 @@ def test_concurrent_put_delete_put_of_one_name_leaves_one_consistent_version(ser
     assert_base_weights_pristine(server)
 
 
-def test_a_request_past_its_deadline_in_the_queue_gets_504(store, tiny_model_dir):
-    with RunningServer(make_settings(tiny_model_dir, store, max_batch_size=1)) as s, s.client() as c:
+def test_a_request_past_its_deadline_in_the_queue_gets_408_or_504(store, tiny_model_dir):
+    settings = make_settings(tiny_model_dir, store, max_batch_size=1, request_timeout_s=0.2)
+    with RunningServer(settings) as s, s.client() as c:
         long = threading.Thread(
             target=lambda: c.post("/generate", json={"prompt": "hi", "max_new_tokens": 400, "ignore_eos": True})
         )
         long.start()
-        time.sleep(0.3)  # the long request holds the worker
-        r = c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 2, "timeout_s": 0.05})
+        time.sleep(0.3)  # the long request holds the only batch row
+        own = c.post(
+            "/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 2, "timeout_s": 0.05}
+        )
+        servers = c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 2})
         long.join()
-        assert r.status_code == 504 and "deadline" in r.json()["error"]["message"]
+        # Its own timeout_s passed: the client's deadline (408). The server's default passed: 504.
+        assert own.status_code == 408 and "timeout_s" in own.json()["error"]["message"]
+        assert servers.status_code == 504 and "request_timeout_s" in servers.json()["error"]["message"]
         assert c.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200

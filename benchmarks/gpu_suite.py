@@ -1,0 +1,262 @@
+"""GPU suite: the checks and timings that need a CUDA device, in one call of a few minutes.
+
+    python benchmarks/gpu_suite.py [--embedded] [--out benchmarks/gpu_suite.json]
+    TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --smoke      # the same code paths on a CPU
+
+1. Kernels against their torch twins on the device: flat apply / reapply / restore bit for bit
+   (float32, bfloat16, float16), the sparse product's forward and gradients, the mixed product.
+2. Whole-model switch on a LLaMA-7B-shaped stack of random bf16 weights in one flat buffer
+   (32 layers; q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008), magnitude top-k
+   indices, k = 1 and 20: one scatter between two adapters sharing the index set, and restore +
+   apply between adapters with their own, against the floor (bytes moved / copy bandwidth).
+   Goal on an H100-class card: k = 20 under 1 ms, k = 1 under 0.1 ms.
+3. The mixed-adapter delta at batch 32 on the same stack (8 adapters, one index set): all 224
+   layers' `mixed_delta` against the dense matmuls of the same batch. Goal: at most 5% at k = 20.
+4. With --embedded: decode.py and a short serve_load.py on the embedded model (subprocesses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import machine, print_table, write_json  # noqa: E402
+
+from kernels import (  # noqa: E402
+    apply_delta_flat_,
+    flat_offsets,
+    mixed_delta,
+    reapply_delta_flat_,
+    restore_flat_,
+    sparse_delta,
+)
+
+LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+SMOKE_LAYER = [(64, 64)] * 4 + [(172, 64)] * 2 + [(64, 172)]
+
+
+def elapsed_ms(fn, device: torch.device, repeats: int = 20) -> float:
+    """Median milliseconds of fn() (CUDA events on a GPU, wall clock elsewhere), after a warm-up."""
+    import statistics
+    import time
+
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def check_kernels(device: torch.device) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        buffer = torch.randn(50_000, generator=g).to(dtype).to(device)
+        offsets = torch.randperm(50_000, generator=g)[:7_000].to(device)
+        values = (torch.randn(7_000, generator=g) * 1e-2).to(torch.bfloat16).to(device)
+        results = {}
+        for backend in ("torch", "triton"):
+            b, saved = buffer.clone(), torch.empty(7_000, dtype=dtype, device=device)
+            apply_delta_flat_(b, offsets, values, saved, backend=backend)
+            applied = b.clone()
+            reapply_delta_flat_(b, offsets, values.flip(0), saved, backend=backend)
+            reapplied = b.clone()
+            restore_flat_(b, offsets, saved, backend=backend)
+            results[backend] = (applied, reapplied, b, saved)
+        exact = all(torch.equal(a, t) for a, t in zip(results["torch"], results["triton"]))
+        restored = torch.equal(results["triton"][2], buffer)
+        rows.append({"check": f"flat apply/reapply/restore {str(dtype)[6:]}", "ok": exact and restored})
+
+    x = torch.randn(64, 96, generator=g).to(device).requires_grad_()
+    indices = torch.rand(80, 96, generator=g).argsort(1)[:, :5].to(device)
+    values = torch.randn(80, 5, generator=g).to(device).requires_grad_()
+    grads = {}
+    for backend in ("torch", "triton"):
+        y = sparse_delta(x, indices, values, backend=backend)
+        gx, gv = torch.autograd.grad(y.square().sum(), (x, values))
+        grads[backend] = (y.detach(), gx, gv)
+    diff = max(float((a - b).abs().max()) for a, b in zip(grads["torch"], grads["triton"]))
+    rows.append({"check": "sparse_delta fwd + grads (fp32)", "ok": diff < 1e-4, "max_abs_diff": diff})
+
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = torch.randn(8, 3, 96, generator=g).to(dtype).to(device)
+        idx = torch.rand(80, 96, generator=g).argsort(1)[:, :4].t().contiguous().to(device)
+        stack = torch.randn(5, 4, 80, generator=g).to(torch.bfloat16).to(device)
+        stack[0] = 0
+        slots = torch.tensor([1, 0, 2, 3, 4, 1, 0, 2], device=device)
+        ref = mixed_delta(xs, idx, stack, slots, backend="torch")
+        tri = mixed_delta(xs, idx, stack, slots, backend="triton")
+        diff = float((ref - tri).abs().max())
+        rows.append({"check": f"mixed_delta {str(dtype)[6:]}", "ok": diff < 1e-4, "max_abs_diff": diff})
+    return rows
+
+
+def build_stack(layer: list[tuple[int, int]], layers: int, device: torch.device):
+    shapes = layer * layers
+    total = sum(o * i for o, i in shapes)
+    buffer = torch.empty(total, dtype=torch.bfloat16, device=device)
+    starts, start = [], 0
+    for o, i in shapes:
+        buffer[start : start + o * i].normal_()
+        starts.append(start)
+        start += o * i
+    return buffer, shapes, starts
+
+
+def topk_indices(buffer, shapes, starts, k: int) -> list[torch.Tensor]:
+    return [buffer[s : s + o * i].view(o, i).abs().topk(k, dim=1).indices for (o, i), s in zip(shapes, starts)]
+
+
+def copy_bandwidth(device: torch.device, elements: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write)."""
+    a = torch.empty(elements, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    ms = elapsed_ms(lambda: b.copy_(a), device)
+    return 2 * a.nbytes / (ms / 1e3)
+
+
+def time_switch(buffer, shapes, starts, ks: list[int], device: torch.device, bandwidth: float) -> list[dict]:
+    rows = []
+    for k in ks:
+        indices = topk_indices(buffer, shapes, starts, k)
+        offsets = torch.cat([flat_offsets(idx, i, s) for idx, (_, i), s in zip(indices, shapes, starts)])
+        n = offsets.numel()
+        a = (torch.randn(n, device=device) * 1e-2).to(torch.bfloat16)
+        b = (torch.randn(n, device=device) * 1e-2).to(torch.bfloat16)
+        saved = torch.empty(n, dtype=buffer.dtype, device=device)
+        apply_delta_flat_(buffer, offsets, a, saved)
+        shared = elapsed_ms(lambda: reapply_delta_flat_(buffer, offsets, b, saved), device)
+        other = offsets.flip(0)  # another index set's layout: its own offsets tensor and order
+
+        def restore_apply():
+            restore_flat_(buffer, offsets, saved)
+            apply_delta_flat_(buffer, other, b, saved)
+            restore_flat_(buffer, other, saved)
+            apply_delta_flat_(buffer, offsets, a, saved)
+
+        own = elapsed_ms(restore_apply, device) / 2  # two switches per call
+        restore_flat_(buffer, offsets, saved)
+        # One scatter reads offsets (8 B), values and saved (2 B each) and writes the weight (2 B).
+        floor_ms = n * 14 / bandwidth * 1e3
+        rows.append({"k": k, "deltas": n, "shared_ms": shared, "own_ms": own, "floor_ms": floor_ms})
+    return rows
+
+
+def time_mixed(buffer, shapes, starts, ks: list[int], batch: int, device: torch.device) -> list[dict]:
+    weights = [buffer[s : s + o * i].view(o, i) for (o, i), s in zip(shapes, starts)]
+    xs = {i: torch.randn(batch, i, device=device, dtype=torch.bfloat16) for i in {i for _, i in shapes}}
+    slots = torch.arange(batch, device=device) % 8 + 1  # 8 adapters
+    dense_ms = elapsed_ms(lambda: [xs[w.shape[1]] @ w.t() for w in weights], device)
+    rows = []
+    for k in ks:
+        indices = [idx.t().contiguous() for idx in topk_indices(buffer, shapes, starts, k)]
+        stacks = [torch.randn(9, k, o, device=device).mul_(1e-2).to(torch.bfloat16) for o, _ in shapes]
+        mixed_ms = elapsed_ms(
+            lambda: [mixed_delta(xs[w.shape[1]], ix, st, slots) for w, ix, st in zip(weights, indices, stacks)],
+            device,
+        )
+        rows.append({"k": k, "batch": batch, "dense_ms": dense_ms, "mixed_ms": mixed_ms, "ratio": mixed_ms / dense_ms})
+    return rows
+
+
+def run_embedded(out_dir: Path) -> None:
+    here = Path(__file__).resolve().parent
+    commands = [
+        [
+            sys.executable,
+            str(here / "decode.py"),
+            "--batch",
+            "1",
+            "8",
+            "--mixed-batch",
+            "8",
+            "32",
+            "--mixed-k",
+            "1",
+            "20",
+        ]
+        + ["--adapters", "1", "8", "--repeats", "3", "--out", str(out_dir / "decode_gpu.json")],
+        [sys.executable, str(here / "serve_load.py"), "--engines", "neuroada", "per-adapter", "--adapters", "8", "32"]
+        + ["--concurrency", "16", "--requests", "32", "--out", str(out_dir / "serve_load_gpu.json")],
+    ]
+    for command in commands:
+        print("$", " ".join(command[1:]), flush=True)
+        subprocess.run(command, check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, so the script runs on a CPU")
+    parser.add_argument("--embedded", action="store_true", help="also run decode.py and serve_load.py")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("gpu_suite.json"))
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        sys.exit("no CUDA device: run with --smoke (and TRITON_INTERPRET=1) to exercise the code paths on a CPU")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("on a CPU the Triton kernels need TRITON_INTERPRET=1")
+
+    checks = check_kernels(device)
+    print(f"\nmachine: {machine()}\n")
+    print_table(
+        ["check", "ok", "max abs diff"], [[c["check"], c["ok"], c.get("max_abs_diff", "bit-exact")] for c in checks]
+    )
+
+    layer, layers = (SMOKE_LAYER, 2) if args.smoke else (LLAMA_7B_LAYER, 32)
+    buffer, shapes, starts = build_stack(layer, layers, device)
+    bandwidth = copy_bandwidth(device, 1 << (16 if args.smoke else 28))
+    switch = time_switch(buffer, shapes, starts, args.k, device, bandwidth)
+    print(
+        f"\nwhole-stack switch, {len(shapes)} layers, {buffer.numel() / 1e9:.2f}B bf16 weights; "
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s\n"
+    )
+    print_table(
+        ["k", "deltas", "shared index set ms", "own index sets ms", "floor ms", "shared vs floor"],
+        [
+            [
+                r["k"],
+                f"{r['deltas']:,}",
+                f"{r['shared_ms']:.3f}",
+                f"{r['own_ms']:.3f}",
+                f"{r['floor_ms']:.3f}",
+                f"{r['shared_ms'] / r['floor_ms']:.1f}x",
+            ]
+            for r in switch
+        ],
+    )
+    mixed = time_mixed(buffer, shapes, starts, args.k, args.batch, device)
+    print(f"\nmixed-adapter delta vs the dense matmuls, batch {args.batch}, 8 adapters, all layers\n")
+    print_table(
+        ["k", "dense ms", "mixed delta ms", "overhead"],
+        [[r["k"], f"{r['dense_ms']:.3f}", f"{r['mixed_ms']:.3f}", f"{r['ratio']:.1%}"] for r in mixed],
+    )
+    write_json(
+        args.out, {"smoke": args.smoke, "checks": checks, "bandwidth": bandwidth, "switch": switch, "mixed": mixed}
+    )
+    if args.embedded:
+        run_embedded(args.out.parent)
+    if not all(c["ok"] for c in checks):
+        sys.exit("a kernel check failed")
+
+
+if __name__ == "__main__":
+    main()
