@@ -80,9 +80,21 @@ def check_kernels(device: torch.device) -> list[dict]:
             reapplied = b.clone()
             restore_flat_(b, offsets, saved, backend=backend)
             results[backend] = (applied, reapplied, b, saved)
-        exact = all(torch.equal(a, t) for a, t in zip(results["torch"], results["triton"]))
+        bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+        ulps = max(
+            int((a.view(bits).long() - t.view(bits).long()).abs().max())
+            for a, t in zip(results["torch"], results["triton"])
+        )
         restored = torch.equal(results["triton"][2], buffer)
-        rows.append({"check": f"flat apply/reapply/restore {str(dtype)[6:]}", "ok": exact and restored})
+        # On CUDA bit for bit; the CPU interpreter may round a bf16/fp16 store one ulp apart.
+        allowed = 0 if device.type == "cuda" else 1
+        rows.append(
+            {
+                "check": f"flat apply/reapply/restore {str(dtype)[6:]}",
+                "ok": ulps <= allowed and restored,
+                "max_ulps": ulps,
+            }
+        )
 
     x = torch.randn(64, 96, generator=g).to(device).requires_grad_()
     indices = torch.rand(80, 96, generator=g).argsort(1)[:, :5].to(device)
@@ -218,7 +230,11 @@ def main() -> None:
     checks = check_kernels(device)
     print(f"\nmachine: {machine()}\n")
     print_table(
-        ["check", "ok", "max abs diff"], [[c["check"], c["ok"], c.get("max_abs_diff", "bit-exact")] for c in checks]
+        ["check", "ok", "max difference"],
+        [
+            [c["check"], c["ok"], f"{c['max_ulps']} ulp" if "max_ulps" in c else f"{c['max_abs_diff']:.2e}"]
+            for c in checks
+        ],
     )
 
     layer, layers = (SMOKE_LAYER, 2) if args.smoke else (LLAMA_7B_LAYER, 32)
