@@ -55,7 +55,7 @@ def main() -> int:
                     time.sleep(0.5)
             started = time.monotonic()
             fuzz = subprocess.run(
-                [shutil.which("st") or "st", "run", f"{url}/openapi.json", "--checks", CHECKS]
+                [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", CHECKS]
                 + ["--max-examples", str(args.max_examples), "--workers", str(args.workers), "--seed", str(args.seed)]
                 + ["--suppress-health-check", "all"],
             )

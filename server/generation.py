@@ -150,9 +150,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache`; use whichever this version takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _forward_options(model: nn.Module) -> tuple[str, dict]:
+    """The cache's keyword in this transformers version (`past_key_values` became `cache`), and
+    logits for the last position only where the model offers it (a prefill then skips the
+    lm_head over every prompt position)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), (
+        {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    )
 
 
 class RunningBatch:
@@ -178,7 +183,7 @@ class RunningBatch:
         self.pad_id = pad_id
         self.before_forward = before_forward
         self.device = next(model.parameters()).device
-        self.cache_kw = _cache_keyword(model)
+        self.cache_keyword, self.forward_options = _forward_options(model)
         self.rows: list[_RowState] = []
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [rows, cache length]
@@ -239,7 +244,8 @@ class RunningBatch:
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
-            **{self.cache_kw: cache},
+            **{self.cache_keyword: cache},
+            **self.forward_options,
         )
         return out.logits[:, -1, :].float()
 

@@ -36,8 +36,8 @@ class _WithAdapterNames(nn.Module):
         self.peft_model = peft_model
         self.adapter_names: list[str] = []
 
-    def forward(self, **kwargs):
-        return self.peft_model(**kwargs, adapter_names=self.adapter_names)
+    def forward(self, logits_to_keep: int = 0, **kwargs):
+        return self.peft_model(**kwargs, logits_to_keep=logits_to_keep, adapter_names=self.adapter_names)
 
 
 class LoraEngine(Engine):
