@@ -62,10 +62,6 @@ class MixedAdapters:
         self._unit_deltas: dict[_Unit, tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (input, delta)
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}  # layer -> its hook
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def bind(self, rows: list[ResidentAdapter | None]) -> None:
         """Make the next forward call add, to batch row b, the delta of adapter rows[b] (None: none)."""
         wanted = {r.version: r for r in rows if r is not None}
@@ -92,10 +88,6 @@ class MixedAdapters:
         self._handles = {}
         self._bound = []
         self._unit_deltas = {}
-
-    def resident_bytes(self) -> int:
-        units = [u for s in self._sets.values() for u in s.distinct_units()]
-        return sum(u.values.nbytes + u.indices.nbytes for u in units)
 
     def _hook(self, name: str):
         def add_deltas(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

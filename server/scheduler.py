@@ -53,10 +53,6 @@ class BatchScheduler:
             self._closed = True
             self._cond.notify_all()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def admit(self, running: list[str | None], applied: str | None, timeout: float = 0.5) -> list[GenerationRequest]:
         """Requests to join a batch now running `running` (their adapters); waits only when it is empty."""
         free = self.max_batch_size - len(running)

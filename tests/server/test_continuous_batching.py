@@ -8,11 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
-from neuroada.format import save_adapter
+from neuroada.fingerprint import BaseModelSpec
+from neuroada.format import adapter_to_bytes, save_adapter
+from neuroada.inplace import PackedWeights
 from server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams
+from server.mixed import MixedAdapters
+from server.registry import AdapterRegistry
 from server.scheduler import BatchScheduler
-from tests.helpers import random_adapter, tiny_llama, tiny_tokenizer
+from tests.helpers import TINY_NAME, random_adapter, tiny_llama, tiny_tokenizer
 from tests.server.conftest import RunningServer, make_settings
 from tests.server.test_serving import PROMPTS, generate, offline_greedy
 
@@ -156,3 +161,35 @@ def test_per_adapter_admission_keeps_one_adapter_and_drains_for_an_overdue_one()
     assert scheduler.admit(running=["a"], applied="a") == []  # the running batch drains for c
     assert scheduler.admit(running=[], applied="a") == [overdue]
     assert scheduler.admit(running=[], applied="c") == [b1]
+
+
+def test_adapter_slots_grow_and_are_reused_without_mixing_up_adapters():
+    model = tiny_llama(seed=0)
+    base = BaseModelSpec.from_model(model, TINY_NAME)
+    packed = PackedWeights(model)
+    registry = AdapterRegistry(packed, base, fidelity_threshold=0.9)
+    # One index set (same seed), six value sets (scales): more adapters than the first stack holds.
+    residents = [
+        registry.prepare(f"r{i}", adapter_to_bytes(random_adapter(model, k=2, seed=5, scale=0.2 + 0.1 * i)))
+        for i in range(6)
+    ]
+    mixed = MixedAdapters(model, torch.device("cpu"))
+    ids = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(0))
+
+    def alone(resident, row):
+        saved = packed.apply_(resident.delta) if resident else None
+        with torch.no_grad():
+            logits = model(ids[row : row + 1]).logits[0]
+        if resident:
+            packed.restore_(resident.delta, saved)
+        return logits
+
+    r = residents
+    for rows in ([r[0], r[1], r[2], None], [r[3], r[4], r[5], r[3]], [r[0], r[5], None, r[1]]):
+        mixed.bind(rows)  # grows the stack, then evicts least recently used slots
+        with torch.no_grad():
+            logits = model(ids).logits
+        mixed.unbind()
+        for i, resident in enumerate(rows):
+            torch.testing.assert_close(logits[i], alone(resident, i), rtol=1e-4, atol=1e-4)
+    assert len(mixed._sets) == 1 and mixed._sets[r[0].adapter.metadata.index_hash].capacity == 4
