@@ -174,8 +174,10 @@ def main() -> None:
         for engine in args.engines:
             proc, url = start_server(engine, store, args.threads, args.max_batch)
             try:
-                # Warm-up (not recorded): the first requests after start-up run cold.
-                asyncio.run(scenario(url, names[:1], "uniform", max(args.concurrency), 8, args.new_tokens, 0))
+                # Warm-up (not recorded): the first requests after start-up run cold, on every path
+                # (base, one adapter, mixed); the base row at the lowest concurrency used to run slow.
+                for warm in ([], names[:1], names[:8]):
+                    asyncio.run(scenario(url, warm, "uniform", max(args.concurrency), 8, args.new_tokens, 0))
                 for c in args.concurrency:
                     if engine == args.engines[0]:
                         rows.append(asyncio.run(scenario(url, [], "base", c, args.requests, args.new_tokens, 0)))
