@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -110,8 +111,29 @@ def store(tmp_path, tiny_model_dir) -> Path:
     return folder
 
 
+LONG_TOKENS = 20_000  # a long request: far longer than any test waits; it is cancelled, never finished
+
+
+@contextmanager
+def long_request(client: httpx.Client, adapter: str | None = None):
+    """A streamed request that is generating when the block starts, and hangs up when it ends."""
+    params = {"adapter": adapter} if adapter else {}
+    body = {"prompt": "abc", "max_new_tokens": LONG_TOKENS, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/generate", params=params, json=body) as response:
+        lines = response.iter_lines()
+        next(lines)  # its first event arrived: it holds a batch row
+        yield lines
+
+
 def make_settings(model_dir: Path, store: Path, **overrides) -> ServerSettings:
-    values = dict(model=str(model_dir), adapter_dir=store, port=free_port(), max_batch_size=8, max_wait_ms=50)
+    values = dict(
+        model=str(model_dir),
+        adapter_dir=store,
+        port=free_port(),
+        max_batch_size=8,
+        max_wait_ms=50,
+        max_new_tokens=LONG_TOKENS,
+    )
     values.update(overrides)
     return ServerSettings(**values)
 

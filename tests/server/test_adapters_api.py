@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from neuroada.format import adapter_to_bytes, read_adapter
 from tests.helpers import random_adapter, tiny_llama
 from tests.neuroada.test_format import CASES, _case, write_raw
-from tests.server.conftest import RunningServer, make_settings
+from tests.server.conftest import LONG_TOKENS, RunningServer, long_request, make_settings
 from tests.server.test_serving import generate, offline_greedy
 
 
@@ -218,7 +217,7 @@ def test_errors_are_json_with_the_right_status(server):
     with server.client() as c:
         r = c.post("/generate", json={"prompt": "hi", "temperature": -1})
         assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
-        r = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 10_000})
+        r = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 10 * LONG_TOKENS})
         assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
         r = c.post("/generate", json={"prompt": "x" * 3000})
         assert r.status_code == 413 and "max_prompt_tokens" in r.json()["error"]["message"]
@@ -311,16 +310,9 @@ def test_concurrent_put_delete_put_of_one_name_leaves_one_consistent_version(ser
 def test_a_request_past_its_deadline_in_the_queue_gets_408_or_504(store, tiny_model_dir):
     settings = make_settings(tiny_model_dir, store, max_batch_size=1, request_timeout_s=0.2)
     with RunningServer(settings) as s, s.client() as c:
-        long = threading.Thread(
-            target=lambda: c.post("/generate", json={"prompt": "hi", "max_new_tokens": 400, "ignore_eos": True})
-        )
-        long.start()
-        time.sleep(0.3)  # the long request holds the only batch row
-        own = c.post(
-            "/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 2, "timeout_s": 0.05}
-        )
-        servers = c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 2})
-        long.join()
+        with long_request(c):  # holds the only batch row
+            own = c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "timeout_s": 0.05})
+            servers = c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 2})
         # Its own timeout_s passed: the client's deadline (408). The server's default passed: 504.
         assert own.status_code == 408 and "timeout_s" in own.json()["error"]["message"]
         assert servers.status_code == 504 and "request_timeout_s" in servers.json()["error"]["message"]

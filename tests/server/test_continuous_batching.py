@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import json
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from server.mixed import MixedAdapters
 from server.registry import AdapterRegistry
 from server.scheduler import BatchScheduler
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama, tiny_tokenizer
-from tests.server.conftest import RunningServer, make_settings
+from tests.server.conftest import RunningServer, long_request, make_settings
 from tests.server.test_serving import PROMPTS, generate, offline_greedy
 
 
@@ -98,26 +96,11 @@ def test_a_mixed_batch_gives_every_request_its_merged_output(tiny_model_dir, mix
 
 
 def test_a_short_request_joins_and_leaves_while_a_long_one_runs(server, store):
-    done: dict[str, float] = {}
-
-    def long_stream():
-        with httpx.Client(base_url=server.url, timeout=120) as c:
-            body = {"prompt": "abc", "max_new_tokens": 400, "ignore_eos": True, "stream": True}
-            with c.stream("POST", "/generate", params={"adapter": "a"}, json=body) as r:
-                for _ in r.iter_lines():
-                    started.set()
-        done["long"] = time.monotonic()
-
-    started = threading.Event()
-    thread = threading.Thread(target=long_stream)
-    thread.start()
-    assert started.wait(60)
-    with server.client() as c:
+    with server.client() as c, long_request(c, adapter="a") as long:
         text = generate(c, "hello there", "b", n=8)
-    done["short"] = time.monotonic()
-    thread.join(120)
+        # The long request is still generating: the short one joined its batch and left it.
+        assert json.loads(next(line for line in long if line.startswith("data: "))[6:]).get("finish_reason") is None
     assert text == offline_greedy(store / "b.safetensors", "hello there", 8)
-    assert done["short"] < done["long"]  # it did not wait for the long request's batch to end
     assert _steps(server, "mixed") > 0
 
 
