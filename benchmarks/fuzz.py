@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port  # noqa: E402
+from serve_load import start_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance"
@@ -35,24 +35,16 @@ def main() -> int:
     parser.add_argument("--max-examples", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         for f in (ROOT / "adapters").glob("*.safetensors"):
             shutil.copy(f, store / f.name)
-        port = free_port()
-        env = dict(os.environ, NEUROADA_ADAPTER_DIR=str(store), NEUROADA_PORT=str(port), NEUROADA_MAX_NEW_TOKENS="8")
-        server = subprocess.Popen([sys.executable, "-m", "neuroada.cli", "serve"], env=env, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        os.environ["NEUROADA_MAX_NEW_TOKENS"] = "8"  # read by the server start_server spawns
+        server, url = start_server("neuroada", store, args.threads, max_batch=16)
         try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
             started = time.monotonic()
             fuzz = subprocess.run(
                 [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", CHECKS]

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,9 +46,6 @@ SMOKE_LAYER = [(64, 64)] * 4 + [(172, 64)] * 2 + [(64, 172)]
 
 def elapsed_ms(fn, device: torch.device, repeats: int = 20) -> float:
     """Median milliseconds of fn() (CUDA events on a GPU, wall clock elsewhere), after a warm-up."""
-    import statistics
-    import time
-
     fn()
     samples = []
     for _ in range(repeats):

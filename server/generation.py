@@ -234,6 +234,9 @@ class RunningBatch:
         """End every row with `event` (the batch raised) and empty the batch."""
         for row in self.rows:
             row.request.on_event(event)
+        self._empty()
+
+    def _empty(self) -> None:
         self.rows, self.pending, self.cache = [], [], None
         self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
 
@@ -266,12 +269,11 @@ class RunningBatch:
         for row in self.rows:
             if row.finish_reason is not None:
                 row.finish()
+        if not keep:
+            self._empty()
+            return
         self.rows = [self.rows[i] for i in keep]
         self.pending = [self.pending[i] for i in keep]
-        if not keep:
-            self.cache = None
-            self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
-            return
         index = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]

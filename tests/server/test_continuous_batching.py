@@ -38,14 +38,15 @@ def test_requests_joining_and_leaving_a_running_batch_each_equal_offline_generat
             batch.join([_request(p, n, events) for p, n in plan[step]])
         if batch:
             batch.step()
+        if batch:
             lengths.append(batch.mask.shape[1])
     assert not batch
     for prompts in plan.values():
         for prompt, n in prompts:
             finished = events[prompt][-1]
             assert isinstance(finished, Finished) and finished.text == offline_greedy(None, prompt, n), prompt
-    # Padding left with the long prompt: the cache was trimmed rather than growing by one each step.
-    assert min(lengths[6:]) < max(lengths)
+    # Padding left with the long prompt: the cache was trimmed; untrimmed it only ever grows.
+    assert any(after < before for before, after in zip(lengths, lengths[1:]))
 
 
 @pytest.fixture
