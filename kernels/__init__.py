@@ -2,10 +2,12 @@
 product, and the mixed-adapter product.
 
 Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
-`kernels.reference`, which is the CPU path and the test oracle.
+`kernels.reference`, which is the test oracle and the CPU path where the C++ CPU kernels
+(`kernels.cpu`, built on first use) are not available.
 """
 
 from kernels._triton import triton_available
+from kernels.cpu import cpu_kernels
 from kernels.mixed_delta import add_delta_, mixed_delta
 from kernels.scatter import (
     apply_delta_,
@@ -22,6 +24,7 @@ __all__ = [
     "add_delta_",
     "CsrLayout",
     "apply_delta_",
+    "cpu_kernels",
     "apply_delta_flat_",
     "csr_layout",
     "flat_offsets",

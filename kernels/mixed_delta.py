@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import tl, triton, use_triton
+from kernels.cpu import cpu_kernels, use_cpu_kernels
 from kernels.reference import mixed_delta_ref
 
 _BLOCK_T = 16
@@ -59,18 +60,34 @@ if triton is not None:
 
 def mixed_delta(
     x: torch.Tensor,  # [B, L, d_in] (or [B, d_in]) a layer's input
-    indices: torch.Tensor,  # [k, d_out] int64 (j-major), shared by every slot
+    indices: torch.Tensor,  # [k, d_out] int32 or int64 (j-major), shared by every slot
     values: torch.Tensor,  # [S, k, d_out] one slot per adapter; slot 0 = zeros
     slots: torch.Tensor,  # [B] int64, the slot of each batch row
     backend: str = "auto",
+    check_ranges: bool = True,
 ) -> torch.Tensor:  # [B, L, d_out] (or [B, d_out]) float32
-    """Each row's own sparse delta (Triton on CUDA, the torch twin elsewhere)."""
+    """Each row's own sparse delta: Triton on CUDA; on the CPU the C++ kernel of `kernels.cpu`
+    for float32 inputs where it is built, else the torch twin. `backend` forces one: "triton",
+    "cpu" or "torch". check_ranges=False skips the C++ kernel's bounds checks of indices and
+    slots, for a caller that validated them once (the serving hot path)."""
     if indices.dim() != 2 or values.shape[1:] != indices.shape or slots.shape != x.shape[:1]:
         _explain(x, indices, values, slots)
-    if backend == "torch" or (backend == "auto" and not use_triton(x)):
-        return mixed_delta_ref(x, indices, values, slots)
-    if backend not in ("auto", "triton"):
+    if backend not in ("auto", "triton", "cpu", "torch"):
         raise ValueError(f"unknown backend {backend!r}")
+    if backend == "auto":
+        backend = "triton" if use_triton(x) else ("cpu" if _cpu_kernel_fits(x, values) else "torch")
+    if backend == "torch":
+        return mixed_delta_ref(x, indices, values, slots)
+    if backend == "cpu":
+        if not _cpu_kernel_fits(x, values):
+            raise RuntimeError("backend='cpu' needs float32 CPU tensors and the C++ kernels built")
+        d_in, d_out = x.shape[-1], indices.shape[1]
+        rows = x.numel() // d_in
+        token_slots = slots.repeat_interleave(rows // x.shape[0]) if rows != x.shape[0] else slots
+        delta = cpu_kernels().mixed_delta(
+            x.reshape(rows, d_in).contiguous(), indices, values, token_slots, check_ranges
+        )
+        return delta.view(*x.shape[:-1], d_out)
     if triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
     k, d_out = indices.shape
@@ -92,6 +109,10 @@ def mixed_delta(
         BLOCK_O=_BLOCK_O,
     )
     return out
+
+
+def _cpu_kernel_fits(x: torch.Tensor, values: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and values.dtype == torch.float32 and use_cpu_kernels(x)
 
 
 def add_delta_(out: torch.Tensor, delta: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import tl, triton, use_triton
+from kernels.cpu import cpu_kernels, use_cpu_kernels
 from kernels.reference import sparse_delta_bwd_ref, sparse_delta_fwd_ref
 from kernels.sparse_csr import CSR_MIN_K, CsrLayout, csr_layout, sparse_delta_bwd_csr, sparse_delta_fwd_csr
 
@@ -118,6 +119,9 @@ class _SparseDelta(torch.autograd.Function):
         x2d = x.reshape(-1, d_in).contiguous()
         if path == "triton":
             out = sparse_delta_fwd_triton(x2d, indices, values)
+        elif path == "cpu":
+            x2d = x2d.float()
+            out = cpu_kernels().sparse_fwd(x2d, indices, values.float().contiguous())
         elif path == "csr":
             x2d = x2d.float()
             out = sparse_delta_fwd_csr(x2d, layout, values.float())
@@ -131,9 +135,14 @@ class _SparseDelta(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x2d, indices, values = ctx.saved_tensors
         grad_out = grad_out.reshape(-1, indices.shape[0]).contiguous()
-        need = dict(need_grad_x=ctx.needs_input_grad[0], need_grad_values=ctx.needs_input_grad[2])
+        need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need = dict(need_grad_x=need_x, need_grad_values=need_values)
         if ctx.path == "triton":
             grad_x, grad_values = sparse_delta_bwd_triton(grad_out, x2d, indices, values, **need)
+        elif ctx.path == "cpu":
+            grad_x, grad_values = cpu_kernels().sparse_bwd(
+                grad_out.float(), x2d, indices, values.float().contiguous(), need_x, need_values
+            )
         elif ctx.path == "csr":
             grad_x, grad_values = sparse_delta_bwd_csr(grad_out.float(), x2d, ctx.layout, values.float(), **need)
         else:
@@ -154,9 +163,10 @@ def sparse_delta(
 ) -> torch.Tensor:  # [..., d_out], x.dtype
     """Differentiable sparse bypass product, accumulated in float32.
 
-    backend: "auto" (Triton for CUDA tensors; on the CPU the CSR kernels for k >= CSR_MIN_K, else
-    per-j gathers), "triton", "csr", or "torch" (per-j gathers: the reference). `layout` (from `csr_layout`) saves re-deriving the
-    pattern on every call of the CSR path; pass it wherever the indices are fixed.
+    backend: "auto" (Triton for CUDA tensors; on the CPU the C++ kernels of `kernels.cpu`, or where
+    they cannot be built the CSR kernels for k >= CSR_MIN_K, else per-j gathers), "triton", "cpu",
+    "csr", or "torch" (per-j gathers: the reference). `layout` (from `csr_layout`) saves
+    re-deriving the pattern on every call of the CSR path; pass it wherever the indices are fixed.
     """
     if indices.dim() != 2 or values.shape != indices.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must both be [d_out, k]")
@@ -166,12 +176,19 @@ def sparse_delta(
         raise ValueError(
             f"x, indices and values must share a device, got {x.device}, {indices.device}, {values.device}"
         )
-    if backend not in ("auto", "triton", "csr", "torch"):
+    if backend not in ("auto", "triton", "cpu", "csr", "torch"):
         raise ValueError(f"unknown backend {backend!r}")
     if backend == "triton" and triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
+    if backend == "cpu" and not use_cpu_kernels(x):
+        raise RuntimeError("backend='cpu' asked for, but the tensors are not on the CPU or the C++ kernels are unavailable")
     if backend == "auto":
-        path = "triton" if use_triton(x) else ("csr" if indices.shape[1] >= CSR_MIN_K else "torch")
+        if use_triton(x):
+            path = "triton"
+        elif use_cpu_kernels(x):
+            path = "cpu"
+        else:
+            path = "csr" if indices.shape[1] >= CSR_MIN_K else "torch"
     else:
         path = backend
     if path != "triton" and indices.dtype != torch.int64:

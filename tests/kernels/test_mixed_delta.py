@@ -3,7 +3,11 @@ import torch
 
 from kernels import add_delta_, mixed_delta, triton_available
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+BACKENDS = [
+    "torch",
+    "cpu",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton")),
+]
 
 
 def stack(adapters: list[torch.Tensor]) -> torch.Tensor:
@@ -91,3 +95,23 @@ def test_bad_inputs_are_refused_with_a_clear_error(mutate, message):
     mutate(args)
     with pytest.raises(ValueError, match=message):
         mixed_delta(**args)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("k", [1, 20])
+def test_cpu_kernel_matches_the_torch_twin_over_several_output_blocks(index_dtype, k):
+    # d_out = 600 spans three of the C++ kernel's 256-wide output blocks, the last one partial.
+    _, x, indices, values, slots = case(k, tokens_per_row=3, d_in=96, d_out=600, adapters=5)
+    slots = torch.tensor([5, 0, 3, 2, 1, 4], dtype=torch.int64)
+    expected = mixed_delta(x, indices, values, slots, backend="torch")
+    delta = mixed_delta(x, indices.to(index_dtype), values, slots, backend="cpu")
+    torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(delta[1], torch.zeros_like(delta[1]))
+
+
+def test_cpu_kernel_checks_ranges_unless_told_not_to():
+    _, x, indices, values, slots = case(2, 1)
+    with pytest.raises(RuntimeError, match="token_slots must lie in"):
+        mixed_delta(x, indices, values, torch.full_like(slots, values.shape[0]), backend="cpu")
+    with pytest.raises(RuntimeError, match="indices must lie in"):
+        mixed_delta(x, torch.full_like(indices, x.shape[-1]), values, slots, backend="cpu")

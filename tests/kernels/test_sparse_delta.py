@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from kernels import sparse_delta, triton_available
+from kernels.cpu import cpu_kernels
 
 BACKENDS = [
     "torch",
     "csr",
+    "cpu",
     pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton")),
 ]
 
@@ -18,7 +20,7 @@ def dense_reference(x, indices, values, d_in):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 5])
-@pytest.mark.parametrize("lead_shape", [(7,), (2, 9)])
+@pytest.mark.parametrize("lead_shape", [(7,), (2, 9), (5, 14)])  # 70 tokens: several C++ tiles, with a tail
 def test_forward_and_both_gradients_equal_the_dense_reference(backend, k, lead_shape):
     d_in, d_out = 40, 70
     g = torch.Generator().manual_seed(k)
@@ -86,3 +88,40 @@ def test_csr_layout_handles_unsorted_rows_and_is_reusable():
         torch.testing.assert_close(y, dense_reference(x, indices, values, d_in), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(values.grad, v_ref.grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernels_are_built_here_and_chosen_by_auto():
+    # CI's machines have a compiler: a build failure must fail here, not fall back silently.
+    assert cpu_kernels() is not None
+    x = torch.randn(40, 24)
+    indices = torch.randint(0, 24, (16, 3))
+    values = torch.randn(16, 3)
+    assert torch.equal(sparse_delta(x, indices, values), sparse_delta(x, indices, values, backend="cpu"))
+
+
+def test_cpu_kernels_take_int32_indices_and_refuse_out_of_range_ones():
+    x = torch.randn(33, 24, requires_grad=True)
+    indices = torch.randint(0, 24, (16, 3))
+    values = torch.randn(16, 3, requires_grad=True)
+    y64 = sparse_delta(x, indices, values, backend="cpu")
+    y32 = sparse_delta(x, indices.int(), values, backend="cpu")
+    torch.testing.assert_close(y32, y64, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 24\)"):
+        sparse_delta(x, torch.full((16, 3), 24), values, backend="cpu")
+
+
+def test_without_the_cpu_kernels_auto_uses_the_torch_path(monkeypatch):
+    x = torch.randn(9, 24)
+    indices = torch.randint(0, 24, (16, 5))
+    values = torch.randn(16, 5)
+    fast = sparse_delta(x, indices, values)
+    monkeypatch.setenv("NEUROADA_CPU_KERNELS", "0")
+    cpu_kernels.cache_clear()
+    try:
+        assert cpu_kernels() is None
+        torch.testing.assert_close(sparse_delta(x, indices, values), fast, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="C\\+\\+ kernels are unavailable"):
+            sparse_delta(x, indices, values, backend="cpu")
+    finally:
+        monkeypatch.delenv("NEUROADA_CPU_KERNELS")
+        cpu_kernels.cache_clear()
