@@ -8,7 +8,7 @@ Depends on torch (and triton where installed) only. Every kernel has a pure-torc
 
 from kernels._triton import triton_available
 from kernels.cpu import cpu_kernels
-from kernels.mixed_delta import add_delta_, mixed_delta
+from kernels.mixed_delta import add_delta_, add_mixed_delta_, mixed_delta
 from kernels.scatter import (
     apply_delta_,
     apply_delta_flat_,
@@ -22,6 +22,7 @@ from kernels.sparse_product import sparse_delta
 
 __all__ = [
     "add_delta_",
+    "add_mixed_delta_",
     "CsrLayout",
     "apply_delta_",
     "cpu_kernels",

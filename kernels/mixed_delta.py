@@ -81,13 +81,9 @@ def mixed_delta(
     if backend == "cpu":
         if not _cpu_kernel_fits(x, values):
             raise RuntimeError("backend='cpu' needs float32 CPU tensors and the C++ kernels built")
-        d_in, d_out = x.shape[-1], indices.shape[1]
-        rows = x.numel() // d_in
-        token_slots = slots.repeat_interleave(rows // x.shape[0]) if rows != x.shape[0] else slots
-        delta = cpu_kernels().mixed_delta(
-            x.reshape(rows, d_in).contiguous(), indices, values, token_slots, check_ranges
-        )
-        return delta.view(*x.shape[:-1], d_out)
+        delta = torch.zeros(*x.shape[:-1], indices.shape[1], dtype=torch.float32)
+        cpu_kernels().mixed_delta_add_(delta, x.contiguous(), indices, values, slots, check_ranges)
+        return delta
     if triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
     k, d_out = indices.shape
@@ -109,6 +105,24 @@ def mixed_delta(
         BLOCK_O=_BLOCK_O,
     )
     return out
+
+
+def add_mixed_delta_(
+    out: torch.Tensor,  # [B, L, d_out] (or [B, d_out]) a layer's output
+    x: torch.Tensor,  # [B, L, d_in] (or [B, d_in]) its input
+    indices: torch.Tensor,  # [k, d_out] (j-major)
+    values: torch.Tensor,  # [S, k, d_out]; slot 0 = zeros
+    slots: torch.Tensor,  # [B] int64
+    check_ranges: bool = True,
+) -> None:
+    """out += each row's own delta, rounded once to out's dtype. On the CPU with float32 tensors
+    the C++ kernel adds in place: no delta tensor, and rows of slot 0 are not touched. This is
+    the serving hot path (a call per target layer per decode step), so it checks little in Python."""
+    kernels = cpu_kernels() if x.device.type == "cpu" else None
+    if kernels is not None and out.dtype == x.dtype == values.dtype == torch.float32 and out.is_contiguous():
+        kernels.mixed_delta_add_(out, x.contiguous(), indices, values, slots, check_ranges)
+    else:
+        add_delta_(out, mixed_delta(x, indices, values, slots, check_ranges=check_ranges))
 
 
 def _cpu_kernel_fits(x: torch.Tensor, values: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels import add_delta_, cpu_kernels, mixed_delta
+from kernels import add_delta_, add_mixed_delta_, cpu_kernels, mixed_delta
 from server.registry import ResidentAdapter
 
 MAX_INDEX_SETS = 16  # index sets kept on the device; past it, unused ones are dropped (oldest first)
@@ -57,6 +57,9 @@ class MixedAdapters:
         self.device = device
         # Values are bf16 on disk; float32 on the CPU spares its slow bf16 arithmetic, bf16 on a GPU halves memory.
         self.values_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        # Packing siblings pays on a GPU, where one kernel launch replaces three; the C++ CPU
+        # kernel gathers per output row anyway and adds straight into each layer's output.
+        self.pack_siblings = device.type != "cpu"
         if device.type == "cpu":
             cpu_kernels()  # build or load them now rather than in the first mixed step
         self._sets: OrderedDict[str, _IndexSet] = OrderedDict()  # index_hash -> slots, LRU first
@@ -95,7 +98,12 @@ class MixedAdapters:
         def add_deltas(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             for index_set, slots in self._bound:
                 unit = index_set.units.get(name)
-                if unit is not None:
+                if unit is None:
+                    continue
+                if len(unit.spans) == 1:
+                    # Indices were checked against the base when the adapter was loaded; slots are ours.
+                    add_mixed_delta_(output, args[0], unit.indices, unit.values, slots, check_ranges=False)
+                else:
                     start, end = unit.spans[name]
                     add_delta_(output, self._unit_delta(unit, args[0], slots)[..., start:end])
 
@@ -105,7 +113,6 @@ class MixedAdapters:
         cached = self._unit_deltas.get(unit)
         if cached is not None and cached[0] is x:  # a sibling already computed it from this very input
             return cached[1]
-        # Indices were checked against the base when the adapter was loaded, and slots are ours.
         delta = mixed_delta(x, unit.indices, unit.values, slots, check_ranges=False)
         if len(unit.spans) > 1:
             self._unit_deltas[unit] = (x, delta)
@@ -116,6 +123,7 @@ class MixedAdapters:
         for name in resident.adapter.layers:
             parent, _, leaf = name.rpartition(".")
             packed = next((i for i, group in enumerate(PACKED_MODULES) if leaf in group), None)
+            packed = packed if self.pack_siblings else None
             groups.setdefault(name if packed is None else (parent, packed), []).append(name)
         units = {}
         for names in groups.values():

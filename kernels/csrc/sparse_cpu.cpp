@@ -6,7 +6,7 @@
 // Training (sparse_fwd / sparse_bwd): tokens are taken TB at a time and the tile's inputs are
 // transposed, so the TB values of one selected column are contiguous: one (row, j) term is then
 // a few vector FMAs over tokens instead of TB scalar gathers.
-// Serving (mixed_delta): a decode batch has a handful of tokens, each with its own adapter, so
+// Serving (mixed_delta_add_): a decode batch has a handful of tokens, each with its own adapter, so
 // the loop runs along the output dim (contiguous indices and values, gathered inputs).
 #include <torch/extension.h>
 
@@ -164,22 +164,19 @@ void sparse_bwd_impl(const float* gy, const float* x, const index_t* idx, const 
   }
 }
 
-// out[t, o] = sum_j val[slots[t], j, o] * x[t, idx[j, o]]; slot 0 is "no adapter" (zeros).
+// out[t, o] += sum_j val[slots[t / L], j, o] * x[t, idx[j, o]] for the L tokens of each batch row;
+// rows of slot 0 ("no adapter") are not touched.
 template <typename index_t>
-void mixed_delta_impl(const float* x, const index_t* idx, const float* val, const int64_t* slots, float* out,
-                      int64_t T, int64_t d_in, int64_t d_out, int64_t k) {
+void mixed_delta_add_impl(const float* x, const index_t* idx, const float* val, const int64_t* slots, float* out,
+                          int64_t T, int64_t L, int64_t d_in, int64_t d_out, int64_t k) {
   const int64_t blocks = (d_out + OB - 1) / OB;
   const int64_t grain = std::max<int64_t>(1, MIN_WORK / (OB * std::max<int64_t>(k, 1)));
   at::parallel_for(0, T * blocks, grain, [&](int64_t begin, int64_t end) {
     float acc[OB];
     for (int64_t w = begin; w < end; ++w) {
       const int64_t t = w / blocks, o0 = (w % blocks) * OB, width = std::min(OB, d_out - o0);
-      float* dst = out + t * d_out + o0;
-      const int64_t slot = slots[t];
-      if (slot == 0) {
-        std::fill(dst, dst + width, 0.0f);
-        continue;
-      }
+      const int64_t slot = slots[t / L];
+      if (slot == 0) continue;
       const float* xr = x + t * d_in;
       std::fill(acc, acc + width, 0.0f);
       for (int64_t j = 0; j < k; ++j) {
@@ -188,7 +185,9 @@ void mixed_delta_impl(const float* x, const index_t* idx, const float* val, cons
 #pragma omp simd
         for (int64_t o = 0; o < width; ++o) acc[o] += vj[o] * xr[ij[o]];
       }
-      std::memcpy(dst, acc, width * sizeof(float));
+      float* dst = out + t * d_out + o0;
+#pragma omp simd
+      for (int64_t o = 0; o < width; ++o) dst[o] += acc[o];
     }
   });
 }
@@ -233,34 +232,39 @@ std::vector<torch::Tensor> sparse_bwd(const torch::Tensor& grad_out, const torch
   return {grad_x, grad_values};
 }
 
-// x [T, d_in], indices [k, d_out] (j-major), values [S, k, d_out], token_slots [T] -> [T, d_out].
-// On the decode hot path the caller may skip the range checks (check_ranges=false) for indices it
-// validated once: two reductions per call cost a few percent of a small model's decode step.
-torch::Tensor mixed_delta(const torch::Tensor& x, const torch::Tensor& indices, const torch::Tensor& values,
-                          const torch::Tensor& token_slots, bool check_ranges) {
-  check_2d_float(x, "x");
+// out [B, ..., d_out] += each batch row's delta, with x [B, ..., d_in], indices [k, d_out] (j-major),
+// values [S, k, d_out], slots [B]. On the decode hot path the caller may skip the range checks
+// (check_ranges=false) for indices it validated once: two reductions per call cost a few percent
+// of a small model's decode step.
+void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& indices,
+                      const torch::Tensor& values, const torch::Tensor& slots, bool check_ranges) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() >= 2 && x.is_contiguous(),
+              "x must be a contiguous float32 CPU tensor [B, ..., d_in]");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
+                  out.dim() == x.dim() && out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+              "out must be a contiguous float32 CPU tensor shaped like x but for its last dim");
   check_index_layout(indices);
   TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == torch::kFloat32 && values.dim() == 3 &&
                   values.is_contiguous() && values.size(1) == indices.size(0) && values.size(2) == indices.size(1),
               "values must be a contiguous float32 CPU tensor [slots, k, d_out]");
-  TORCH_CHECK(token_slots.device().is_cpu() && token_slots.scalar_type() == torch::kInt64 &&
-                  token_slots.dim() == 1 && token_slots.is_contiguous() && token_slots.size(0) == x.size(0),
-              "token_slots must be a contiguous int64 CPU tensor [T]");
+  TORCH_CHECK(out.size(-1) == indices.size(1), "out's last dim must be d_out = ", indices.size(1));
+  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == torch::kInt64 && slots.dim() == 1 &&
+                  slots.is_contiguous() && slots.size(0) == x.size(0),
+              "slots must be a contiguous int64 CPU tensor [B]");
+  const int64_t d_in = x.size(-1), k = indices.size(0), d_out = indices.size(1);
   if (check_ranges) {
-    check_range(indices, x.size(1), "indices");
-    check_range(token_slots, values.size(0), "token_slots");
+    check_range(indices, d_in, "indices");
+    check_range(slots, values.size(0), "slots");
   }
-  const int64_t T = x.size(0), d_in = x.size(1), k = indices.size(0), d_out = indices.size(1);
-  auto out = torch::empty({T, d_out}, x.options());
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "mixed_delta", [&] {
-    mixed_delta_impl<index_t>(x.data_ptr<float>(), indices.data_ptr<index_t>(), values.data_ptr<float>(),
-                              token_slots.data_ptr<int64_t>(), out.data_ptr<float>(), T, d_in, d_out, k);
+  const int64_t T = x.numel() / d_in, L = x.size(0) > 0 ? T / x.size(0) : 1;
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "mixed_delta_add_", [&] {
+    mixed_delta_add_impl<index_t>(x.data_ptr<float>(), indices.data_ptr<index_t>(), values.data_ptr<float>(),
+                                  slots.data_ptr<int64_t>(), out.data_ptr<float>(), T, L, d_in, d_out, k);
   });
-  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd", &sparse_fwd, "sparse gather product, forward");
   m.def("sparse_bwd", &sparse_bwd, "sparse gather product, grad_x and grad_values in one pass");
-  m.def("mixed_delta", &mixed_delta, "each token's own adapter delta over one shared index set");
+  m.def("mixed_delta_add_", &mixed_delta_add_, "adds each token's own adapter delta (one shared index set) to out");
 }

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import add_delta_, mixed_delta, triton_available
+from kernels import add_delta_, add_mixed_delta_, mixed_delta, triton_available
 
 BACKENDS = [
     "torch",
@@ -111,7 +111,23 @@ def test_cpu_kernel_matches_the_torch_twin_over_several_output_blocks(index_dtyp
 
 def test_cpu_kernel_checks_ranges_unless_told_not_to():
     _, x, indices, values, slots = case(2, 1)
-    with pytest.raises(RuntimeError, match="token_slots must lie in"):
+    with pytest.raises(RuntimeError, match="slots must lie in"):
         mixed_delta(x, indices, values, torch.full_like(slots, values.shape[0]), backend="cpu")
     with pytest.raises(RuntimeError, match="indices must lie in"):
         mixed_delta(x, torch.full_like(indices, x.shape[-1]), values, slots, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # C++ in place / delta then one rounding
+@pytest.mark.parametrize("tokens_per_row", [1, 5])
+def test_add_mixed_delta_in_place_equals_adding_the_delta(dtype, tokens_per_row):
+    out, x, indices, values, slots = case(4, tokens_per_row)
+    out = out.to(dtype)
+    expected = out.clone()
+    add_delta_(expected, mixed_delta(x, indices, values, slots, backend="torch"))
+    before = out.clone()
+    add_mixed_delta_(out, x, indices.int(), values, slots)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:  # float32 sums that differ in their last bits, each rounded once: at most one bf16 ulp apart
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=0)
+    assert torch.equal(out[slots == 0], before[slots == 0])
