@@ -18,6 +18,7 @@ from kernels.scatter import (
     restore_flat_,
 )
 from kernels.sparse_csr import CsrLayout, csr_layout
+from kernels.sparse_linear import sparse_linear
 from kernels.sparse_product import sparse_delta
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "restore_",
     "restore_flat_",
     "sparse_delta",
+    "sparse_linear",
     "triton_available",
 ]

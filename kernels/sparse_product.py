@@ -121,7 +121,8 @@ class _SparseDelta(torch.autograd.Function):
             out = sparse_delta_fwd_triton(x2d, indices, values)
         elif path == "cpu":
             x2d = x2d.float()
-            out = cpu_kernels().sparse_fwd(x2d, indices, values.float().contiguous())
+            out = torch.zeros(x2d.shape[0], indices.shape[0], dtype=torch.float32)
+            cpu_kernels().sparse_fwd_add_(out, x2d, indices, values.float().contiguous())
         elif path == "csr":
             x2d = x2d.float()
             out = sparse_delta_fwd_csr(x2d, layout, values.float())
@@ -140,8 +141,9 @@ class _SparseDelta(torch.autograd.Function):
         if ctx.path == "triton":
             grad_x, grad_values = sparse_delta_bwd_triton(grad_out, x2d, indices, values, **need)
         elif ctx.path == "cpu":
-            grad_x, grad_values = cpu_kernels().sparse_bwd(
-                grad_out.float(), x2d, indices, values.float().contiguous(), need_x, need_values
+            grad_x = torch.zeros_like(x2d) if need_x else None
+            grad_values = cpu_kernels().sparse_bwd_add_(
+                grad_out.float(), x2d, indices, values.float().contiguous(), grad_x, need_values
             )
         elif ctx.path == "csr":
             grad_x, grad_values = sparse_delta_bwd_csr(grad_out.float(), x2d, ctx.layout, values.float(), **need)

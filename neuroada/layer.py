@@ -2,7 +2,8 @@
 
     y = base(x) + delta(x),   delta(x)[..., i] = sum_j values[i, j] * x[..., indices[i, j]]
 
-The delta is the gather product in `kernels`, which never forms a dense [d_out, d_in] tensor.
+The delta is the gather product in `kernels` (`sparse_linear` fuses it with the frozen linear
+on the CPU), which never forms a dense [d_out, d_in] tensor.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import CsrLayout, csr_layout, sparse_delta
+from kernels import CsrLayout, cpu_kernels, csr_layout, sparse_linear
 from kernels.sparse_csr import CSR_MIN_K
 
 
@@ -26,20 +27,20 @@ class NeuroAdaLinear(nn.Module):
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int64).contiguous())  # [d_out, k]
         # Trainable deltas stay float32 while training whatever the base dtype; exported as bf16.
         self.values = nn.Parameter(torch.zeros(indices.shape, dtype=torch.float32, device=device))  # [d_out, k]
-        self._layout: CsrLayout | None = None  # the CPU path's pattern, derived once from indices
+        self._layout: CsrLayout | None = None  # the CSR fallback's pattern, derived once from indices
 
     @property
     def k(self) -> int:
         return self.indices.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         layout = None
-        if not x.is_cuda and self.k >= CSR_MIN_K:
+        if not x.is_cuda and self.k >= CSR_MIN_K and cpu_kernels() is None:
             if self._layout is None or self._layout.crow.device != x.device:
                 self._layout = csr_layout(self.indices, x.shape[-1])
             layout = self._layout
-        return y + sparse_delta(x, self.indices, self.values, layout=layout).to(y.dtype)
+        base = self.base_layer
+        return sparse_linear(x, base.weight, base.bias, self.indices, self.values, layout=layout)
 
     def extra_repr(self) -> str:
         d_out, d_in = self.base_layer.weight.shape

@@ -125,3 +125,63 @@ def test_without_the_cpu_kernels_auto_uses_the_torch_path(monkeypatch):
     finally:
         monkeypatch.delenv("NEUROADA_CPU_KERNELS")
         cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("k", [1, 6])
+def test_sparse_linear_equals_the_dense_bypassed_layer_with_gradients(with_bias, k):
+    from kernels import sparse_linear
+
+    d_in, d_out = 40, 72
+    g = torch.Generator().manual_seed(k)
+    weight = torch.randn(d_out, d_in, generator=g)
+    bias = torch.randn(d_out, generator=g) if with_bias else None
+    indices = torch.rand(d_out, d_in, generator=g).argsort(dim=1)[:, :k]
+    x = torch.randn(3, 25, d_in, generator=g, requires_grad=True)  # 75 tokens: several C++ tiles
+    values = torch.randn(d_out, k, generator=g, requires_grad=True)
+    grad_y = torch.randn(3, 25, d_out, generator=g)
+
+    y = sparse_linear(x, weight, bias, indices, values)
+    y.backward(grad_y)
+    x_ref, v_ref = x.detach().clone().requires_grad_(), values.detach().clone().requires_grad_()
+    y_ref = torch.nn.functional.linear(x_ref, weight, bias) + dense_reference(x_ref, indices, v_ref, d_in)
+    y_ref.backward(grad_y)
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad, v_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_linear_keeps_only_its_inputs_for_backward_and_refuses_a_trainable_base():
+    from kernels import sparse_linear
+
+    d_in, d_out, k = 32, 48, 8
+    weight = torch.randn(d_out, d_in)
+    x = torch.randn(4, 16, d_in, requires_grad=True)
+    indices = torch.rand(d_out, d_in).argsort(dim=1)[:, :k]
+    values = torch.zeros(d_out, k, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        sparse_linear(x, weight, None, indices, values).sum().backward()
+    assert sorted(saved) == sorted([torch.Size([64, d_in]), weight.shape, torch.Size([d_out, k]), torch.Size([d_out, k])])
+    with pytest.raises(ValueError, match="freeze the base weight"):
+        sparse_linear(x, weight.requires_grad_(), None, indices, values)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process():
+    import os
+    import time
+
+    from kernels.cpu import STALE_LOCK_S, build_directory
+
+    lock = build_directory() / "lock"
+    lock.touch()
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    cpu_kernels.cache_clear()
+    try:
+        assert cpu_kernels() is not None  # torch would wait on the lock forever
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+        cpu_kernels.cache_clear()
