@@ -3,11 +3,11 @@
 // torch's gather/index ops run each product as several passes over [tokens, d_out] temporaries
 // at about 1 GMAC/s on a server CPU; these loops make one pass with nothing in between.
 //
-// Training (sparse_fwd_add_ / sparse_bwd_add_): tokens are taken TB at a time and the tile's inputs are
-// transposed, so the TB values of one selected column are contiguous: one (row, j) term is then
-// a few vector FMAs over tokens instead of TB scalar gathers.
-// Serving (mixed_delta_add_): a decode batch has a handful of tokens, each with its own adapter, so
-// the loop runs along the output dim (contiguous indices and values, gathered inputs).
+// Training (sparse_fwd_add_ / sparse_bwd_add_): tokens are taken a tile at a time and the tile's
+// inputs are transposed, so the tile's values of one selected column are contiguous: one
+// (row, j) term is then a few vector FMAs over tokens instead of scalar gathers.
+// Serving (mixed_delta_add_): a decode batch has a handful of tokens, each with its own adapter,
+// so the loop runs along the output dim (contiguous indices and values, gathered inputs).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -28,6 +28,9 @@ typedef float vec __attribute__((vector_size(64)));
 constexpr int64_t VL = 16;
 constexpr int64_t TB = 32;  // tokens per forward tile (two vectors); a tile's columns stay in L2
 constexpr int64_t TB_BWD = 64;  // backward tile: four vectors per dot product before a horizontal sum
+constexpr int64_t OB = 256;  // outputs per block of the mixed kernel
+constexpr int64_t MIN_WORK = 1 << 15;  // multiply-adds below which a thread is not worth waking
+
 inline vec load(const float* p) {
   vec v;
   std::memcpy(&v, p, sizeof v);
@@ -44,9 +47,6 @@ inline float hsum(vec v) {  // a halving tree: four dependent adds rather than f
   const quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
-
-constexpr int64_t OB = 256;  // outputs per block of the mixed kernel
-constexpr int64_t MIN_WORK = 1 << 15;  // multiply-adds below which a thread is not worth waking
 
 #ifdef __AVX__
 // dst[c * ldd + r] (+)= src[r * lds + c] for an 8 x 8 block, in registers.
@@ -160,51 +160,76 @@ void sparse_fwd_impl(const float* x, const index_t* idx, const float* val, float
   });
 }
 
-// grad_x[t, idx[i, j]] += val[i, j] * gy[t, i] (into grad_x as given) and grad_val[i, j] = sum_t gy[t, i] * x[t, idx[i, j]],
-// in one pass over token tiles; each thread sums grad_val over its tiles, then the partials add up.
+// grad_x[t, c] += sum over (i, j) with idx[i, j] = c of val[i, j] * gy[t, i] (into grad_x as given),
+// and grad_val[i, j] = sum_t gy[t, i] * x[t, idx[i, j]], in one pass over token tiles.
+// grad_x walks the pattern by input column (a counting sort of idx, made per call: O(d_out * k)),
+// so each column's sum stays in registers: scattering row by row instead made read-modify-write
+// chains through memory wherever rows share columns, as magnitude-selected rows do.
+// Each thread sums grad_val over its tiles; the partials add up at the end.
 template <typename index_t>
 void sparse_bwd_impl(const float* gy, const float* x, const index_t* idx, const float* val, float* gx, float* gv,
                      int64_t T, int64_t d_in, int64_t d_out, int64_t k) {
   constexpr int64_t W = TB_BWD;
-  const int64_t tiles = (T + W - 1) / W;
+  const int64_t tiles = (T + W - 1) / W, nnz = d_out * k;
+  std::vector<int64_t> col_start(d_in + 1, 0);
+  std::vector<int32_t> col_rows(gx ? nnz : 0);
+  std::vector<float> col_vals(gx ? nnz : 0);
+  if (gx) {
+    for (int64_t m = 0; m < nnz; ++m) ++col_start[static_cast<int64_t>(idx[m]) + 1];
+    for (int64_t c = 0; c < d_in; ++c) col_start[c + 1] += col_start[c];
+    std::vector<int64_t> next(col_start.begin(), col_start.end() - 1);
+    for (int64_t m = 0; m < nnz; ++m) {
+      const int64_t p = next[static_cast<int64_t>(idx[m])]++;
+      col_rows[p] = static_cast<int32_t>(m / k);
+      col_vals[p] = val[m];
+    }
+  }
   const int64_t threads = at::get_num_threads();
-  std::vector<float> partials(gv ? threads * d_out * k : 0, 0.0f);
+  std::vector<float> partials(gv ? threads * nnz : 0, 0.0f);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    float* part = gv ? partials.data() + at::get_thread_num() * d_out * k : nullptr;
+    float* part = gv ? partials.data() + at::get_thread_num() * nnz : nullptr;
     std::vector<float> gyt(d_out * W), xt(gv ? d_in * W : 0), gxt(gx ? d_in * W : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * W, n = std::min(W, T - t0);
       transpose_in<W>(gy + t0 * d_out, d_out, n, d_out, gyt.data());
-      if (gv) transpose_in<W>(x + t0 * d_in, d_in, n, d_in, xt.data());
-      if (gx) std::fill(gxt.begin(), gxt.end(), 0.0f);
-      for (int64_t i = 0; i < d_out; ++i) {
-        const float* g = gyt.data() + i * W;
-        const vec g0 = load(g), g1 = load(g + VL), g2 = load(g + 2 * VL), g3 = load(g + 3 * VL);
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t c = static_cast<int64_t>(idx[i * k + j]) * W;
-          if (gx) {
-            const float v = val[i * k + j];
-            float* dst = gxt.data() + c;
-            store(dst, load(dst) + v * g0);
-            store(dst + VL, load(dst + VL) + v * g1);
-            store(dst + 2 * VL, load(dst + 2 * VL) + v * g2);
-            store(dst + 3 * VL, load(dst + 3 * VL) + v * g3);
+      if (gx) {
+        for (int64_t c = 0; c < d_in; ++c) {
+          vec a0 = {}, a1 = {}, a2 = {}, a3 = {};
+          for (int64_t e = col_start[c]; e < col_start[c + 1]; ++e) {
+            const float v = col_vals[e];
+            const float* g = gyt.data() + static_cast<int64_t>(col_rows[e]) * W;
+            a0 += v * load(g);
+            a1 += v * load(g + VL);
+            a2 += v * load(g + 2 * VL);
+            a3 += v * load(g + 3 * VL);
           }
-          if (gv) {
-            const float* col = xt.data() + c;
+          float* dst = gxt.data() + c * W;
+          store(dst, a0);
+          store(dst + VL, a1);
+          store(dst + 2 * VL, a2);
+          store(dst + 3 * VL, a3);
+        }
+        transpose_add_out<W>(gxt.data(), n, d_in, gx + t0 * d_in, d_in);
+      }
+      if (gv) {
+        transpose_in<W>(x + t0 * d_in, d_in, n, d_in, xt.data());
+        for (int64_t i = 0; i < d_out; ++i) {
+          const float* g = gyt.data() + i * W;
+          const vec g0 = load(g), g1 = load(g + VL), g2 = load(g + 2 * VL), g3 = load(g + 3 * VL);
+          for (int64_t j = 0; j < k; ++j) {
+            const float* col = xt.data() + static_cast<int64_t>(idx[i * k + j]) * W;
             part[i * k + j] += hsum((g0 * load(col) + g1 * load(col + VL)) +
                                     (g2 * load(col + 2 * VL) + g3 * load(col + 3 * VL)));
           }
         }
       }
-      if (gx) transpose_add_out<W>(gxt.data(), n, d_in, gx + t0 * d_in, d_in);
     }
   });
   if (gv) {
-    std::fill(gv, gv + d_out * k, 0.0f);
+    std::fill(gv, gv + nnz, 0.0f);
     for (int64_t p = 0; p < threads; ++p) {
-      const float* part = partials.data() + p * d_out * k;
-      for (int64_t m = 0; m < d_out * k; ++m) gv[m] += part[m];
+      const float* part = partials.data() + p * nnz;
+      for (int64_t m = 0; m < nnz; ++m) gv[m] += part[m];
     }
   }
 }
@@ -237,18 +262,25 @@ void mixed_delta_add_impl(const float* x, const index_t* idx, const float* val, 
   });
 }
 
-}  // namespace
-
-// out [T, d_out] += delta(x), with x [T, d_in], indices [d_out, k], values [d_out, k].
-void sparse_fwd_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& indices,
-                     const torch::Tensor& values) {
-  check_2d_float(out, "out");
+// The training products' common arguments: a [T, d_out] tensor (out or grad_out), x [T, d_in],
+// indices and values [d_out, k].
+void check_product_args(const torch::Tensor& t_by_out, const char* name, const torch::Tensor& x,
+                        const torch::Tensor& indices, const torch::Tensor& values) {
+  check_2d_float(t_by_out, name);
   check_2d_float(x, "x");
   check_2d_float(values, "values");
   check_index_layout(indices);
   check_range(indices, x.size(1), "indices");
   TORCH_CHECK(values.sizes() == indices.sizes(), "indices and values must both be [d_out, k]");
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == indices.size(0), "out must be [T, d_out]");
+  TORCH_CHECK(t_by_out.size(0) == x.size(0) && t_by_out.size(1) == indices.size(0), name, " must be [T, d_out]");
+}
+
+}  // namespace
+
+// out [T, d_out] += delta(x), with x [T, d_in], indices [d_out, k], values [d_out, k].
+void sparse_fwd_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& indices,
+                     const torch::Tensor& values) {
+  check_product_args(out, "out", x, indices, values);
   const int64_t T = x.size(0), d_in = x.size(1), d_out = indices.size(0), k = indices.size(1);
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_fwd_add_", [&] {
     sparse_fwd_impl<index_t>(x.data_ptr<float>(), indices.data_ptr<index_t>(), values.data_ptr<float>(),
@@ -261,13 +293,7 @@ void sparse_fwd_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Te
 std::optional<torch::Tensor> sparse_bwd_add_(const torch::Tensor& grad_out, const torch::Tensor& x,
                                              const torch::Tensor& indices, const torch::Tensor& values,
                                              std::optional<torch::Tensor> grad_x, bool need_grad_values) {
-  check_2d_float(grad_out, "grad_out");
-  check_2d_float(x, "x");
-  check_2d_float(values, "values");
-  check_index_layout(indices);
-  check_range(indices, x.size(1), "indices");
-  TORCH_CHECK(values.sizes() == indices.sizes(), "indices and values must both be [d_out, k]");
-  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == indices.size(0), "grad_out must be [T, d_out]");
+  check_product_args(grad_out, "grad_out", x, indices, values);
   if (grad_x) {
     check_2d_float(*grad_x, "grad_x");
     TORCH_CHECK(grad_x->sizes() == x.sizes(), "grad_x must be shaped like x");
