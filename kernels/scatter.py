@@ -6,7 +6,9 @@ every dtype (bf16 `w + d - d != w`).
 
 Each operation has a flat form over a 1-D buffer and precomputed int64 offsets. The flat form
 lets a whole model whose target weights live in one buffer be switched with one launch (CUDA) or
-one index op (CPU), rather than one per layer.
+one C++ loop (CPU; the torch twin where the C++ kernels are not built), rather than one per layer.
+The flat forms check that offsets lie in the buffer unless told not to (check_ranges=False, for
+offsets derived once from validated indices, as `PackedWeights` does).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Literal
 import torch
 
 from kernels._triton import tl, triton, use_triton
+from kernels.cpu import cpu_kernels
 from kernels.reference import BITS_DTYPE, apply_delta_flat_ref_, reapply_delta_flat_ref_, restore_flat_ref_
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "triton", "cpu"]
 
 WEIGHT_DTYPES = tuple(BITS_DTYPE)
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -70,9 +73,11 @@ def apply_delta_flat_(
     values: torch.Tensor,  # [n]
     saved: torch.Tensor,  # [n] buffer.dtype
     backend: Backend = "auto",
+    check_ranges: bool = True,
 ) -> None:
     _check_flat(buffer, offsets, saved, values)
-    _dispatch("_apply_delta_kernel", apply_delta_flat_ref_, backend, buffer, offsets, values, saved)
+    cpu = lambda k: k.switch_weights_(buffer, offsets, values, saved, True, check_ranges)  # noqa: E731
+    _dispatch("_apply_delta_kernel", apply_delta_flat_ref_, cpu, backend, buffer, offsets, values, saved)
 
 
 def reapply_delta_flat_(
@@ -81,6 +86,7 @@ def reapply_delta_flat_(
     values: torch.Tensor,  # [n]
     saved: torch.Tensor,  # [n] buffer.dtype, the original weights at offsets
     backend: Backend = "auto",
+    check_ranges: bool = True,
 ) -> None:
     """`buffer[offsets] = round(saved + values)`, reading no weight.
 
@@ -89,7 +95,8 @@ def reapply_delta_flat_(
     originals stay in `saved`, so a later restore_flat_ is still exact.
     """
     _check_flat(buffer, offsets, saved, values)
-    _dispatch("_reapply_delta_kernel", reapply_delta_flat_ref_, backend, buffer, offsets, values, saved)
+    cpu = lambda k: k.switch_weights_(buffer, offsets, values, saved, False, check_ranges)  # noqa: E731
+    _dispatch("_reapply_delta_kernel", reapply_delta_flat_ref_, cpu, backend, buffer, offsets, values, saved)
 
 
 def restore_flat_(
@@ -97,9 +104,11 @@ def restore_flat_(
     offsets: torch.Tensor,  # [n] int64
     saved: torch.Tensor,  # [n] buffer.dtype
     backend: Backend = "auto",
+    check_ranges: bool = True,
 ) -> None:
     _check_flat(buffer, offsets, saved)
-    _dispatch("_restore_kernel", restore_flat_ref_, backend, buffer, offsets, saved)
+    cpu = lambda k: k.restore_weights_(buffer, offsets, saved, check_ranges)  # noqa: E731
+    _dispatch("_restore_kernel", restore_flat_ref_, cpu, backend, buffer, offsets, saved)
 
 
 def apply_delta_(
@@ -128,9 +137,18 @@ def restore_(
 
 
 def _dispatch(
-    kernel_name: str, reference, backend: Backend, buffer: torch.Tensor, offsets: torch.Tensor, *rest
+    kernel_name: str, reference, cpu_call, backend: Backend, buffer: torch.Tensor, offsets: torch.Tensor, *rest
 ) -> None:
-    """Run the Triton kernel (one launch over all n entries) or its torch twin, same arguments."""
+    """Run the Triton kernel (one launch over all n entries), the C++ CPU kernel (`cpu_call`,
+    given the compiled module) or the torch twin (`reference`, same arguments)."""
+    if backend == "cpu" or (backend == "auto" and buffer.device.type == "cpu"):
+        kernels = cpu_kernels() if buffer.device.type == "cpu" else None
+        values_ok = all(t.dtype in (torch.float32, torch.bfloat16) for t in rest[:-1])  # rest = (values,) saved
+        if kernels is not None and values_ok:
+            cpu_call(kernels)
+            return
+        if backend == "cpu":
+            raise RuntimeError("backend='cpu' needs CPU tensors, float32/bfloat16 values and the C++ kernels built")
     if not _pick_triton(buffer, backend):
         reference(buffer, offsets, *rest)
         return

@@ -94,11 +94,12 @@ class PackedWeights:
 
     def apply_(self, delta: PackedDelta) -> torch.Tensor:  # saved [n], for restore_
         saved = torch.empty(delta.offsets.shape, dtype=self.dtype, device=self.device)
-        apply_delta_flat_(self.buffer, delta.offsets, delta.values, saved)
+        # Offsets come from `offsets()`, built from indices validated against this base: no range check.
+        apply_delta_flat_(self.buffer, delta.offsets, delta.values, saved, check_ranges=False)
         return saved
 
     def restore_(self, delta: PackedDelta, saved: torch.Tensor) -> None:
-        restore_flat_(self.buffer, delta.offsets, saved)
+        restore_flat_(self.buffer, delta.offsets, saved, check_ranges=False)
 
     def switch_(self, applied: PackedDelta, new: PackedDelta, saved: torch.Tensor) -> torch.Tensor:
         """Replace the applied delta by `new`; returns the saved originals for the next restore.
@@ -106,7 +107,7 @@ class PackedWeights:
         Deltas sharing one offsets tensor (one index set) switch in a single scatter.
         """
         if applied.offsets is new.offsets:
-            reapply_delta_flat_(self.buffer, new.offsets, new.values, saved)
+            reapply_delta_flat_(self.buffer, new.offsets, new.values, saved, check_ranges=False)
             return saved
         self.restore_(applied, saved)
         return self.apply_(new)

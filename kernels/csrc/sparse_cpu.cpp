@@ -6,6 +6,7 @@
 // Training (sparse_fwd_add_ / sparse_bwd_add_): tokens are taken a tile at a time and the tile's
 // inputs are transposed, so the tile's values of one selected column are contiguous: one
 // (row, j) term is then a few vector FMAs over tokens instead of scalar gathers.
+// Switching (switch_weights_ / restore_weights_): the merged path's in-place apply and restore.
 // Serving (mixed_delta_add_): a decode batch has a handful of tokens, each with its own adapter,
 // so the loop runs along the output dim (contiguous indices and values, gathered inputs).
 #include <torch/extension.h>
@@ -262,6 +263,37 @@ void mixed_delta_add_impl(const float* x, const index_t* idx, const float* val, 
   });
 }
 
+// buffer[off[m]] = round(float(saved[m]) + float(values[m])), after saving buffer[off[m]] into
+// saved first when SAVE (apply) or reading the originals already there (reapply). The sum is
+// rounded once to the weight dtype, to nearest even, as torch's own conversion does.
+template <bool SAVE, typename w_t, typename v_t>
+void switch_impl(w_t* buf, const int64_t* off, const v_t* val, w_t* saved, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      if (SAVE) saved[m] = buf[off[m]];
+      buf[off[m]] = static_cast<w_t>(static_cast<float>(saved[m]) + static_cast<float>(val[m]));
+    }
+  });
+}
+
+template <typename bits_t>
+void restore_impl(bits_t* buf, const int64_t* off, const bits_t* saved, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) buf[off[m]] = saved[m];
+  });
+}
+
+void check_flat(const torch::Tensor& buffer, const torch::Tensor& offsets, const torch::Tensor& saved,
+                bool check_ranges) {
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.dim() == 1 && buffer.is_contiguous(),
+              "buffer must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.dim() == 1 && offsets.is_contiguous(),
+              "offsets must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(saved.scalar_type() == buffer.scalar_type() && saved.sizes() == offsets.sizes() && saved.is_contiguous(),
+              "saved must be contiguous, shaped like offsets, in the buffer's dtype");
+  if (check_ranges) check_range(offsets, buffer.numel(), "offsets");
+}
+
 // The training products' common arguments: a [T, d_out] tensor (out or grad_out), x [T, d_in],
 // indices and values [d_out, k].
 void check_product_args(const torch::Tensor& t_by_out, const char* name, const torch::Tensor& x,
@@ -340,8 +372,49 @@ void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::T
   });
 }
 
+// The whole-model switch (kernels.scatter's flat forms): apply saves the old weights into saved;
+// reapply reads the originals from saved, whatever the buffer holds now; restore copies them back.
+// check_ranges=false is for offsets the caller derived from validated indices (a switch is a
+// few memory passes, and a range check over the offsets would be one more).
+void switch_weights_(torch::Tensor& buffer, const torch::Tensor& offsets, const torch::Tensor& values,
+                     torch::Tensor& saved, bool save_first, bool check_ranges) {
+  check_flat(buffer, offsets, saved, check_ranges);
+  TORCH_CHECK(values.sizes() == offsets.sizes() && values.is_contiguous() &&
+                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
+              "values must be contiguous float32 or bfloat16, shaped like offsets");
+  const int64_t n = offsets.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, buffer.scalar_type(), "switch_weights_", [&] {
+    using w_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND(torch::kBFloat16, values.scalar_type(), "switch_weights_values", [&] {
+      if (save_first) {
+        switch_impl<true, w_t, scalar_t>(buffer.data_ptr<w_t>(), offsets.data_ptr<int64_t>(),
+                                         values.data_ptr<scalar_t>(), saved.data_ptr<w_t>(), n);
+      } else {
+        switch_impl<false, w_t, scalar_t>(buffer.data_ptr<w_t>(), offsets.data_ptr<int64_t>(),
+                                          values.data_ptr<scalar_t>(), saved.data_ptr<w_t>(), n);
+      }
+    });
+  });
+}
+
+void restore_weights_(torch::Tensor& buffer, const torch::Tensor& offsets, const torch::Tensor& saved,
+                      bool check_ranges) {
+  check_flat(buffer, offsets, saved, check_ranges);
+  const int64_t n = offsets.numel();
+  if (buffer.element_size() == 4) {
+    restore_impl<int32_t>(static_cast<int32_t*>(buffer.data_ptr()), offsets.data_ptr<int64_t>(),
+                          static_cast<const int32_t*>(saved.data_ptr()), n);
+  } else {
+    TORCH_CHECK(buffer.element_size() == 2, "buffer must be float32, bfloat16 or float16");
+    restore_impl<int16_t>(static_cast<int16_t*>(buffer.data_ptr()), offsets.data_ptr<int64_t>(),
+                          static_cast<const int16_t*>(saved.data_ptr()), n);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd_add_", &sparse_fwd_add_, "out += the sparse gather product of x");
   m.def("sparse_bwd_add_", &sparse_bwd_add_, "the product's grad_x (added in place) and grad_values, one pass");
+  m.def("switch_weights_", &switch_weights_, "buffer[offsets] = round(saved + values), saving first if asked");
+  m.def("restore_weights_", &restore_weights_, "buffer[offsets] = saved, bit for bit");
   m.def("mixed_delta_add_", &mixed_delta_add_, "adds each token's own adapter delta (one shared index set) to out");
 }

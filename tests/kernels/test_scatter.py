@@ -1,11 +1,23 @@
 import pytest
 import torch
 
-from kernels import apply_delta_, apply_delta_flat_, flat_offsets, restore_, restore_flat_, triton_available
+from kernels import (
+    apply_delta_,
+    apply_delta_flat_,
+    flat_offsets,
+    reapply_delta_flat_,
+    restore_,
+    restore_flat_,
+    triton_available,
+)
 from kernels.reference import apply_delta_flat_ref_, restore_flat_ref_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+BACKENDS = [
+    "torch",
+    "cpu",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton")),
+]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +169,6 @@ def test_bad_inputs_are_refused_with_a_clear_error(mutate, message):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reapply_over_saved_originals_equals_restore_then_apply(backend, dtype):
-    from kernels import reapply_delta_flat_
 
     g = torch.Generator().manual_seed(4)
     buffer = torch.randn(500, generator=g).to(dtype)
@@ -176,3 +187,38 @@ def test_reapply_over_saved_originals_equals_restore_then_apply(backend, dtype):
     assert int(ulps.max()) <= (0 if exact else 1)
     restore_flat_(buffer, offsets, saved, backend=backend)
     assert torch.equal(bits(buffer), bits(original))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("values_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_kernel_equals_the_torch_twin_bit_for_bit(dtype, values_dtype):
+    d_out, d_in, k = 130, 96, 20  # n = 2600 entries: several of the C++ loop's chunks
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(d_out, d_in, generator=g).to(dtype)
+    weight[0, :] = torch.finfo(dtype).max  # overflow to inf on the way, as the twin does
+    indices = unique_indices(d_out, d_in, k, seed=7)
+    offsets = flat_offsets(indices, d_in)
+    first = (torch.randn(d_out * k, generator=g) * 0.05).to(values_dtype)
+    second = (torch.randn(d_out * k, generator=g) * 0.05).to(values_dtype)
+    first[:k] = float(torch.finfo(torch.bfloat16).max)
+    results = {}
+    for backend in ("torch", "cpu"):
+        buffer = weight.clone().view(-1)
+        saved = torch.empty(d_out * k, dtype=dtype)
+        apply_delta_flat_(buffer, offsets, first, saved, backend=backend)
+        after_apply = buffer.clone()
+        reapply_delta_flat_(buffer, offsets, second, saved, backend=backend)
+        after_switch = buffer.clone()
+        restore_flat_(buffer, offsets, saved, backend=backend)
+        results[backend] = (after_apply, after_switch, saved.clone(), buffer.clone())
+    for ours, twin in zip(results["cpu"], results["torch"]):
+        assert torch.equal(bits(ours), bits(twin))
+    assert torch.equal(bits(results["cpu"][3]), bits(weight.view(-1)))
+
+
+def test_cpu_kernel_checks_offsets_unless_told_not_to():
+    buffer = torch.zeros(10)
+    offsets = torch.tensor([3, 10])
+    with pytest.raises(RuntimeError, match=r"offsets must lie in \[0, 10\)"):
+        apply_delta_flat_(buffer, offsets, torch.ones(2), torch.empty(2), backend="cpu")
+    assert torch.equal(buffer, torch.zeros(10))
