@@ -9,7 +9,8 @@ per index set (the segments of Punica's SGMV, cut by index set rather than by ad
 Indices and values are j-major ([k, d_out], the transpose of the adapter file's [d_out, k]):
 loads along the output dim are contiguous, and the k terms of an output sum over a leading dim.
 The delta is float32; `add_delta_` adds it to a layer's output with one rounding to its dtype,
-so a bf16 base keeps deltas that merging into bf16 weights would round away.
+so a bf16 base keeps deltas that merging into bf16 weights would round away. `add_mixed_delta_`
+is the serving entry point: on the CPU its C++ kernel adds into the layer's output in place.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ need them, least recently used out first: an adapter is copied to the device onc
 change of the batch. While the mixed path is on, a forward hook on each target linear adds the
 deltas of every index set bound to the coming forward call.
 
-Sibling projections that read the same input (q/k/v, gate/up: vLLM's packed modules) form one
-unit: one gather and one product for all of them, the first sibling's hook computes it and the
-others take their slices. A sibling whose input turns out not to be the same tensor computes
-its own.
+On a GPU, sibling projections that read the same input (q/k/v, gate/up: vLLM's packed modules)
+form one unit: one kernel launch for all of them, the first sibling's hook computes it and the
+others take their slices (a sibling whose input turns out not to be the same tensor computes its
+own). On the CPU each layer is its own unit and the C++ kernel adds straight into its output.
 """
 
 from __future__ import annotations
