@@ -143,12 +143,11 @@ def _dispatch(
     given the compiled module) or the torch twin (`reference`, same arguments)."""
     if backend == "cpu" or (backend == "auto" and buffer.device.type == "cpu"):
         kernels = cpu_kernels() if buffer.device.type == "cpu" else None
-        values_ok = all(t.dtype in (torch.float32, torch.bfloat16) for t in rest[:-1])  # rest = (values,) saved
-        if kernels is not None and values_ok:
+        if kernels is not None:
             cpu_call(kernels)
             return
         if backend == "cpu":
-            raise RuntimeError("backend='cpu' needs CPU tensors, float32/bfloat16 values and the C++ kernels built")
+            raise RuntimeError("backend='cpu' needs CPU tensors and the C++ kernels built")
     if not _pick_triton(buffer, backend):
         reference(buffer, offsets, *rest)
         return

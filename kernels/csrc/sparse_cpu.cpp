@@ -379,13 +379,12 @@ void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::T
 void switch_weights_(torch::Tensor& buffer, const torch::Tensor& offsets, const torch::Tensor& values,
                      torch::Tensor& saved, bool save_first, bool check_ranges) {
   check_flat(buffer, offsets, saved, check_ranges);
-  TORCH_CHECK(values.sizes() == offsets.sizes() && values.is_contiguous() &&
-                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
-              "values must be contiguous float32 or bfloat16, shaped like offsets");
+  TORCH_CHECK(values.sizes() == offsets.sizes() && values.is_contiguous() && values.is_floating_point(),
+              "values must be contiguous floating point, shaped like offsets");
   const int64_t n = offsets.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, buffer.scalar_type(), "switch_weights_", [&] {
     using w_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND(torch::kBFloat16, values.scalar_type(), "switch_weights_values", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, values.scalar_type(), "switch_weights_values", [&] {
       if (save_first) {
         switch_impl<true, w_t, scalar_t>(buffer.data_ptr<w_t>(), offsets.data_ptr<int64_t>(),
                                          values.data_ptr<scalar_t>(), saved.data_ptr<w_t>(), n);

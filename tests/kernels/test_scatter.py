@@ -190,7 +190,7 @@ def test_reapply_over_saved_originals_equals_restore_then_apply(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("values_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("values_dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
 def test_cpu_kernel_equals_the_torch_twin_bit_for_bit(dtype, values_dtype):
     d_out, d_in, k = 130, 96, 20  # n = 2600 entries: several of the C++ loop's chunks
     g = torch.Generator().manual_seed(7)
