@@ -23,6 +23,7 @@ from kernels.reference import mixed_delta_ref
 
 _BLOCK_T = 16
 _BLOCK_O = 64
+_CPU_VALUE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernel widens bf16 values exactly
 
 
 if triton is not None:
@@ -81,7 +82,9 @@ def mixed_delta(
         return mixed_delta_ref(x, indices, values, slots)
     if backend == "cpu":
         if not _cpu_kernel_fits(x, values):
-            raise RuntimeError("backend='cpu' needs float32 CPU tensors and the C++ kernels built")
+            raise RuntimeError(
+                "backend='cpu' needs float32 CPU inputs, float32 or bf16 values and the C++ kernels built"
+            )
         delta = torch.zeros(*x.shape[:-1], indices.shape[1], dtype=torch.float32)
         cpu_kernels().mixed_delta_add_(delta, x.contiguous(), indices, values, slots, check_ranges)
         return delta
@@ -120,14 +123,19 @@ def add_mixed_delta_(
     the C++ kernel adds in place: no delta tensor, and rows of slot 0 are not touched. This is
     the serving hot path (a call per target layer per decode step), so it checks little in Python."""
     kernels = cpu_kernels() if x.device.type == "cpu" else None
-    if kernels is not None and out.dtype == x.dtype == values.dtype == torch.float32 and out.is_contiguous():
+    if (
+        kernels is not None
+        and out.dtype == x.dtype == torch.float32
+        and values.dtype in _CPU_VALUE_DTYPES
+        and out.is_contiguous()
+    ):
         kernels.mixed_delta_add_(out, x.contiguous(), indices, values, slots, check_ranges)
     else:
         add_delta_(out, mixed_delta(x, indices, values, slots, check_ranges=check_ranges))
 
 
 def _cpu_kernel_fits(x: torch.Tensor, values: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and values.dtype == torch.float32 and use_cpu_kernels(x)
+    return x.dtype == torch.float32 and values.dtype in _CPU_VALUE_DTYPES and use_cpu_kernels(x)
 
 
 def add_delta_(out: torch.Tensor, delta: torch.Tensor) -> None:

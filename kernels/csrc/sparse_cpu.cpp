@@ -235,10 +235,29 @@ void sparse_bwd_impl(const float* gy, const float* x, const index_t* idx, const 
   }
 }
 
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const at::BFloat16* p) {  // bf16 is a float32's top half: widen and shift, exactly
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+inline __m512 gather16(const float* base, const int32_t* idx) {
+  return _mm512_i32gather_ps(_mm512_loadu_si512(idx), base, 4);
+}
+
+inline __m512 gather16(const float* base, const int64_t* idx) {
+  const __m256 lo = _mm512_i64gather_ps(_mm512_loadu_si512(idx), base, 4);
+  const __m256 hi = _mm512_i64gather_ps(_mm512_loadu_si512(idx + 8), base, 4);
+  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+#endif
+
 // out[t, o] += sum_j val[slots[t / L], j, o] * x[t, idx[j, o]] for the L tokens of each batch row;
 // rows of slot 0 ("no adapter") are not touched.
-template <typename index_t>
-void mixed_delta_add_impl(const float* x, const index_t* idx, const float* val, const int64_t* slots, float* out,
+template <typename index_t, typename value_t>
+void mixed_delta_add_impl(const float* x, const index_t* idx, const value_t* val, const int64_t* slots, float* out,
                           int64_t T, int64_t L, int64_t d_in, int64_t d_out, int64_t k) {
   const int64_t blocks = (d_out + OB - 1) / OB;
   const int64_t grain = std::max<int64_t>(1, MIN_WORK / (OB * std::max<int64_t>(k, 1)));
@@ -249,16 +268,27 @@ void mixed_delta_add_impl(const float* x, const index_t* idx, const float* val, 
       const int64_t slot = slots[t / L];
       if (slot == 0) continue;
       const float* xr = x + t * d_in;
+      float* dst = out + t * d_out + o0;
+      int64_t o = 0;
+#ifdef __AVX512F__
+      // GCC does not emit gathers for the scalar loop below; one vgatherdps fetches 16 inputs.
+      for (; o + VL <= width; o += VL) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < k; ++j) {
+          const __m512 xv = gather16(xr, idx + j * d_out + o0 + o);
+          sum = _mm512_fmadd_ps(load16(val + (slot * k + j) * d_out + o0 + o), xv, sum);
+        }
+        _mm512_storeu_ps(dst + o, _mm512_add_ps(_mm512_loadu_ps(dst + o), sum));
+      }
+#endif
+      if (o == width) continue;
       std::fill(acc, acc + width, 0.0f);
       for (int64_t j = 0; j < k; ++j) {
         const index_t* ij = idx + j * d_out + o0;
-        const float* vj = val + (slot * k + j) * d_out + o0;
-#pragma omp simd
-        for (int64_t o = 0; o < width; ++o) acc[o] += vj[o] * xr[ij[o]];
+        const value_t* vj = val + (slot * k + j) * d_out + o0;
+        for (int64_t r = o; r < width; ++r) acc[r] += static_cast<float>(vj[r]) * xr[ij[r]];
       }
-      float* dst = out + t * d_out + o0;
-#pragma omp simd
-      for (int64_t o = 0; o < width; ++o) dst[o] += acc[o];
+      for (int64_t r = o; r < width; ++r) dst[r] += acc[r];
     }
   });
 }
@@ -353,9 +383,11 @@ void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::T
                   out.dim() == x.dim() && out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
               "out must be a contiguous float32 CPU tensor shaped like x but for its last dim");
   check_index_layout(indices);
-  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == torch::kFloat32 && values.dim() == 3 &&
-                  values.is_contiguous() && values.size(1) == indices.size(0) && values.size(2) == indices.size(1),
-              "values must be a contiguous float32 CPU tensor [slots, k, d_out]");
+  TORCH_CHECK(values.device().is_cpu() &&
+                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16) &&
+                  values.dim() == 3 && values.is_contiguous() && values.size(1) == indices.size(0) &&
+                  values.size(2) == indices.size(1),
+              "values must be a contiguous float32 or bfloat16 CPU tensor [slots, k, d_out]");
   TORCH_CHECK(out.size(-1) == indices.size(1), "out's last dim must be d_out = ", indices.size(1));
   TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == torch::kInt64 && slots.dim() == 1 &&
                   slots.is_contiguous() && slots.size(0) == x.size(0),
@@ -367,8 +399,15 @@ void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::T
   }
   const int64_t T = x.numel() / d_in, L = x.size(0) > 0 ? T / x.size(0) : 1;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "mixed_delta_add_", [&] {
-    mixed_delta_add_impl<index_t>(x.data_ptr<float>(), indices.data_ptr<index_t>(), values.data_ptr<float>(),
-                                  slots.data_ptr<int64_t>(), out.data_ptr<float>(), T, L, d_in, d_out, k);
+    const auto run = [&](const auto* val) {
+      mixed_delta_add_impl(x.data_ptr<float>(), indices.data_ptr<index_t>(), val, slots.data_ptr<int64_t>(),
+                           out.data_ptr<float>(), T, L, d_in, d_out, k);
+    };
+    if (values.scalar_type() == torch::kBFloat16) {
+      run(values.data_ptr<at::BFloat16>());
+    } else {
+      run(values.data_ptr<float>());
+    }
   });
 }
 

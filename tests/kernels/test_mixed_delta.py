@@ -97,13 +97,16 @@ def test_bad_inputs_are_refused_with_a_clear_error(mutate, message):
         mixed_delta(**args)
 
 
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])  # bf16: widened as loaded
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("k", [1, 20])
-def test_cpu_kernel_matches_the_torch_twin_over_several_output_blocks(index_dtype, k):
-    # d_out = 600 spans three of the C++ kernel's 256-wide output blocks, the last one partial.
+def test_cpu_kernel_matches_the_torch_twin_over_several_output_blocks(index_dtype, k, values_dtype):
+    # d_out = 600 spans three of the C++ kernel's 256-wide output blocks, the last one partial
+    # and not a whole number of 16-wide vectors.
     _, x, indices, values, slots = case(k, tokens_per_row=3, d_in=96, d_out=600, adapters=5)
+    values = values.to(values_dtype)
     slots = torch.tensor([5, 0, 3, 2, 1, 4], dtype=torch.int64)
-    expected = mixed_delta(x, indices, values, slots, backend="torch")
+    expected = mixed_delta(x, indices, values.float(), slots, backend="torch")
     delta = mixed_delta(x, indices.to(index_dtype), values, slots, backend="cpu")
     torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(delta[1], torch.zeros_like(delta[1]))
