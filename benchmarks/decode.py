@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py [--batch 1 8] [--mixed-batch 8 32] [--mixed-k 1 4 20]
                                 [--adapters 1 4 8] [--new-tokens 64] [--repeats 3] [--threads 2]
+                                [--loop-only]
 
 Exactly `--new-tokens` greedy tokens on the embedded SmolLM2-135M, prefill included.
 - generate() section: an applied NeuroAda adapter lives inside the weights, so it must cost
@@ -47,8 +48,8 @@ def run(model, tokenizer, batch: int, new_tokens: int, repeats: int, **generate_
     return {"seconds": summarize(samples), "tokens_per_s": batch * new_tokens / summarize(samples)["median"]}
 
 
-def run_loop(model, tokenizer, batch: int, new_tokens: int, repeats: int, residents: list, mixed) -> dict:
-    """The server's decode loop; rows use residents[i % len(residents)] (None: the base alone)."""
+def loop_runner(model, tokenizer, batch: int, new_tokens: int, residents: list, mixed):
+    """One run of the server's decode loop; rows use residents[i % len(residents)] (None: the base alone)."""
     from server.generation import GenerationRequest, RunningBatch, SamplingParams
 
     ids = tokenizer(PROMPT).input_ids
@@ -67,37 +68,45 @@ def run_loop(model, tokenizer, batch: int, new_tokens: int, repeats: int, reside
             running.step()
         mixed.unbind()
 
-    device = next(model.parameters()).device
-    samples = timed(go, repeats=repeats, warmup=1, sync=device.type == "cuda")
-    return {"seconds": summarize(samples), "tokens_per_s": batch * new_tokens / summarize(samples)["median"]}
+    return go
 
 
 def mixed_rows(model, tokenizer, base, packed, args) -> list[dict]:
+    """The loop rows of one batch size are timed in rounds, each round running every variant
+    once (base included), so a machine that speeds up or slows down over minutes moves all of
+    them alike; medians over the rounds."""
     from neuroada.format import adapter_to_bytes
     from server.mixed import MixedAdapters
     from server.registry import AdapterRegistry
 
     registry = AdapterRegistry(packed, base, fidelity_threshold=0.0)
     mixed = MixedAdapters(model, next(model.parameters()).device)
-    rows = []
-    for batch in args.mixed_batch:
-        rows.append(
-            {
-                "variant": "loop: base",
-                "batch": batch,
-                **run_loop(model, tokenizer, batch, args.new_tokens, args.repeats, [None], mixed),
-            }
-        )
-    for k in args.mixed_k:
-        residents = [
+    sync = next(model.parameters()).device.type == "cuda"
+    residents = {
+        k: [
             registry.prepare(f"k{k}-{i}", adapter_to_bytes(random_adapter(model, base, k, seed=i)))
             for i in range(max(args.adapters))
         ]
-        for batch in args.mixed_batch:
+        for k in args.mixed_k
+    }
+    rows = []
+    for batch in args.mixed_batch:
+        variants = {"loop: base": loop_runner(model, tokenizer, batch, args.new_tokens, [None], mixed)}
+        for k in args.mixed_k:
             for n in args.adapters:
-                result = run_loop(model, tokenizer, batch, args.new_tokens, args.repeats, residents[:n], mixed)
-                rows.append({"variant": f"loop: mixed k={k}, {n} adapters", "batch": batch, **result})
-                print(rows[-1]["variant"], batch, f"{result['tokens_per_s']:.1f} tok/s", flush=True)
+                variants[f"loop: mixed k={k}, {n} adapters"] = loop_runner(
+                    model, tokenizer, batch, args.new_tokens, residents[k][:n], mixed
+                )
+        samples = {name: [] for name in variants}
+        for name, go in variants.items():
+            timed(go, repeats=0, warmup=1, sync=sync)
+        for _ in range(args.repeats):
+            for name, go in variants.items():
+                samples[name] += timed(go, repeats=1, warmup=0, sync=sync)
+        for name, times in samples.items():
+            tps = batch * args.new_tokens / summarize(times)["median"]
+            rows.append({"variant": name, "batch": batch, "seconds": summarize(times), "tokens_per_s": tps})
+            print(name, batch, f"{tps:.1f} tok/s", flush=True)
     return rows
 
 
@@ -112,6 +121,7 @@ def main() -> None:
     parser.add_argument("--mixed-k", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("--loop-only", action="store_true", help="only the server-loop section")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("decode.json"))
     args = parser.parse_args()
     set_threads(args.threads)
@@ -129,7 +139,7 @@ def main() -> None:
     packed = PackedWeights(model)
     delta = packed.pack(adapter)
     rows = []
-    for batch in args.batch:
+    for batch in [] if args.loop_only else args.batch:
         rows.append({"variant": "base", "batch": batch, **run(model, tokenizer, batch, args.new_tokens, args.repeats)})
         saved = packed.apply_(delta)
         rows.append(
@@ -142,7 +152,7 @@ def main() -> None:
         packed.restore_(delta, saved)
     rows += mixed_rows(model, tokenizer, base, packed, args)
 
-    if not args.no_lora:
+    if not (args.no_lora or args.loop_only):
         from peft import LoraConfig, get_peft_model
 
         lora_base = load_base_model(dtype=dtype, device=device)
