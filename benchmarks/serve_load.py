@@ -1,7 +1,7 @@
 """Serving under multi-adapter load: an async httpx client against a server on loopback.
 
     python benchmarks/serve_load.py [--engines neuroada per-adapter lora] [--adapters 1 8 32]
-                                    [--concurrency 4 16] [--requests 48]
+                                    [--concurrency 4 16] [--requests 48] [--rounds 1]
 
 For each engine, starts a server (embedded SmolLM2-135M) on a free port with a temporary store
 of N random k=1 adapters, then for each scenario sends `--requests` streamed requests from
@@ -10,7 +10,8 @@ with fixed prompt and output lengths (ignore_eos). Engines:
 - neuroada: `neuroada serve` as shipped (continuous batching, mixed-adapter batches);
 - per-adapter: `neuroada serve` with NEUROADA_MIXED_BATCHES=false (one adapter per batch);
 - lora: the PEFT-LoRA engine of `benchmarks/peers/` (r = 8, same names) behind the same front end.
-Base-only traffic on the first engine is the reference. Prints req/s, output tokens/s, p50/p99
+Base-only traffic on the first engine is the reference. With `--rounds N` the scenarios of
+one concurrency run N times round-robin and their requests are pooled. Prints req/s, output tokens/s, p50/p99
 time to first token and end-to-end latency, and adapter switches per second (from /metrics).
 Bounded in count and time; loopback only.
 """
@@ -120,6 +121,7 @@ async def one_request(client: httpx.AsyncClient, adapter: str | None, new_tokens
 async def scenario(
     url: str, names: list[str], traffic: str, concurrency: int, requests: int, new_tokens: int, seed: int
 ) -> dict:
+    """One pass of `requests` requests: their (TTFT, end-to-end) latencies, wall time and switches."""
     rng = random.Random(seed)
     plan = [pick(names, traffic, rng) for _ in range(requests)]
     results: list[tuple[float, float]] = []
@@ -134,22 +136,31 @@ async def scenario(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    ttft = sorted(r[0] for r in results)
-    e2e = sorted(r[1] for r in results)
+    return {"latencies": results, "seconds": elapsed, "switches": switches(url) - before}
+
+
+def summary(passes: list[dict], names: list[str], traffic: str, concurrency: int, new_tokens: int) -> dict:
+    """A scenario's row over its passes: throughput from the summed wall time, percentiles over
+    every request, and each pass's tokens/s for the spread."""
+    latencies = [r for p in passes for r in p["latencies"]]
+    elapsed = sum(p["seconds"] for p in passes)
+    ttft = sorted(r[0] for r in latencies)
+    e2e = sorted(r[1] for r in latencies)
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
     return {
         "adapters": len(names),
         "traffic": traffic if names else "base",
         "concurrency": concurrency,
-        "requests": requests,
+        "requests": len(latencies),
         "seconds": elapsed,
-        "req_per_s": requests / elapsed,
-        "tokens_per_s": requests * new_tokens / elapsed,
+        "req_per_s": len(latencies) / elapsed,
+        "tokens_per_s": len(latencies) * new_tokens / elapsed,
+        "pass_tokens_per_s": [len(p["latencies"]) * new_tokens / p["seconds"] for p in passes],
         "ttft_p50": statistics.median(ttft),
         "ttft_p99": pct(ttft, 0.99),
         "e2e_p50": statistics.median(e2e),
         "e2e_p99": pct(e2e, 0.99),
-        "switches_per_s": (switches(url) - before) / elapsed,
+        "switches_per_s": sum(p["switches"] for p in passes) / elapsed,
     }
 
 
@@ -160,6 +171,7 @@ def main() -> None:
     parser.add_argument("--traffic", nargs="+", default=["uniform", "zipf"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=1, help="round-robin passes over the scenarios, pooled")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -179,18 +191,25 @@ def main() -> None:
                 for warm in ([], names[:1], names[:8]):
                     asyncio.run(scenario(url, warm, "uniform", max(args.concurrency), 8, args.new_tokens, 0))
                 for c in args.concurrency:
-                    if engine == args.engines[0]:
-                        rows.append(asyncio.run(scenario(url, [], "base", c, args.requests, args.new_tokens, 0)))
-                        rows[-1]["engine"] = engine
-                    for n in args.adapters:
-                        for traffic in args.traffic:
-                            row = asyncio.run(scenario(url, names[:n], traffic, c, args.requests, args.new_tokens, n))
-                            rows.append({"engine": engine, **row})
-                            print(
-                                f"  {engine}: {n} adapters, {traffic}, concurrency {c}: "
-                                f"{row['tokens_per_s']:.1f} tok/s, TTFT p99 {row['ttft_p99']:.2f} s",
-                                flush=True,
+                    plan = [(0, "base")] if engine == args.engines[0] else []
+                    plan += [(n, traffic) for n in args.adapters for traffic in args.traffic]
+                    # Round-robin passes: a machine whose speed drifts over minutes moves every scenario alike.
+                    passes = {key: [] for key in plan}
+                    for round_ in range(args.rounds):
+                        for n, traffic in plan:
+                            passes[n, traffic].append(
+                                asyncio.run(
+                                    scenario(url, names[:n], traffic, c, args.requests, args.new_tokens, n + round_)
+                                )
                             )
+                    for (n, traffic), runs in passes.items():
+                        row = {"engine": engine, **summary(runs, names[:n], traffic, c, args.new_tokens)}
+                        rows.append(row)
+                        print(
+                            f"  {engine}: {n or 'base'} adapters, {traffic}, concurrency {c}: "
+                            f"{row['tokens_per_s']:.1f} tok/s, TTFT p99 {row['ttft_p99']:.2f} s",
+                            flush=True,
+                        )
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
