@@ -1,6 +1,6 @@
 """Training cost of NeuroAda against other ways to tune the same layers, one process per variant.
 
-    python benchmarks/train_cost.py [--k 1 20] [--steps 5] [--threads 2]
+    python benchmarks/train_cost.py [--k 1 20] [--steps 5] [--threads 2] [--mmap-threshold BYTES]
 
 Embedded SmolLM2-135M, float32, batch 4 x 256 tokens, all seven Llama projections targeted.
 Variants: floor (the frozen base's forward+backward, activation gradients only), ours (the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -115,6 +116,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("train_cost.json"))
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="run the variants with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this many bytes: freed "
+        "activations go back to the system, so peak RSS shows live memory rather than what the "
+        "allocator kept (steps get slower: every large tensor is fresh pages)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -137,7 +146,10 @@ def main() -> None:
                 "--threads",
                 str(args.threads),
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ)
+            if args.mmap_threshold is not None:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
                 print(f"{variant} k={k} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -164,9 +176,8 @@ def main() -> None:
         )
     print(f"\nmachine: {machine()}; SmolLM2-135M fp32, batch 4 x 256 tokens, {args.steps} timed steps\n")
     print_table(["variant", "k", "trainable", "s/step median (min-max)", "vs floor", "peak RSS GB", "vs floor"], rows)
-    write_json(
-        args.out, {"config": {"batch": 4, "seq_len": 256, "steps": args.steps, "threads": args.threads}, "runs": runs}
-    )
+    config = {"batch": 4, "seq_len": 256, "steps": args.steps, "threads": args.threads}
+    write_json(args.out, {"config": {**config, "mmap_threshold": args.mmap_threshold}, "runs": runs})
 
 
 if __name__ == "__main__":
