@@ -122,14 +122,8 @@ def add_mixed_delta_(
     """out += each row's own delta, rounded once to out's dtype. On the CPU with float32 tensors
     the C++ kernel adds in place: no delta tensor, and rows of slot 0 are not touched. This is
     the serving hot path (a call per target layer per decode step), so it checks little in Python."""
-    kernels = cpu_kernels() if x.device.type == "cpu" else None
-    if (
-        kernels is not None
-        and out.dtype == x.dtype == torch.float32
-        and values.dtype in _CPU_VALUE_DTYPES
-        and out.is_contiguous()
-    ):
-        kernels.mixed_delta_add_(out, x.contiguous(), indices, values, slots, check_ranges)
+    if out.dtype == torch.float32 and out.is_contiguous() and _cpu_kernel_fits(x, values):
+        cpu_kernels().mixed_delta_add_(out, x.contiguous(), indices, values, slots, check_ranges)
     else:
         add_delta_(out, mixed_delta(x, indices, values, slots, check_ranges=check_ranges))
 

@@ -169,7 +169,6 @@ def test_bad_inputs_are_refused_with_a_clear_error(mutate, message):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reapply_over_saved_originals_equals_restore_then_apply(backend, dtype):
-
     g = torch.Generator().manual_seed(4)
     buffer = torch.randn(500, generator=g).to(dtype)
     original = buffer.clone()
