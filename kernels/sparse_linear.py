@@ -1,12 +1,22 @@
 """A frozen linear layer and its sparse bypass as one op: `y = x W^T + b + delta(x)`.
 
-On the CPU (float32, C++ kernels built) the delta is added straight into the linear's output,
-and in backward the delta's grad_x straight into the linear's grad_x: no delta tensor, and no
-second grad_x for autograd to sum. Everywhere else this is `F.linear(x, W, b) + sparse_delta(x)`.
-The base weight and bias are frozen: they get no gradient, and asking for one is an error.
+On the CPU (float32, C++ kernels built) the frozen GEMM itself carries the bypass: the deltas are
+scattered into W in place (`merge_rows_`, O(d_out * k)), the forward `x (W + delta)^T` and in
+backward `grad_x = grad_y (W + delta)` run as one GEMM each, and the old weights are written back
+bit for bit at once (`unmerge_rows_`, also on an exception). No dense delta, mask or weight copy
+exists at any point, and the bypass adds no pass over the activations except grad_values, the
+gather product `sum_t grad_y[t, i] x[t, idx[i, j]]`. This is the paper's formulation (b),
+`F.linear(x, W.scatter_add(...))`, without the merged copy. Rounding differs from
+`W x + delta x` only in the last float32 bits. Everywhere else (CUDA, other dtypes) this is
+`F.linear(x, W, b) + sparse_delta(x)`. The base weight and bias are frozen: they get no gradient,
+and asking for one is an error. While a GEMM runs the weight holds the merged values, so a model
+must not run this op in two threads at once (PyTorch training loops do not).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,24 +26,42 @@ from kernels.sparse_csr import CsrLayout
 from kernels.sparse_product import sparse_delta
 
 
+@contextmanager
+def _merged(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> Iterator[None]:
+    """W[i, indices[i, j]] += values[i, j] for the duration of the block; W's bits afterwards."""
+    saved = torch.empty_like(values)
+    kernels = cpu_kernels()
+    kernels.merge_rows_(weight, indices, values, saved)
+    try:
+        yield
+    finally:
+        kernels.unmerge_rows_(weight, indices, saved)
+
+
 class _SparseLinearCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, indices, values):
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        y = F.linear(x2d, weight, bias)
-        cpu_kernels().sparse_fwd_add_(y, x2d, indices, values)
-        ctx.save_for_backward(x2d, weight, indices, values)
+        x2d = x.reshape(-1, x.shape[-1])
+        with _merged(weight, indices, values):
+            y = F.linear(x2d, weight, bias)
+        # grad_values needs x; grad_x needs only the weight. The weight is kept on ctx, not in
+        # saved_tensors: every merge bumps its version, which saved_tensors would call a conflict.
+        ctx.save_for_backward(x2d.contiguous() if ctx.needs_input_grad[4] else None, indices, values)
+        ctx.weight = weight
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2d, weight, indices, values = ctx.saved_tensors
+        x2d, indices, values = ctx.saved_tensors
+        weight = ctx.weight
         grad_y = grad_y.reshape(-1, weight.shape[0]).contiguous()
-        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
-        grad_values = cpu_kernels().sparse_bwd_add_(grad_y, x2d, indices, values, grad_x, ctx.needs_input_grad[4])
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.x_shape)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            with _merged(weight, indices, values):
+                grad_x = (grad_y @ weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[4]:
+            grad_values = cpu_kernels().sparse_bwd_add_(grad_y, x2d, indices, values, None, True)
         return grad_x, None, None, None, grad_values
 
 
@@ -49,6 +77,7 @@ def sparse_linear(
         raise ValueError("sparse_linear trains only the bypass values: freeze the base weight and bias")
     fused = (
         x.dtype == weight.dtype == values.dtype == torch.float32
+        and weight.is_contiguous()
         and indices.dim() == 2
         and values.shape == indices.shape == (weight.shape[0], indices.shape[1])
         and use_cpu_kernels(x)

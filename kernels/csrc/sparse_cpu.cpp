@@ -7,6 +7,8 @@
 // inputs are transposed, so the tile's values of one selected column are contiguous: one
 // (row, j) term is then a few vector FMAs over tokens instead of scalar gathers.
 // Switching (switch_weights_ / restore_weights_): the merged path's in-place apply and restore.
+// Training's frozen linear (merge_rows_ / unmerge_rows_): the deltas scattered into the weight for
+// one GEMM and taken out again, bit for bit.
 // Serving (mixed_delta_add_): a decode batch has a handful of tokens, each with its own adapter,
 // so the loop runs along the output dim (contiguous indices and values, gathered inputs).
 #include <torch/extension.h>
@@ -313,6 +315,33 @@ void restore_impl(bits_t* buf, const int64_t* off, const bits_t* saved, int64_t 
   });
 }
 
+// The training forward's merge: w[i, idx[i, j]] += val[i, j] in float32, the old weights saved
+// first, walking each row in order; unmerge walks each row backwards, so a column listed twice in
+// a row still comes back to its original bits. Rows are disjoint memory, so threads split rows.
+template <typename index_t>
+void merge_rows_impl(float* w, const index_t* idx, const float* val, float* saved, int64_t d_out, int64_t d_in,
+                     int64_t k) {
+  at::parallel_for(0, d_out, std::max<int64_t>(1, (1 << 14) / k), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* row = w + i * d_in;
+      for (int64_t j = 0; j < k; ++j) {
+        float& cell = row[static_cast<int64_t>(idx[i * k + j])];
+        saved[i * k + j] = cell;
+        cell += val[i * k + j];
+      }
+    }
+  });
+}
+
+template <typename index_t>
+void unmerge_rows_impl(float* w, const index_t* idx, const float* saved, int64_t d_out, int64_t d_in, int64_t k) {
+  at::parallel_for(0, d_out, std::max<int64_t>(1, (1 << 14) / k), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = k - 1; j >= 0; --j) w[i * d_in + static_cast<int64_t>(idx[i * k + j])] = saved[i * k + j];
+    }
+  });
+}
+
 void check_flat(const torch::Tensor& buffer, const torch::Tensor& offsets, const torch::Tensor& saved,
                 bool check_ranges) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.dim() == 1 && buffer.is_contiguous(),
@@ -449,10 +478,43 @@ void restore_weights_(torch::Tensor& buffer, const torch::Tensor& offsets, const
   }
 }
 
+// weight [d_out, d_in] float32 gets values [d_out, k] added at indices [d_out, k], the old weights
+// going into saved [d_out, k]; unmerge_rows_ puts them back bit for bit.
+void merge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& values,
+                 torch::Tensor& saved) {
+  check_2d_float(weight, "weight");
+  check_2d_float(values, "values");
+  check_2d_float(saved, "saved");
+  check_index_layout(indices);
+  check_range(indices, weight.size(1), "indices");
+  TORCH_CHECK(indices.size(0) == weight.size(0) && values.sizes() == indices.sizes() &&
+                  saved.sizes() == indices.sizes(),
+              "indices, values and saved must all be [d_out, k]");
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "merge_rows_", [&] {
+    merge_rows_impl<index_t>(weight.data_ptr<float>(), indices.data_ptr<index_t>(), values.data_ptr<float>(),
+                             saved.data_ptr<float>(), weight.size(0), weight.size(1), indices.size(1));
+  });
+}
+
+void unmerge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& saved) {
+  check_2d_float(weight, "weight");
+  check_2d_float(saved, "saved");
+  check_index_layout(indices);
+  check_range(indices, weight.size(1), "indices");
+  TORCH_CHECK(indices.size(0) == weight.size(0) && saved.sizes() == indices.sizes(),
+              "indices and saved must both be [d_out, k]");
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "unmerge_rows_", [&] {
+    unmerge_rows_impl<index_t>(weight.data_ptr<float>(), indices.data_ptr<index_t>(), saved.data_ptr<float>(),
+                               weight.size(0), weight.size(1), indices.size(1));
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd_add_", &sparse_fwd_add_, "out += the sparse gather product of x");
   m.def("sparse_bwd_add_", &sparse_bwd_add_, "the product's grad_x (added in place) and grad_values, one pass");
   m.def("switch_weights_", &switch_weights_, "buffer[offsets] = round(saved + values), saving first if asked");
   m.def("restore_weights_", &restore_weights_, "buffer[offsets] = saved, bit for bit");
+  m.def("merge_rows_", &merge_rows_, "weight[i, indices[i, j]] += values[i, j], saving the old weights");
+  m.def("unmerge_rows_", &unmerge_rows_, "puts merge_rows_'s saved weights back, bit for bit");
   m.def("mixed_delta_add_", &mixed_delta_add_, "adds each token's own adapter delta (one shared index set) to out");
 }

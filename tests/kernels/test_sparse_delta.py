@@ -140,6 +140,7 @@ def test_sparse_linear_equals_the_dense_bypassed_layer_with_gradients(with_bias,
     x = torch.randn(3, 25, d_in, generator=g, requires_grad=True)  # 75 tokens: several C++ tiles
     values = torch.randn(d_out, k, generator=g, requires_grad=True)
     grad_y = torch.randn(3, 25, d_out, generator=g)
+    weight_before = weight.clone()
 
     y = sparse_linear(x, weight, bias, indices, values)
     y.backward(grad_y)
@@ -150,6 +151,7 @@ def test_sparse_linear_equals_the_dense_bypassed_layer_with_gradients(with_bias,
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values.grad, v_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(weight, weight_before)  # the CPU path merges into W and takes it out again
 
 
 def test_sparse_linear_keeps_only_its_inputs_for_backward_and_refuses_a_trainable_base():
@@ -163,9 +165,49 @@ def test_sparse_linear_keeps_only_its_inputs_for_backward_and_refuses_a_trainabl
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         sparse_linear(x, weight, None, indices, values).sum().backward()
-    assert sorted(saved) == sorted([torch.Size([64, d_in]), weight.shape, torch.Size([d_out, k]), torch.Size([d_out, k])])
+    # x for grad_values, and the pattern; the frozen weight is the layer's own, never a copy
+    assert sorted(saved) == sorted([torch.Size([64, d_in]), torch.Size([d_out, k]), torch.Size([d_out, k])])
     with pytest.raises(ValueError, match="freeze the base weight"):
         sparse_linear(x, weight.requires_grad_(), None, indices, values)
+
+
+def test_sparse_linear_used_twice_in_one_graph_and_with_a_column_listed_twice():
+    # A layer applied twice merges into its weight twice before either backward runs, and a row
+    # may name a column twice (two deltas on one weight): both must still give the reference
+    # gradients and leave the weight's bits as they were.
+    from kernels import sparse_linear
+
+    d = 24
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(d, d, generator=g)
+    indices = torch.rand(d, d, generator=g).argsort(dim=1)[:, :3]
+    indices[:, 2] = indices[:, 0]
+    values = torch.randn(d, 3, generator=g, requires_grad=True)
+    x = torch.randn(2, 9, d, generator=g, requires_grad=True)
+    grad_y = torch.randn(2, 9, d, generator=g)
+    weight_before = weight.clone()
+
+    sparse_linear(sparse_linear(x, weight, None, indices, values), weight, None, indices, values).backward(grad_y)
+    x_ref, v_ref = x.detach().clone().requires_grad_(), values.detach().clone().requires_grad_()
+    layer = lambda h: h @ (weight + torch.zeros(d, d).scatter_add(1, indices, v_ref)).t()  # noqa: E731
+    layer(layer(x_ref)).backward(grad_y)
+
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values.grad, v_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(weight, weight_before)
+
+
+def test_sparse_linear_failing_mid_product_leaves_the_weight_untouched():
+    from kernels import sparse_linear
+
+    weight = torch.randn(16, 8)
+    bias = torch.randn(15)  # wrong size: the GEMM raises after the deltas went into the weight
+    indices = torch.rand(16, 8).argsort(dim=1)[:, :2]
+    values = torch.randn(16, 2, requires_grad=True)
+    weight_before = weight.clone()
+    with pytest.raises(RuntimeError):
+        sparse_linear(torch.randn(4, 8), weight, bias, indices, values)
+    assert torch.equal(weight, weight_before)
 
 
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process():
