@@ -1,10 +1,10 @@
 """Training cost of NeuroAda against other ways to tune the same layers, one process per variant.
 
-    python benchmarks/train_cost.py [--k 1 20] [--steps 5] [--threads 2] [--mmap-threshold BYTES]
+    python benchmarks/train_cost.py [--k 1 20] [--steps 5] [--rounds 1] [--threads 2] [--mmap-threshold BYTES]
 
 Embedded SmolLM2-135M, float32, batch 4 x 256 tokens, all seven Llama projections targeted.
-Variants: floor (the frozen base's forward+backward, activation gradients only), ours (the
-gather/CSR product), reference (the NeuroAda authors' formulation: a dense W + scatter_add
+Variants: floor (the frozen base's forward+backward, activation gradients only), ours
+(`kernels.sparse_linear`: on the CPU the frozen GEMM with the deltas merged in place), reference (the NeuroAda authors' formulation: a dense W + scatter_add
 rebuilt every forward), mask (dense W trainable, gradient masked to the k positions, AdamW over
 W), lora (PEFT LoRA r=8; needs the `bench` extra). Prints median s/step (min-max) and peak RSS.
 """
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,21 @@ def child(variant: str, k: int, steps: int) -> dict:
         if variant != "mask"
         else k * sum(m.weight.shape[0] for m in targets.values()),
         "step_s": summarize(samples),
+        "samples": samples,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+    }
+
+
+def _pool(results: list[dict]) -> dict:
+    """One variant's rounds: step samples pooled, peak RSS the median of the rounds' peaks."""
+    samples = [t for r in results for t in r["samples"]]
+    peaks = [r["peak_rss_gb"] for r in results]
+    return {
+        **results[0],
+        "step_s": summarize(samples),
+        "samples": samples,
+        "peak_rss_gb": statistics.median(peaks),
+        "peak_rss_gb_rounds": peaks,
     }
 
 
@@ -124,6 +139,7 @@ def main() -> None:
         "activations go back to the system, so peak RSS shows live memory rather than what the "
         "allocator kept (steps get slower: every large tensor is fresh pages)",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved passes over the variants, pooled")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -131,21 +147,14 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, args.k[0], args.steps)))
         return
 
-    runs = []
-    for variant in args.variants:
-        for k in args.k if variant in ("ours", "reference", "mask") else [args.k[0]]:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                variant,
-                "--k",
-                str(k),
-                "--steps",
-                str(args.steps),
-                "--threads",
-                str(args.threads),
-            ]
+    # With --rounds N every (variant, k) runs once per round, the rounds one after another, so a
+    # slow spell of the machine lands on all variants alike; a variant's samples are pooled.
+    cases = [(v, k) for v in args.variants for k in (args.k if v in ("ours", "reference", "mask") else [args.k[0]])]
+    pooled: dict[tuple[str, int], list[dict]] = {case: [] for case in cases}
+    for round_ in range(args.rounds):
+        for variant, k in cases:
+            cmd = [sys.executable, __file__, "--child", variant, "--k", str(k), "--steps", str(args.steps)]
+            cmd += ["--threads", str(args.threads)]
             env = dict(os.environ)
             if args.mmap_threshold is not None:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -154,8 +163,10 @@ def main() -> None:
             if out.returncode != 0 or not lines:
                 print(f"{variant} k={k} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
-            runs.append(json.loads(lines[-1][7:]))
-            print(f"  {variant} k={k}: {runs[-1]['step_s']['median']:.2f} s/step", flush=True)
+            pooled[(variant, k)].append(json.loads(lines[-1][7:]))
+            median = pooled[(variant, k)][-1]["step_s"]["median"]
+            print(f"  round {round_ + 1}: {variant} k={k}: {median:.2f} s/step", flush=True)
+    runs = [_pool(results) for results in pooled.values() if results]
 
     floor = next((r for r in runs if r["variant"] == "floor"), None)
     rows = []
@@ -174,9 +185,10 @@ def main() -> None:
                 mem,
             ]
         )
-    print(f"\nmachine: {machine()}; SmolLM2-135M fp32, batch 4 x 256 tokens, {args.steps} timed steps\n")
+    steps = f"{args.steps} timed steps x {args.rounds} rounds"
+    print(f"\nmachine: {machine()}; SmolLM2-135M fp32, batch 4 x 256 tokens, {steps}\n")
     print_table(["variant", "k", "trainable", "s/step median (min-max)", "vs floor", "peak RSS GB", "vs floor"], rows)
-    config = {"batch": 4, "seq_len": 256, "steps": args.steps, "threads": args.threads}
+    config = {"batch": 4, "seq_len": 256, "steps": args.steps, "rounds": args.rounds, "threads": args.threads}
     write_json(args.out, {"config": {**config, "mmap_threshold": args.mmap_threshold}, "runs": runs})
 
 

@@ -183,7 +183,9 @@ def sparse_delta(
     if backend == "triton" and triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
     if backend == "cpu" and not use_cpu_kernels(x):
-        raise RuntimeError("backend='cpu' asked for, but the tensors are not on the CPU or the C++ kernels are unavailable")
+        raise RuntimeError(
+            "backend='cpu' asked for, but the tensors are not on the CPU or the C++ kernels are unavailable"
+        )
     if backend == "auto":
         if use_triton(x):
             path = "triton"
