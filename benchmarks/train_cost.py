@@ -4,7 +4,8 @@
 
 Embedded SmolLM2-135M, float32, batch 4 x 256 tokens, all seven Llama projections targeted.
 Variants: floor (the frozen base's forward+backward, activation gradients only), ours
-(`kernels.sparse_linear`: on the CPU the frozen GEMM with the deltas merged in place), reference (the NeuroAda authors' formulation: a dense W + scatter_add
+(`kernels.sparse_linear`: on the CPU the frozen GEMM with the deltas merged in place),
+ours_bf16_inputs (the same, keeping the layer inputs for grad_values in bfloat16), reference (the NeuroAda authors' formulation: a dense W + scatter_add
 rebuilt every forward), mask (dense W trainable, gradient masked to the k positions, AdamW over
 W), lora (PEFT LoRA r=8; needs the `bench` extra). Prints median s/step (min-max) and peak RSS.
 """
@@ -27,7 +28,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, set_threads, summarize, timed, write_json  # noqa: E402
 
-VARIANTS = ["floor", "ours", "reference", "mask", "lora"]
+VARIANTS = ["floor", "ours", "ours_bf16_inputs", "reference", "mask", "lora"]
+SPARSE = ("ours", "ours_bf16_inputs", "reference", "mask")  # the variants that take --k
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -58,8 +60,8 @@ def child(variant: str, k: int, steps: int) -> dict:
     model.train()
     targets = {n: m for n, m in linear_layers(model).items() if n.rsplit(".", 1)[-1] in TARGETS}
     params: list[torch.Tensor] = []
-    if variant == "ours":
-        attach(model, NeuroAdaConfig(k=k))
+    if variant in ("ours", "ours_bf16_inputs"):
+        attach(model, NeuroAdaConfig(k=k, saved_inputs="bfloat16" if variant == "ours_bf16_inputs" else "float32"))
         params = trainable_parameters(model)
     elif variant == "reference":
         for name, m in targets.items():
@@ -98,7 +100,7 @@ def child(variant: str, k: int, steps: int) -> dict:
     samples = timed(step, repeats=steps, warmup=1)
     return {
         "variant": variant,
-        "k": k if variant in ("ours", "reference", "mask") else None,
+        "k": k if variant in SPARSE else None,
         "trainable": sum(p.numel() for p in params)
         if variant != "mask"
         else sum(int(m.weight.numel()) for m in targets.values()),
@@ -149,7 +151,7 @@ def main() -> None:
 
     # With --rounds N every (variant, k) runs once per round, the rounds one after another, so a
     # slow spell of the machine lands on all variants alike; a variant's samples are pooled.
-    cases = [(v, k) for v in args.variants for k in (args.k if v in ("ours", "reference", "mask") else [args.k[0]])]
+    cases = [(v, k) for v in args.variants for k in (args.k if v in SPARSE else [args.k[0]])]
     pooled: dict[tuple[str, int], list[dict]] = {case: [] for case in cases}
     for round_ in range(args.rounds):
         for variant, k in cases:

@@ -38,15 +38,32 @@ def _merged(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -
         kernels.unmerge_rows_(weight, indices, saved)
 
 
+def _saved_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as [T, d_in] in `dtype`, to keep for grad_values.
+
+    A narrower copy is made once per input tensor and remembered on it, so layers fed the same x
+    (q/k/v, gate/up) keep one copy between them, as they share x itself in float32.
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    if dtype == x.dtype:
+        return x2d.contiguous()
+    memo = getattr(x, "_neuroada_saved_input", None)
+    if memo is not None and memo[0] == (x._version, dtype):
+        return memo[1]
+    narrow = x2d.to(dtype)
+    x._neuroada_saved_input = ((x._version, dtype), narrow)
+    return narrow
+
+
 class _SparseLinearCpu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, indices, values):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, indices, values, saved_dtype):
         x2d = x.reshape(-1, x.shape[-1])
         with _merged(weight, indices, values):
             y = F.linear(x2d, weight, bias)
         # grad_values needs x; grad_x needs only the weight. The weight is kept on ctx, not in
         # saved_tensors: every merge bumps its version, which saved_tensors would call a conflict.
-        ctx.save_for_backward(x2d.contiguous() if ctx.needs_input_grad[4] else None, indices, values)
+        ctx.save_for_backward(_saved_input(x, saved_dtype) if ctx.needs_input_grad[4] else None, indices, values)
         ctx.weight = weight
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -61,8 +78,8 @@ class _SparseLinearCpu(torch.autograd.Function):
             with _merged(weight, indices, values):
                 grad_x = (grad_y @ weight).view(ctx.x_shape)
         if ctx.needs_input_grad[4]:
-            grad_values = cpu_kernels().sparse_bwd_add_(grad_y, x2d, indices, values, None, True)
-        return grad_x, None, None, None, grad_values
+            grad_values = cpu_kernels().sparse_bwd_add_(grad_y, x2d.float(), indices, values, None, True)
+        return grad_x, None, None, None, grad_values, None
 
 
 def sparse_linear(
@@ -72,7 +89,12 @@ def sparse_linear(
     indices: torch.Tensor,  # [d_out, k] int64
     values: torch.Tensor,  # [d_out, k], trainable
     layout: CsrLayout | None = None,  # for the CSR fallback, see `sparse_delta`
+    saved_input_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:  # [..., d_out]
+    """`saved_input_dtype`: the dtype the CPU path keeps x in for grad_values. bfloat16 halves that
+    memory (the bypass's only activation cost) and rounds x to 8 significant bits in grad_values
+    alone; the output and grad_x stay exact. Other paths keep x as it comes (on CUDA, bf16
+    autocast already makes it bfloat16)."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("sparse_linear trains only the bypass values: freeze the base weight and bias")
     fused = (
@@ -83,6 +105,6 @@ def sparse_linear(
         and use_cpu_kernels(x)
     )
     if fused:
-        return _SparseLinearCpu.apply(x, weight, bias, indices.contiguous(), values.contiguous())
+        return _SparseLinearCpu.apply(x, weight, bias, indices.contiguous(), values.contiguous(), saved_input_dtype)
     y = F.linear(x, weight, bias)
     return y + sparse_delta(x, indices, values, layout=layout).to(y.dtype)

@@ -110,6 +110,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=1, help="inputs adapted per output neuron (default 1)")
     p.add_argument("--targets", default=",".join(LLAMA_TARGETS), help="comma-separated module-name suffixes")
     p.add_argument("--selection", default="magnitude", choices=SELECTIONS)
+    p.add_argument(
+        "--saved-inputs",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of the layer inputs kept for the gradient (CPU): bfloat16 halves the bypass's activation memory",
+    )
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -144,7 +150,11 @@ def _train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     base = BaseModelSpec.from_model(model, name)
     na_config = NeuroAdaConfig(
-        k=args.top_k, targets=tuple(t for t in args.targets.split(",") if t), selection=args.selection, seed=args.seed
+        k=args.top_k,
+        targets=tuple(t for t in args.targets.split(",") if t),
+        selection=args.selection,
+        seed=args.seed,
+        saved_inputs=args.saved_inputs,
     )
     attach(model, na_config)
     examples = load_examples(args.data)[: args.limit]
@@ -162,6 +172,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     result = train(model, tokenizer, examples, config)
     summary = training_summary(result, config, file_sha256(args.data), args.data.name)
+    summary["saved_inputs"] = na_config.saved_inputs
     adapter = export(model, base, selection=na_config.selection, training=summary)
     save_adapter(adapter, args.out)
     print(

@@ -16,7 +16,7 @@ from kernels.sparse_csr import CSR_MIN_K
 
 
 class NeuroAdaLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor):
+    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor, saved_input_dtype: torch.dtype = torch.float32):
         super().__init__()
         d_out, d_in = base_layer.weight.shape
         if indices.shape[0] != d_out or indices.dim() != 2:
@@ -27,6 +27,7 @@ class NeuroAdaLinear(nn.Module):
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int64).contiguous())  # [d_out, k]
         # Trainable deltas stay float32 while training whatever the base dtype; exported as bf16.
         self.values = nn.Parameter(torch.zeros(indices.shape, dtype=torch.float32, device=device))  # [d_out, k]
+        self.saved_input_dtype = saved_input_dtype  # see kernels.sparse_linear
         self._layout: CsrLayout | None = None  # the CSR fallback's pattern, derived once from indices
 
     @property
@@ -40,7 +41,15 @@ class NeuroAdaLinear(nn.Module):
                 self._layout = csr_layout(self.indices, x.shape[-1])
             layout = self._layout
         base = self.base_layer
-        return sparse_linear(x, base.weight, base.bias, self.indices, self.values, layout=layout)
+        return sparse_linear(
+            x,
+            base.weight,
+            base.bias,
+            self.indices,
+            self.values,
+            layout=layout,
+            saved_input_dtype=self.saved_input_dtype,
+        )
 
     def extra_repr(self) -> str:
         d_out, d_in = self.base_layer.weight.shape

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroada.config import NeuroAdaConfig
+from neuroada.config import SAVED_INPUT_DTYPES, NeuroAdaConfig
 from neuroada.fingerprint import BaseModelSpec, linear_layers
 from neuroada.format import LayerDelta, SparseAdapter, build_adapter
 from neuroada.layer import NeuroAdaLinear
@@ -27,7 +27,7 @@ def attach(model: nn.Module, config: NeuroAdaConfig) -> dict[str, NeuroAdaLinear
     bypasses = {}
     for position, (name, linear) in enumerate(targets.items()):
         indices = select_topk(linear.weight, config.k, config.selection, seed=config.seed * 1_000_003 + position)
-        bypass = NeuroAdaLinear(linear, indices)
+        bypass = NeuroAdaLinear(linear, indices, SAVED_INPUT_DTYPES[config.saved_inputs])
         _set_module(model, name, bypass)
         bypasses[name] = bypass
     return bypasses

@@ -197,6 +197,45 @@ def test_sparse_linear_used_twice_in_one_graph_and_with_a_column_listed_twice():
     assert torch.equal(weight, weight_before)
 
 
+def test_sparse_linear_can_keep_its_input_in_bfloat16_one_copy_per_input():
+    # q/k/v (and gate/up) take the same x: in bfloat16 they keep one narrow copy between them,
+    # as in float32 they share x itself; only grad_values sees the rounding.
+    from kernels import sparse_linear
+
+    d_in, k = 48, 5
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(d_out, d_in, generator=g) for d_out in (48, 16, 16)]
+    indices = [torch.rand(w.shape[0], d_in, generator=g).argsort(dim=1)[:, :k] for w in weights]
+    x = torch.randn(3, 20, d_in, generator=g, requires_grad=True)
+    grads = [torch.randn(3, 20, w.shape[0], generator=g) for w in weights]
+
+    def run(saved_input_dtype):
+        xs = x.detach().clone().requires_grad_()
+        values = [
+            torch.randn(w.shape[0], k, generator=torch.Generator().manual_seed(1)).requires_grad_() for w in weights
+        ]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            ys = [
+                sparse_linear(xs, w, None, i, v, saved_input_dtype=saved_input_dtype)
+                for w, i, v in zip(weights, indices, values)
+            ]
+        torch.autograd.backward(ys, grads)
+        kept = [t for t in saved if t.shape == (60, d_in)]
+        return ys, xs.grad, [v.grad for v in values], kept
+
+    ys32, gx32, gv32, kept32 = run(torch.float32)
+    ys16, gx16, gv16, kept16 = run(torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in kept16) and len({t.data_ptr() for t in kept16}) == 1
+    assert len({t.data_ptr() for t in kept32}) == 1
+    for a, b in zip(ys32, ys16):
+        assert torch.equal(a, b)
+    assert torch.equal(gx32, gx16)
+    for a, b in zip(gv32, gv16):
+        assert not torch.equal(a, b)  # the narrow copy really is what grad_values read
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
 def test_sparse_linear_failing_mid_product_leaves_the_weight_untouched():
     from kernels import sparse_linear
 

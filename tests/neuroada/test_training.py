@@ -37,8 +37,8 @@ def test_attach_freezes_base_and_detach_restores_modules(model):
     assert model(ids).logits.shape == (1, 5, 257)
 
 
-def _train_tiny(model, steps, checkpoint=None, lr=5e-2):
-    attach(model, NeuroAdaConfig(k=4))
+def _train_tiny(model, steps, checkpoint=None, lr=5e-2, saved_inputs="float32"):
+    attach(model, NeuroAdaConfig(k=4, saved_inputs=saved_inputs))
     config = TrainConfig(
         lr=lr,
         max_steps=steps,
@@ -51,9 +51,10 @@ def _train_tiny(model, steps, checkpoint=None, lr=5e-2):
     return train(model, tiny_tokenizer(), synthetic_examples(64), config, progress=False)
 
 
-def test_training_lowers_loss_and_moves_only_the_deltas(model):
+@pytest.mark.parametrize("saved_inputs", ["float32", "bfloat16"])
+def test_training_lowers_loss_and_moves_only_the_deltas(model, saved_inputs):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = _train_tiny(model, steps=30)
+    result = _train_tiny(model, steps=30, saved_inputs=saved_inputs)
     assert result.final_loss < 0.3 * result.first_loss
     after = dict(model.named_parameters())
     moved = [n for n, p in after.items() if n.endswith(".values") and p.abs().sum() > 0]
@@ -141,6 +142,8 @@ def test_cli_train_eval_inspect_merge_end_to_end(tiny_folder, tmp_path, capsys):
                 "8",
                 "--max-length",
                 "200",
+                "--saved-inputs",
+                "bfloat16",
             ]
         )
         == 0
@@ -150,6 +153,7 @@ def test_cli_train_eval_inspect_merge_end_to_end(tiny_folder, tmp_path, capsys):
     assert adapter.metadata.k == 4 and adapter.metadata.training["steps"] == 30
     assert adapter.metadata.training["final_loss"] < adapter.metadata.training["first_loss"]
     assert adapter.metadata.training["data_sha256"].startswith("sha256:")
+    assert adapter.metadata.training["saved_inputs"] == "bfloat16"
 
     jsonl = tmp_path / "eval.jsonl"
     assert (
