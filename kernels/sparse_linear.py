@@ -5,7 +5,7 @@ scattered into W in place (`merge_rows_`, O(d_out * k)), the forward `x (W + del
 backward `grad_x = grad_y (W + delta)` run as one GEMM each, and the old weights are written back
 bit for bit at once (`unmerge_rows_`, also on an exception). No dense delta, mask or weight copy
 exists at any point, and the bypass adds no pass over the activations except grad_values, the
-gather product `sum_t grad_y[t, i] x[t, idx[i, j]]`. This is the paper's formulation (b),
+gather product `sum_t grad_y[t, i] x[t, idx[i, j]]`. It is the NeuroAda authors' own formulation,
 `F.linear(x, W.scatter_add(...))`, without the merged copy. Rounding differs from
 `W x + delta x` only in the last float32 bits. Everywhere else (CUDA, other dtypes) this is
 `F.linear(x, W, b) + sparse_delta(x)`. The base weight and bias are frozen: they get no gradient,
