@@ -78,7 +78,7 @@ class _SparseLinearCpu(torch.autograd.Function):
             with _merged(weight, indices, values):
                 grad_x = (grad_y @ weight).view(ctx.x_shape)
         if ctx.needs_input_grad[4]:
-            grad_values = cpu_kernels().sparse_bwd_add_(grad_y, x2d.float(), indices, values, None, True)
+            grad_values = cpu_kernels().sparse_bwd_add_(grad_y, x2d, indices, values, None, True)
         return grad_x, None, None, None, grad_values, None
 
 

@@ -138,6 +138,20 @@ void check_range(const torch::Tensor& t, int64_t end, const char* name) {
   }
 }
 
+// A tile's rows of x as float32: float32 rows are used where they lie; bfloat16 rows (inputs kept
+// narrow for grad_values) are widened, exactly, into `buf`, a tile at a time while in cache.
+inline const float* rows_as_float(const float* x, int64_t, std::vector<float>&) { return x; }
+
+inline const float* rows_as_float(const at::BFloat16* x, int64_t n, std::vector<float>& buf) {
+  buf.resize(n);
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t e = 0; e < n; ++e) {
+    const uint32_t wide = static_cast<uint32_t>(bits[e]) << 16;
+    std::memcpy(&buf[e], &wide, sizeof wide);
+  }
+  return buf.data();
+}
+
 template <typename index_t>
 void sparse_fwd_impl(const float* x, const index_t* idx, const float* val, float* out, int64_t T, int64_t d_in,
                      int64_t d_out, int64_t k) {
@@ -169,8 +183,8 @@ void sparse_fwd_impl(const float* x, const index_t* idx, const float* val, float
 // so each column's sum stays in registers: scattering row by row instead made read-modify-write
 // chains through memory wherever rows share columns, as magnitude-selected rows do.
 // Each thread sums grad_val over its tiles; the partials add up at the end.
-template <typename index_t>
-void sparse_bwd_impl(const float* gy, const float* x, const index_t* idx, const float* val, float* gx, float* gv,
+template <typename index_t, typename x_t>
+void sparse_bwd_impl(const float* gy, const x_t* x, const index_t* idx, const float* val, float* gx, float* gv,
                      int64_t T, int64_t d_in, int64_t d_out, int64_t k) {
   constexpr int64_t W = TB_BWD;
   const int64_t tiles = (T + W - 1) / W, nnz = d_out * k;
@@ -191,7 +205,7 @@ void sparse_bwd_impl(const float* gy, const float* x, const index_t* idx, const 
   std::vector<float> partials(gv ? threads * nnz : 0, 0.0f);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     float* part = gv ? partials.data() + at::get_thread_num() * nnz : nullptr;
-    std::vector<float> gyt(d_out * W), xt(gv ? d_in * W : 0), gxt(gx ? d_in * W : 0);
+    std::vector<float> gyt(d_out * W), xt(gv ? d_in * W : 0), gxt(gx ? d_in * W : 0), xrows;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * W, n = std::min(W, T - t0);
       transpose_in<W>(gy + t0 * d_out, d_out, n, d_out, gyt.data());
@@ -215,7 +229,7 @@ void sparse_bwd_impl(const float* gy, const float* x, const index_t* idx, const 
         transpose_add_out<W>(gxt.data(), n, d_in, gx + t0 * d_in, d_in);
       }
       if (gv) {
-        transpose_in<W>(x + t0 * d_in, d_in, n, d_in, xt.data());
+        transpose_in<W>(rows_as_float(x + t0 * d_in, n * d_in, xrows), d_in, n, d_in, xt.data());
         for (int64_t i = 0; i < d_out; ++i) {
           const float* g = gyt.data() + i * W;
           const vec g0 = load(g), g1 = load(g + VL), g2 = load(g + 2 * VL), g3 = load(g + 3 * VL);
@@ -353,12 +367,16 @@ void check_flat(const torch::Tensor& buffer, const torch::Tensor& offsets, const
   if (check_ranges) check_range(offsets, buffer.numel(), "offsets");
 }
 
-// The training products' common arguments: a [T, d_out] tensor (out or grad_out), x [T, d_in],
-// indices and values [d_out, k].
+// The training products' common arguments: a [T, d_out] tensor (out or grad_out), x [T, d_in]
+// (float32, or bfloat16 where bf16_x_ok), indices and values [d_out, k].
 void check_product_args(const torch::Tensor& t_by_out, const char* name, const torch::Tensor& x,
-                        const torch::Tensor& indices, const torch::Tensor& values) {
+                        const torch::Tensor& indices, const torch::Tensor& values, bool bf16_x_ok = false) {
   check_2d_float(t_by_out, name);
-  check_2d_float(x, "x");
+  if (bf16_x_ok && x.scalar_type() == torch::kBFloat16) {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CPU tensor");
+  } else {
+    check_2d_float(x, "x");
+  }
   check_2d_float(values, "values");
   check_index_layout(indices);
   check_range(indices, x.size(1), "indices");
@@ -384,18 +402,25 @@ void sparse_fwd_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Te
 std::optional<torch::Tensor> sparse_bwd_add_(const torch::Tensor& grad_out, const torch::Tensor& x,
                                              const torch::Tensor& indices, const torch::Tensor& values,
                                              std::optional<torch::Tensor> grad_x, bool need_grad_values) {
-  check_product_args(grad_out, "grad_out", x, indices, values);
+  const bool narrow_x = x.scalar_type() == torch::kBFloat16;  // inputs kept in bf16 for grad_values
+  check_product_args(grad_out, "grad_out", x, indices, values, true);
   if (grad_x) {
     check_2d_float(*grad_x, "grad_x");
     TORCH_CHECK(grad_x->sizes() == x.sizes(), "grad_x must be shaped like x");
   }
   const int64_t T = x.size(0), d_in = x.size(1), d_out = indices.size(0), k = indices.size(1);
   std::optional<torch::Tensor> grad_values;
-  if (need_grad_values) grad_values = torch::empty({d_out, k}, x.options());
+  if (need_grad_values) grad_values = torch::empty({d_out, k}, values.options());
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_bwd_add_", [&] {
-    sparse_bwd_impl<index_t>(grad_out.data_ptr<float>(), x.data_ptr<float>(), indices.data_ptr<index_t>(),
-                             values.data_ptr<float>(), grad_x ? grad_x->data_ptr<float>() : nullptr,
-                             grad_values ? grad_values->data_ptr<float>() : nullptr, T, d_in, d_out, k);
+    float* gx = grad_x ? grad_x->data_ptr<float>() : nullptr;
+    float* gv = grad_values ? grad_values->data_ptr<float>() : nullptr;
+    if (narrow_x) {
+      sparse_bwd_impl<index_t>(grad_out.data_ptr<float>(), x.data_ptr<at::BFloat16>(), indices.data_ptr<index_t>(),
+                               values.data_ptr<float>(), gx, gv, T, d_in, d_out, k);
+    } else {
+      sparse_bwd_impl<index_t>(grad_out.data_ptr<float>(), x.data_ptr<float>(), indices.data_ptr<index_t>(),
+                               values.data_ptr<float>(), gx, gv, T, d_in, d_out, k);
+    }
   });
   return grad_values;
 }

@@ -236,6 +236,24 @@ def test_sparse_linear_can_keep_its_input_in_bfloat16_one_copy_per_input():
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the C++ CPU kernels (a compiler)")
+@pytest.mark.parametrize("with_grad_x", [False, True])
+def test_cpu_backward_reads_bfloat16_inputs_as_their_exact_float32_values(with_grad_x):
+    d_in, d_out, k, T = 40, 70, 6, 75  # a partial token tile
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, d_in, generator=g).bfloat16()
+    indices = torch.rand(d_out, d_in, generator=g).argsort(dim=1)[:, :k].contiguous()
+    values, grad_y = torch.randn(d_out, k, generator=g), torch.randn(T, d_out, generator=g)
+    gx_narrow, gx_wide = (torch.zeros(T, d_in), torch.zeros(T, d_in)) if with_grad_x else (None, None)
+    narrow = cpu_kernels().sparse_bwd_add_(grad_y, x, indices, values, gx_narrow, True)
+    wide = cpu_kernels().sparse_bwd_add_(grad_y, x.float(), indices, values, gx_wide, True)
+    assert torch.equal(narrow, wide)
+    if with_grad_x:
+        assert torch.equal(gx_narrow, gx_wide)
+    with pytest.raises(RuntimeError, match="x must be"):
+        cpu_kernels().sparse_fwd_add_(torch.zeros(T, d_out), x, indices, values)  # the forward takes float32 only
+
+
 def test_sparse_linear_failing_mid_product_leaves_the_weight_untouched():
     from kernels import sparse_linear
 
