@@ -1,15 +1,18 @@
 """The C++ CPU kernels (`kernels/csrc/sparse_cpu.cpp`), built on first use by torch's extension loader.
 
 The build needs a C++ compiler and takes about 30 s once; the result is cached (under
-TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) for every later process. Where it cannot
+TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, one build per python, torch and CPU
+kind) for every later process. Where it cannot
 be built, or NEUROADA_CPU_KERNELS=0, the CPU runs the torch twins in `kernels.reference`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -55,7 +58,24 @@ def cpu_kernels() -> ModuleType | None:
 def build_directory() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"{_NAME}_{python}_torch{torch.__version__}"
+    return Path(root) / f"{_NAME}_{python}_torch{torch.__version__}_cpu{cpu_tag()}"
+
+
+@functools.cache
+def cpu_tag() -> str:
+    """A short hash of the CPU's model and feature flags.
+
+    -march=native code may use instructions only that CPU kind has (AVX-512 here), so a cache
+    directory shared by different machines (an NFS home) keeps one build per kind rather than
+    handing one machine's build to another, where it would die of an illegal instruction.
+    """
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        key = "\n".join(next((line for line in lines if line.startswith(f)), "") for f in ("model name", "flags"))
+    except OSError:
+        key = ""
+    key = key or f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def _remove_stale_lock(lock: Path) -> None:
