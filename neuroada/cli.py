@@ -100,7 +100,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from neuroada.config import LLAMA_TARGETS
+    from neuroada.config import LLAMA_TARGETS, SAVED_INPUT_DTYPES
     from neuroada.format import SELECTIONS
 
     p = sub.add_parser("train", help="train a NeuroAda adapter on an LLM-Adapters JSON data file")
@@ -113,7 +113,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--saved-inputs",
         default="float32",
-        choices=("float32", "bfloat16"),
+        choices=tuple(SAVED_INPUT_DTYPES),
         help="dtype of the layer inputs kept for the gradient (CPU): bfloat16 halves the bypass's activation memory",
     )
     p.add_argument("--lr", type=float, default=3e-3)
