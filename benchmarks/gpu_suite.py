@@ -12,7 +12,8 @@
    Goal on an H100-class card: k = 20 under 1 ms, k = 1 under 0.1 ms.
 3. The mixed-adapter delta at batch 32 on the same stack (8 adapters, one index set): all 224
    layers' `mixed_delta` against the dense matmuls of the same batch. Goal: at most 5% at k = 20.
-4. With --embedded: decode.py and a short serve_load.py on the embedded model (subprocesses).
+4. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
+   Triton gather product, LoRA; float32) on the embedded model (subprocesses).
 """
 
 from __future__ import annotations
@@ -206,6 +207,8 @@ def run_embedded(out_dir: Path) -> None:
         + ["--adapters", "1", "8", "--repeats", "3", "--out", str(out_dir / "decode_gpu.json")],
         [sys.executable, str(here / "serve_load.py"), "--engines", "neuroada", "per-adapter", "--adapters", "8", "32"]
         + ["--concurrency", "16", "--requests", "32", "--out", str(out_dir / "serve_load_gpu.json")],
+        [sys.executable, str(here / "train_cost.py"), "--device", "cuda", "--k", "1", "20", "--steps", "10"]
+        + ["--variants", "floor", "ours", "lora", "--out", str(out_dir / "train_cost_gpu.json")],
     ]
     for command in commands:
         print("$", " ".join(command[1:]), flush=True)

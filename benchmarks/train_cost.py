@@ -1,6 +1,7 @@
 """Training cost of NeuroAda against other ways to tune the same layers, one process per variant.
 
     python benchmarks/train_cost.py [--k 1 20] [--steps 5] [--rounds 1] [--threads 2] [--mmap-threshold BYTES]
+                                    [--device cpu|cuda]
 
 Embedded SmolLM2-135M, float32, batch 4 x 256 tokens, all seven Llama projections targeted.
 Variants: floor (the frozen base's forward+backward, activation gradients only), ours
@@ -40,7 +41,7 @@ class ScatterAddLinear(nn.Module):
         super().__init__()
         self.weight = linear.weight
         d_out, d_in = linear.weight.shape
-        rows = torch.arange(d_out)[:, None] * d_in
+        rows = torch.arange(d_out, device=indices.device)[:, None] * d_in
         self.register_buffer("flat_pos", (indices + rows).reshape(-1))
         self.theta = nn.Parameter(torch.zeros(indices.numel()))
 
@@ -49,14 +50,14 @@ class ScatterAddLinear(nn.Module):
         return F.linear(x, w)
 
 
-def child(variant: str, k: int, steps: int) -> dict:
+def child(variant: str, k: int, steps: int, device: str) -> dict:
     from neuroada import NeuroAdaConfig, attach
     from neuroada.base_model import load_base_model
     from neuroada.fingerprint import linear_layers
     from neuroada.model import _set_module, trainable_parameters
     from neuroada.selection import select_topk
 
-    model = load_base_model()
+    model = load_base_model(device=device)
     model.train()
     targets = {n: m for n, m in linear_layers(model).items() if n.rsplit(".", 1)[-1] in TARGETS}
     params: list[torch.Tensor] = []
@@ -82,7 +83,7 @@ def child(variant: str, k: int, steps: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0) if params else None
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=g).to(device)
     embed = model.get_input_embeddings()
 
     def step():
@@ -97,7 +98,8 @@ def child(variant: str, k: int, steps: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    samples = timed(step, repeats=steps, warmup=1)
+    cuda = torch.device(device).type == "cuda"
+    samples = timed(step, repeats=steps, warmup=1, sync=cuda)
     return {
         "variant": variant,
         "k": k if variant in SPARSE else None,
@@ -110,19 +112,23 @@ def child(variant: str, k: int, steps: int) -> dict:
         "step_s": summarize(samples),
         "samples": samples,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        # on a GPU the memory that counts is the device's: what the caching allocator handed out
+        "peak_gb": torch.cuda.max_memory_allocated() / 1024**3
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
     }
 
 
 def _pool(results: list[dict]) -> dict:
     """One variant's rounds: step samples pooled, peak RSS the median of the rounds' peaks."""
     samples = [t for r in results for t in r["samples"]]
-    peaks = [r["peak_rss_gb"] for r in results]
+    peaks = [r["peak_gb"] for r in results]
     return {
         **results[0],
         "step_s": summarize(samples),
         "samples": samples,
-        "peak_rss_gb": statistics.median(peaks),
-        "peak_rss_gb_rounds": peaks,
+        "peak_gb": statistics.median(peaks),
+        "peak_gb_rounds": peaks,
     }
 
 
@@ -131,6 +137,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32; memory is then the device's peak)")
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("train_cost.json"))
     parser.add_argument(
@@ -146,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.k[0], args.steps)))
+        print("RESULT " + json.dumps(child(args.child, args.k[0], args.steps, args.device)))
         return
 
     # With --rounds N every (variant, k) runs once per round, the rounds one after another, so a
@@ -156,7 +163,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for variant, k in cases:
             cmd = [sys.executable, __file__, "--child", variant, "--k", str(k), "--steps", str(args.steps)]
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--threads", str(args.threads), "--device", args.device]
             env = dict(os.environ)
             if args.mmap_threshold is not None:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -175,7 +182,7 @@ def main() -> None:
     for r in runs:
         s = r["step_s"]
         ratio = f"{s['median'] / floor['step_s']['median']:.2f}x" if floor else "-"
-        mem = f"{r['peak_rss_gb'] / floor['peak_rss_gb']:.2f}x" if floor else "-"
+        mem = f"{r['peak_gb'] / floor['peak_gb']:.2f}x" if floor else "-"
         rows.append(
             [
                 r["variant"],
@@ -183,14 +190,16 @@ def main() -> None:
                 f"{r['effective_trainable']:,}",
                 f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
                 ratio,
-                f"{r['peak_rss_gb']:.2f}",
+                f"{r['peak_gb']:.2f}",
                 mem,
             ]
         )
     steps = f"{args.steps} timed steps x {args.rounds} rounds"
-    print(f"\nmachine: {machine()}; SmolLM2-135M fp32, batch 4 x 256 tokens, {steps}\n")
-    print_table(["variant", "k", "trainable", "s/step median (min-max)", "vs floor", "peak RSS GB", "vs floor"], rows)
+    print(f"\nmachine: {machine()}; {args.device}, SmolLM2-135M fp32, batch 4 x 256 tokens, {steps}\n")
+    memory = "peak device GB" if args.device.startswith("cuda") else "peak RSS GB"
+    print_table(["variant", "k", "trainable", "s/step median (min-max)", "vs floor", memory, "vs floor"], rows)
     config = {"batch": 4, "seq_len": 256, "steps": args.steps, "rounds": args.rounds, "threads": args.threads}
+    config["device"] = args.device
     write_json(args.out, {"config": {**config, "mmap_threshold": args.mmap_threshold}, "runs": runs})
 
 
