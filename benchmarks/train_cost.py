@@ -6,9 +6,11 @@
 Embedded SmolLM2-135M, float32, batch 4 x 256 tokens, all seven Llama projections targeted.
 Variants: floor (the frozen base's forward+backward, activation gradients only), ours
 (`kernels.sparse_linear`: on the CPU the frozen GEMM with the deltas merged in place),
-ours_bf16_inputs (the same, keeping the layer inputs for grad_values in bfloat16), reference (the NeuroAda authors' formulation: a dense W + scatter_add
-rebuilt every forward), mask (dense W trainable, gradient masked to the k positions, AdamW over
-W), lora (PEFT LoRA r=8; needs the `bench` extra). Prints median s/step (min-max) and peak RSS.
+ours_bf16_inputs (the same, keeping the layer inputs for grad_values in bfloat16), reference
+(the NeuroAda authors' formulation: a dense W + scatter_add rebuilt every forward), mask (dense
+W trainable, gradient masked to the k positions, AdamW over W), lora (PEFT LoRA r=8; needs the
+`bench` extra). Prints median s/step (min-max) and peak memory: RSS on the CPU, the device's
+allocations on CUDA.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def child(variant: str, k: int, steps: int, device: str) -> dict:
 
     cuda = torch.device(device).type == "cuda"
     samples = timed(step, repeats=steps, warmup=1, sync=cuda)
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return {
         "variant": variant,
         "k": k if variant in SPARSE else None,
@@ -111,16 +114,14 @@ def child(variant: str, k: int, steps: int, device: str) -> dict:
         else k * sum(m.weight.shape[0] for m in targets.values()),
         "step_s": summarize(samples),
         "samples": samples,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_rss_gb": rss_gb,
         # on a GPU the memory that counts is the device's: what the caching allocator handed out
-        "peak_gb": torch.cuda.max_memory_allocated() / 1024**3
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else rss_gb,
     }
 
 
 def _pool(results: list[dict]) -> dict:
-    """One variant's rounds: step samples pooled, peak RSS the median of the rounds' peaks."""
+    """One variant's rounds: step samples pooled, peak memory the median of the rounds' peaks."""
     samples = [t for r in results for t in r["samples"]]
     peaks = [r["peak_gb"] for r in results]
     return {
