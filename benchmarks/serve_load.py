@@ -11,8 +11,9 @@ with fixed prompt and output lengths (ignore_eos). Engines:
 - per-adapter: `neuroada serve` with NEUROADA_MIXED_BATCHES=false (one adapter per batch);
 - lora: the PEFT-LoRA engine of `benchmarks/peers/` (r = 8, same names) behind the same front end.
 Base-only traffic on the first engine is the reference. With `--rounds N` the scenarios of
-one concurrency run N times round-robin and their requests are pooled. Prints req/s, output tokens/s, p50/p99
-time to first token and end-to-end latency, and adapter switches per second (from /metrics).
+one concurrency run N times round-robin and their requests are pooled. Prints req/s, output
+tokens/s, p50/p99 time to first token and end-to-end latency, and adapter switches per second
+(from /metrics).
 Bounded in count and time; loopback only.
 """
 

@@ -28,7 +28,12 @@ from kernels.sparse_product import sparse_delta
 
 @contextmanager
 def _merged(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> Iterator[None]:
-    """W[i, indices[i, j]] += values[i, j] for the duration of the block; W's bits afterwards."""
+    """W[i, indices[i, j]] += values[i, j] for the duration of the block; W's bits afterwards.
+
+    Not `kernels.scatter.apply_delta_` / `restore_`: those take flat offsets (a tensor built per
+    call) and need unique positions; merge_rows_ walks the [d_out, k] indices row by row and
+    restores each row backwards, so even a column listed twice comes back exact.
+    """
     saved = torch.empty_like(values)
     kernels = cpu_kernels()
     kernels.merge_rows_(weight, indices, values, saved)

@@ -144,11 +144,7 @@ inline const float* rows_as_float(const float* x, int64_t, std::vector<float>&) 
 
 inline const float* rows_as_float(const at::BFloat16* x, int64_t n, std::vector<float>& buf) {
   buf.resize(n);
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
-  for (int64_t e = 0; e < n; ++e) {
-    const uint32_t wide = static_cast<uint32_t>(bits[e]) << 16;
-    std::memcpy(&buf[e], &wide, sizeof wide);
-  }
+  for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<float>(x[e]);
   return buf.data();
 }
 
@@ -367,6 +363,16 @@ void check_flat(const torch::Tensor& buffer, const torch::Tensor& offsets, const
   if (check_ranges) check_range(offsets, buffer.numel(), "offsets");
 }
 
+// merge_rows_ / unmerge_rows_'s common arguments: weight [d_out, d_in], indices and saved [d_out, k].
+void check_rows(const torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& saved) {
+  check_2d_float(weight, "weight");
+  check_2d_float(saved, "saved");
+  check_index_layout(indices);
+  check_range(indices, weight.size(1), "indices");
+  TORCH_CHECK(indices.size(0) == weight.size(0) && saved.sizes() == indices.sizes(),
+              "indices and saved must both be [d_out, k]");
+}
+
 // The training products' common arguments: a [T, d_out] tensor (out or grad_out), x [T, d_in]
 // (float32, or bfloat16 where bf16_x_ok), indices and values [d_out, k].
 void check_product_args(const torch::Tensor& t_by_out, const char* name, const torch::Tensor& x,
@@ -412,14 +418,15 @@ std::optional<torch::Tensor> sparse_bwd_add_(const torch::Tensor& grad_out, cons
   std::optional<torch::Tensor> grad_values;
   if (need_grad_values) grad_values = torch::empty({d_out, k}, values.options());
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_bwd_add_", [&] {
-    float* gx = grad_x ? grad_x->data_ptr<float>() : nullptr;
-    float* gv = grad_values ? grad_values->data_ptr<float>() : nullptr;
+    const auto run = [&](const auto* xp) {
+      sparse_bwd_impl(grad_out.data_ptr<float>(), xp, indices.data_ptr<index_t>(), values.data_ptr<float>(),
+                      grad_x ? grad_x->data_ptr<float>() : nullptr,
+                      grad_values ? grad_values->data_ptr<float>() : nullptr, T, d_in, d_out, k);
+    };
     if (narrow_x) {
-      sparse_bwd_impl<index_t>(grad_out.data_ptr<float>(), x.data_ptr<at::BFloat16>(), indices.data_ptr<index_t>(),
-                               values.data_ptr<float>(), gx, gv, T, d_in, d_out, k);
+      run(x.data_ptr<at::BFloat16>());
     } else {
-      sparse_bwd_impl<index_t>(grad_out.data_ptr<float>(), x.data_ptr<float>(), indices.data_ptr<index_t>(),
-                               values.data_ptr<float>(), gx, gv, T, d_in, d_out, k);
+      run(x.data_ptr<float>());
     }
   });
   return grad_values;
@@ -507,14 +514,9 @@ void restore_weights_(torch::Tensor& buffer, const torch::Tensor& offsets, const
 // going into saved [d_out, k]; unmerge_rows_ puts them back bit for bit.
 void merge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& values,
                  torch::Tensor& saved) {
-  check_2d_float(weight, "weight");
+  check_rows(weight, indices, saved);
   check_2d_float(values, "values");
-  check_2d_float(saved, "saved");
-  check_index_layout(indices);
-  check_range(indices, weight.size(1), "indices");
-  TORCH_CHECK(indices.size(0) == weight.size(0) && values.sizes() == indices.sizes() &&
-                  saved.sizes() == indices.sizes(),
-              "indices, values and saved must all be [d_out, k]");
+  TORCH_CHECK(values.sizes() == indices.sizes(), "values must be [d_out, k] like indices");
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "merge_rows_", [&] {
     merge_rows_impl<index_t>(weight.data_ptr<float>(), indices.data_ptr<index_t>(), values.data_ptr<float>(),
                              saved.data_ptr<float>(), weight.size(0), weight.size(1), indices.size(1));
@@ -522,12 +524,7 @@ void merge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const torc
 }
 
 void unmerge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& saved) {
-  check_2d_float(weight, "weight");
-  check_2d_float(saved, "saved");
-  check_index_layout(indices);
-  check_range(indices, weight.size(1), "indices");
-  TORCH_CHECK(indices.size(0) == weight.size(0) && saved.sizes() == indices.sizes(),
-              "indices and saved must both be [d_out, k]");
+  check_rows(weight, indices, saved);
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "unmerge_rows_", [&] {
     unmerge_rows_impl<index_t>(weight.data_ptr<float>(), indices.data_ptr<index_t>(), saved.data_ptr<float>(),
                                weight.size(0), weight.size(1), indices.size(1));
