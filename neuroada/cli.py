@@ -100,7 +100,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from neuroada.config import LLAMA_TARGETS, SAVED_INPUT_DTYPES
+    from neuroada.config import SAVED_INPUT_DTYPES
     from neuroada.format import SELECTIONS
 
     p = sub.add_parser("train", help="train a NeuroAda adapter on an LLM-Adapters JSON data file")
@@ -108,7 +108,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="training data, LLM-Adapters JSON")
     p.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
     p.add_argument("--top-k", type=int, default=1, help="inputs adapted per output neuron (default 1)")
-    p.add_argument("--targets", default=",".join(LLAMA_TARGETS), help="comma-separated module-name suffixes")
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated module-name suffixes (default: every attention and MLP projection of the model's family)",
+    )
     p.add_argument("--selection", default="magnitude", choices=SELECTIONS)
     p.add_argument(
         "--saved-inputs",
@@ -135,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
-    from neuroada.config import NeuroAdaConfig
+    from neuroada.config import NeuroAdaConfig, default_targets
     from neuroada.data import file_sha256, load_examples
     from neuroada.fingerprint import BaseModelSpec
     from neuroada.format import save_adapter
@@ -151,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
     base = BaseModelSpec.from_model(model, name)
     na_config = NeuroAdaConfig(
         k=args.top_k,
-        targets=tuple(t for t in args.targets.split(",") if t),
+        targets=tuple(t for t in args.targets.split(",") if t) if args.targets else default_targets(model.config.model_type),
         selection=args.selection,
         seed=args.seed,
         saved_inputs=args.saved_inputs,

@@ -10,6 +10,29 @@ from neuroada.format import SELECTIONS
 
 SAVED_INPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PHI3_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # q/k/v and gate/up fused
+
+# Every attention and MLP projection of a decoder layer, by `config.model_type`: what `neuroada
+# train` adapts when no --targets is given (the paper's setting). The output head is left out:
+# in most small models it is tied to the input embedding, and a delta there cannot be served.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": LLAMA_TARGETS,  # SmolLM2 too
+    "mistral": LLAMA_TARGETS,
+    "qwen2": LLAMA_TARGETS,
+    "qwen3": LLAMA_TARGETS,
+    "gemma": LLAMA_TARGETS,
+    "gemma2": LLAMA_TARGETS,
+    "gemma3_text": LLAMA_TARGETS,
+    "olmo": LLAMA_TARGETS,
+    "olmo2": LLAMA_TARGETS,
+    "phi3": PHI3_TARGETS,
+}
+
+
+def default_targets(model_type: str) -> tuple[str, ...]:
+    """The family's projections; Llama's names for a family not in the table (`attach` then
+    warns about every linear layer they leave out)."""
+    return DEFAULT_TARGETS.get(model_type, LLAMA_TARGETS)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ class NotLinearError(AdapterError):
     """The adapter names a module that is not a linear layer with a 2-D weight."""
 
 
+class TiedWeightError(AdapterError):
+    """The adapter names a linear layer whose weight is shared with another parameter (a tied
+    lm_head is the input embedding too): a delta merged into it would change both."""
+
+
 class DOutMismatchError(AdapterError):
     """The layer's d_out in the adapter differs from the base model's."""
 
@@ -53,3 +58,7 @@ class NonFiniteValueError(AdapterError):
 
 class FingerprintMismatchError(AdapterError):
     """The adapter was made for another base model."""
+
+
+class UnreadableAdapterError(AdapterError):
+    """Reading or laying out the adapter failed in a way no other class names (the cause is kept)."""

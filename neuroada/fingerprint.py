@@ -42,6 +42,15 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return dict(sorted(found.items()))
 
 
+def untied_linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers whose weight no other module shares (a tied lm_head is the input embedding too)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {n: m for n, m in linear_layers(model).items() if owners[id(m.weight)] == 1}
+
+
 def fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, layer in linear_layers(model).items():

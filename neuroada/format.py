@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from neuroada.errors import (
@@ -46,6 +47,8 @@ SELECTIONS = ("magnitude", "random", "reverse")
 INDEX_DTYPES = (torch.int16, torch.int32)
 VALUES_DTYPE = torch.bfloat16
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_METADATA_CHARS = 1 << 20  # per metadata field (targets lists every layer's name)
+MAX_METADATA_NESTING = 8  # lists and objects inside a JSON metadata field
 
 
 class AdapterMetadata(BaseModel):
@@ -102,13 +105,17 @@ class AdapterMetadata(BaseModel):
     def from_strings(cls, raw: dict[str, str]) -> AdapterMetadata:
         fields = {}
         for key, v in raw.items():
+            if len(v) > MAX_METADATA_CHARS:
+                raise MetadataError(f"metadata field {key!r} has {len(v)} characters; the limit is {MAX_METADATA_CHARS}")
             if key in ("format", "base_model", "base_fingerprint", "selection", "index_hash", "values_hash", "created"):
                 fields[key] = v
             else:
                 try:
                     fields[key] = json.loads(v)
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, RecursionError) as e:
                     raise MetadataError(f"metadata field {key!r} is not valid JSON: {e}") from None
+                if _nesting(fields[key]) > MAX_METADATA_NESTING:
+                    raise MetadataError(f"metadata field {key!r} is nested deeper than {MAX_METADATA_NESTING} levels")
         try:
             return cls(**fields)
         except ValidationError as e:
@@ -211,29 +218,42 @@ def write_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; adapter files are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a fully written file `tmp` over `path` (same folder): fsync, rename, fsync the folder."""
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; adapter files are meant to be shared
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def read_adapter(source: str | os.PathLike | bytes) -> SparseAdapter:
     """Parse an adapter from a path or bytes and check everything the file alone can tell."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    raw_metadata = _safetensors_metadata(data)
+    if isinstance(source, bytes):
+        raw_metadata = _safetensors_metadata(source[: 8 + _MAX_HEADER_BYTES], len(source))
+        load = lambda: st_load(source)  # noqa: E731
+    else:
+        path = Path(source)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            raw_metadata = _safetensors_metadata(head + f.read(min(header_len, _MAX_HEADER_BYTES)), path.stat().st_size)
+        load = lambda: st_load_file(path)  # noqa: E731
     try:
-        tensors = st_load(data)
+        tensors = load()
     except Exception as e:  # safetensors raises its own error type for every parse failure
         raise NotSafetensorsError(f"not a readable safetensors file: {e}") from None
     metadata = AdapterMetadata.from_strings(raw_metadata)
@@ -290,7 +310,13 @@ def check_structure(adapter: SparseAdapter) -> None:
 
 
 def validate_adapter(adapter: SparseAdapter, base: BaseModelSpec) -> None:
-    """Checks against the base model: module names, layer kinds, shapes, index range, fingerprint."""
+    """Checks against the base model: fingerprint first (an adapter for another base should say
+    so, not report its first differing shape), then module names, layer kinds, shapes, index range."""
+    if adapter.metadata.base_fingerprint != base.fingerprint:
+        raise FingerprintMismatchError(
+            f"adapter was made for base model {adapter.metadata.base_model!r} "
+            f"(fingerprint {adapter.metadata.base_fingerprint}), this base is {base.name!r} ({base.fingerprint})"
+        )
     for name, d in adapter.layers.items():
         if name not in base.linear_shapes:
             if name in base.module_names:
@@ -301,31 +327,38 @@ def validate_adapter(adapter: SparseAdapter, base: BaseModelSpec) -> None:
             raise DOutMismatchError(f"layer {name}: adapter has d_out={d.indices.shape[0]}, base has d_out={d_out}")
         if d.indices.numel() and int(d.indices.max()) >= d_in:
             raise IndexOutOfRangeError(f"layer {name}: index {int(d.indices.max())} is outside [0, {d_in})")
-    if adapter.metadata.base_fingerprint != base.fingerprint:
-        raise FingerprintMismatchError(
-            f"adapter was made for base model {adapter.metadata.base_model!r} "
-            f"(fingerprint {adapter.metadata.base_fingerprint}), this base is {base.name!r} ({base.fingerprint})"
-        )
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise NotSafetensorsError(f"not a safetensors file: {len(data)} bytes is shorter than the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise NotSafetensorsError(
-            f"not a safetensors file or truncated: header length {header_len}, file {len(data)} bytes"
-        )
+def _safetensors_metadata(head: bytes, size: int) -> dict[str, str]:
+    """The metadata from a file's first bytes `head` (length prefix and header) and its `size`."""
+    if size < 8:
+        raise NotSafetensorsError(f"not a safetensors file: {size} bytes is shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+        raise NotSafetensorsError(f"not a safetensors file or truncated: header length {header_len}, file {size} bytes")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise NotSafetensorsError("not a safetensors file: the header is not JSON") from None
+        header = json.loads(head[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise NotSafetensorsError("not a safetensors file: the header is not JSON (or is nested too deeply)") from None
     if not isinstance(header, dict):
         raise NotSafetensorsError("not a safetensors file: the header is not a JSON object")
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or not metadata:
         raise MetadataError("the file has no metadata; a NeuroAda adapter carries its format, base model and k there")
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise MetadataError("metadata values must be strings (safetensors string metadata)")
     return metadata
+
+
+def _nesting(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, depth + 1)
+            todo.extend((child, depth + 1) for child in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, LayerDelta]:

@@ -10,14 +10,17 @@ Two forms:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kernels import apply_delta_, apply_delta_flat_, flat_offsets, reapply_delta_flat_, restore_, restore_flat_
-from neuroada.fingerprint import linear_layers
+from neuroada.errors import TiedWeightError
+from neuroada.fingerprint import untied_linear_layers
 from neuroada.format import SparseAdapter
 
 
@@ -47,11 +50,14 @@ class PackedDelta:
     values: torch.Tensor  # [n] bfloat16
 
 
+Applied = tuple[PackedDelta, torch.Tensor]  # a delta merged into the buffer, and the originals it saved
+
+
 class PackedWeights:
     """The model's untied linear weights in one contiguous buffer (one dtype, one device)."""
 
     def __init__(self, model: nn.Module):
-        layers = _untied_linears(model)
+        layers = untied_linear_layers(model)
         if not layers:
             raise ValueError("the model has no untied nn.Linear layers to pack")
         dtypes = {m.weight.dtype for m in layers.values()}
@@ -82,7 +88,10 @@ class PackedWeights:
         parts = []
         for name, d in adapter.layers.items():
             if name not in self.layout:
-                raise KeyError(f"layer {name} is not a packed linear layer of this model")
+                raise TiedWeightError(
+                    f"layer {name}: its weight is tied to another parameter (e.g. lm_head to the input "
+                    "embedding), so a delta cannot be merged into it alone; train without this target"
+                )
             start, _, d_in = self.layout[name]
             parts.append(flat_offsets(d.indices.to(self.device), d_in, start))
         return torch.cat(parts)
@@ -112,16 +121,44 @@ class PackedWeights:
         self.restore_(applied, saved)
         return self.apply_(new)
 
-    def checksum(self) -> str:
-        """Hash of every packed weight bit: equal before and after any apply/restore sequence."""
-        data = self.buffer.detach().cpu().view(torch.uint8).numpy()
-        return "sha256:" + hashlib.sha256(data).hexdigest()
+    def base_values(self, offsets: torch.Tensor, applied: Applied | None = None) -> torch.Tensor:  # [n]
+        """The base weights at `offsets` ([n] int64), even while `applied` (a delta and its saved
+        originals) is merged in: positions it covers read its saved originals."""
+        values = self.buffer[offsets]
+        if applied is not None:
+            delta, saved = applied
+            order = delta.offsets.argsort()
+            covered = delta.offsets[order]  # sorted; unique, as every row's indices are
+            at = torch.searchsorted(covered, offsets).clamp(max=covered.numel() - 1)
+            hit = covered[at] == offsets
+            values[hit] = saved[order[at[hit]]]
+        return values
 
+    def checksum(
+        self,
+        lock: contextlib.AbstractContextManager = contextlib.nullcontext(),
+        applied: Callable[[], Applied | None] = lambda: None,
+        chunk_elems: int = 1 << 24,
+    ) -> str:
+        """Hash of every base weight bit: equal before and after any apply/restore sequence.
 
-def _untied_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Linear layers whose weight no other parameter shares (a tied lm_head stays where it is)."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    return {n: m for n, m in linear_layers(model).items() if owners[id(m.weight)] == 1}
+        Reads the buffer a chunk at a time, each under `lock` with the then-`applied()` delta's
+        saved originals patched in, so a caller serving from these weights holds the lock for one
+        chunk's copy at a time and never needs to restore the base first.
+        """
+        h = hashlib.sha256()
+        for chunk in self._base_chunks(lock, applied, chunk_elems):
+            h.update(chunk.view(torch.uint8).numpy())
+        return "sha256:" + h.hexdigest()
+
+    def _base_chunks(self, lock, applied, chunk_elems: int) -> Iterator[torch.Tensor]:
+        for start in range(0, self.buffer.numel(), chunk_elems):
+            end = min(start + chunk_elems, self.buffer.numel())
+            with lock:
+                chunk = self.buffer[start:end].detach().to("cpu", copy=True)  # [end - start]
+                current = applied()
+                if current is not None:
+                    delta, saved = current
+                    inside = (delta.offsets >= start) & (delta.offsets < end)
+                    chunk[(delta.offsets[inside] - start).cpu()] = saved[inside].cpu()
+            yield chunk

@@ -6,24 +6,37 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from neuroada.config import SAVED_INPUT_DTYPES, NeuroAdaConfig
-from neuroada.fingerprint import BaseModelSpec, linear_layers
+from neuroada.fingerprint import BaseModelSpec, linear_layers, untied_linear_layers
 from neuroada.format import LayerDelta, SparseAdapter, build_adapter
 from neuroada.layer import NeuroAdaLinear
 from neuroada.selection import select_topk
+
+log = logging.getLogger(__name__)
 
 
 def attach(model: nn.Module, config: NeuroAdaConfig) -> dict[str, NeuroAdaLinear]:
     """Freeze the model and give every target linear layer a zero-initialised sparse bypass."""
     model.requires_grad_(False)
-    targets = {name: m for name, m in linear_layers(model).items() if config.is_target(name)}
+    linears = linear_layers(model)
+    targets = {name: m for name, m in linears.items() if config.is_target(name)}
     if not targets:
         raise ValueError(f"no nn.Linear in the model matches targets {config.targets}")
+    tied = sorted(targets.keys() - untied_linear_layers(model).keys())
+    if tied:
+        raise ValueError(
+            f"targets {config.targets} include {', '.join(tied)}, whose weight is tied to another parameter "
+            "(the input embedding): a delta there would change both, and the server cannot serve it; "
+            "leave it out of --targets"
+        )
+    _warn_left_out(model, linears.keys() - targets.keys())
     bypasses = {}
     for position, (name, linear) in enumerate(targets.items()):
         indices = select_topk(linear.weight, config.k, config.selection, seed=config.seed * 1_000_003 + position)
@@ -31,6 +44,19 @@ def attach(model: nn.Module, config: NeuroAdaConfig) -> dict[str, NeuroAdaLinear
         _set_module(model, name, bypass)
         bypasses[name] = bypass
     return bypasses
+
+
+def _warn_left_out(model: nn.Module, left_out: set[str]) -> None:
+    """Name the linear layers the targets miss (the output head aside), one pattern per kind:
+    a family whose projections have other names must not train half its layers silently."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    patterns = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in left_out if model.get_submodule(n) is not head})
+    if patterns:
+        log.warning(
+            "the targets leave out %d linear layers: %s (pass --targets to adapt them)",
+            sum(model.get_submodule(n) is not head for n in left_out),
+            ", ".join(patterns),
+        )
 
 
 def bypasses(model: nn.Module) -> dict[str, NeuroAdaLinear]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import sys
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -21,6 +23,8 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[ServerSetting
     `engine_factory` lets a benchmark put another engine behind the same front end.
     """
 
+    settings = with_admin_token(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.engine = await run_in_threadpool(engine_factory, settings)
@@ -37,3 +41,17 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[ServerSetting
     for module in (generate, openai, adapters, health):
         app.include_router(module.router)
     return app
+
+
+def with_admin_token(settings: ServerSettings) -> ServerSettings:
+    """`generate_admin_token` with no token set: make one and print it once (as Jupyter does)."""
+    if settings.admin_token or not settings.generate_admin_token:
+        return settings
+    token = secrets.token_urlsafe(32)
+    print(
+        f"neuroada: adapter management needs 'Authorization: Bearer {token}' (generated admin token; "
+        "set NEUROADA_ADMIN_TOKEN to choose your own)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return settings.model_copy(update={"admin_token": token})

@@ -18,14 +18,15 @@ def get_engine(request: Request) -> Engine:
 
 
 def require_admin(request: Request) -> None:
-    _require_bearer(request, get_engine(request).settings.admin_token, "adapter management")
+    require_bearer(request, get_engine(request).settings.admin_token, "adapter management")
 
 
 def require_api_token(request: Request) -> None:
-    _require_bearer(request, get_engine(request).settings.api_token, "generation")
+    require_bearer(request, get_engine(request).settings.api_token, "generation")
 
 
-def _require_bearer(request: Request, token: str | None, what: str) -> None:
+def require_bearer(request: Request, token: str | None, what: str) -> None:
+    """Nothing when `token` is unset; else the request must carry it as a bearer token (401)."""
     if not token:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")

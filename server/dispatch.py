@@ -8,11 +8,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from server.engine import Engine
 from server.errors import ApiError, error_body
 from server.generation import Event, Failed, Finished, GenerationRequest, SamplingParams, TextDelta
-from server.scheduler import QueueFull
+from server.scheduler import QueueFull, ShuttingDown
 
 MAX_STOP_STRINGS = 8
 
@@ -28,29 +29,44 @@ class Submitted:
         self.request.cancelled.set()
 
     async def stream(self, http: Request | None = None) -> AsyncIterator[Event]:
-        """Events until the final one; the request is cancelled if the client goes away."""
+        """Events until the final one. With `http`, a client that hangs up ends the stream at once
+        and cancels the generation (it leaves the batch at the next step)."""
+        hangup = asyncio.ensure_future(_client_gone(http)) if http is not None else None
         done = False
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if http is not None and await http.is_disconnected():
-                        return
-                    continue
+                event = await self._next(hangup)
+                if event is None:
+                    return
                 done = isinstance(event, (Finished, Failed))
                 yield event
                 if done:
                     return
         finally:
+            if hangup is not None:
+                hangup.cancel()
             if not done:
                 self.cancel()
+
+    async def _next(self, hangup: asyncio.Future | None) -> Event | None:
+        """The next event, or None if the client hung up first."""
+        if hangup is None or not self.events.empty():
+            return await self.events.get()
+        get = asyncio.ensure_future(self.events.get())
+        await asyncio.wait({get, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
 
     async def sse(self, render: Callable[[TextDelta | Finished], dict]) -> AsyncIterator[str]:
         """Server-sent events: a `data:` line per event (errors in the shared JSON shape), then [DONE]."""
         try:
             async for event in self.stream():
-                payload = error_body(event.status, event.message) if isinstance(event, Failed) else render(event)
+                if isinstance(event, Failed):
+                    payload = error_body(event.status, event.message, event.code)
+                else:
+                    payload = render(event)
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -59,10 +75,36 @@ class Submitted:
     async def result(self, http: Request | None = None) -> Finished:
         async for event in self.stream(http):
             if isinstance(event, Failed):
-                raise ApiError(event.status, event.message)
+                raise ApiError(event.status, event.message, event.code)
             if isinstance(event, Finished):
                 return event
         raise ApiError(499, "the client closed the connection")
+
+
+async def _client_gone(http: Request) -> None:
+    """Returns when the client closes the connection. The body has been read by now, so the
+    server's next ASGI message for this request is the disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def tokenize(engine: Engine, text: str) -> list[int]:
+    """Token ids of a prompt, computed off the event loop; a prompt too long to fit
+    max_prompt_tokens whatever it says is refused (413) before any tokenizing."""
+    check_prompt_chars(engine, len(text))
+    return await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_prompt_chars(engine: Engine, num_chars: int) -> None:
+    """No token is longer than the tokenizer's longest vocabulary entry: more characters than
+    max_prompt_tokens of those cannot fit."""
+    limit = engine.settings.max_prompt_tokens * engine.max_token_chars
+    if num_chars > limit:
+        raise ApiError(
+            413,
+            f"prompt has {num_chars} characters, more than max_prompt_tokens ({engine.settings.max_prompt_tokens}) "
+            f"tokens of at most {engine.max_token_chars} characters each can hold",
+        )
 
 
 def submit(
@@ -88,6 +130,13 @@ def submit(
         raise ApiError(
             422, f"max_new_tokens {params.max_new_tokens} exceeds the server's limit of {settings.max_new_tokens}"
         )
+    if engine.context_length is not None and len(prompt_ids) + params.max_new_tokens > engine.context_length:
+        raise ApiError(
+            422,
+            f"the prompt's {len(prompt_ids)} tokens plus max_new_tokens {params.max_new_tokens} exceed the model's "
+            f"context length of {engine.context_length} tokens",
+            "context_length_exceeded",
+        )
     if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > 64 for s in params.stop):
         raise ApiError(422, f"at most {MAX_STOP_STRINGS} stop strings of at most 64 characters each")
     loop = asyncio.get_running_loop()
@@ -103,6 +152,8 @@ def submit(
     )
     try:
         engine.submit(request)
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), "shutting_down") from None
     except QueueFull as e:
         engine.metrics.requests.labels(adapter=adapter or "base", status="429").inc()
         raise ApiError(429, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None

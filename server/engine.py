@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
 from neuroada.errors import AdapterError
 from neuroada.fingerprint import BaseModelSpec
-from neuroada.inplace import PackedWeights
+from neuroada.inplace import Applied, PackedWeights
 from server.generation import Event, Failed, Finished, GenerationRequest, RunningBatch
 from server.metrics import ServerMetrics
 from server.mixed import MixedAdapters
@@ -62,11 +63,14 @@ class Engine:
         self.packed = PackedWeights(self.model)
         self.base_checksum = self.packed.checksum()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        # Limits a request is checked against before it is tokenized or queued.
+        self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
 
         self.store = AdapterStore(settings.adapter_dir)
-        self.registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold)
+        self.registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold, self._base_values)
         self.load_errors: dict[str, str] = {}  # adapter files in the store that failed validation
         self.scheduler = BatchScheduler(
             settings.max_batch_size, settings.max_queued_requests, settings.max_wait_ms / 1000, settings.mixed_batches
@@ -75,9 +79,12 @@ class Engine:
         self._path = "merged"
         self.model_lock = threading.Lock()
         self.manage_lock = threading.Lock()  # serialises uploads and deletes: disk and registry agree
+        self.deep_check_lock = threading.Lock()  # one /health?deep=1 at a time
+        self.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
         self._applied: ResidentAdapter | None = None
         self._saved: torch.Tensor | None = None
         self._stop = threading.Event()
+        self._drain_until = float("inf")  # set by stop()
         self._worker = threading.Thread(target=self._run, name="neuroada-worker", daemon=True)
         self._load_store()
 
@@ -86,18 +93,26 @@ class Engine:
     def start(self) -> None:
         self._worker.start()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def drain(self) -> None:
+        """Begin stopping (from any thread; SIGTERM calls it): queued and new requests fail (503),
+        running ones get `shutdown_drain_s` to finish and are then cancelled (each leaves within
+        one step)."""
+        if not self._stop.is_set():
+            self._drain_until = time.monotonic() + self.settings.shutdown_drain_s
+            self._stop.set()
         self.scheduler.close()
+
+    def stop(self) -> None:
+        """`drain`, wait for the worker, restore the base weights."""
+        self.drain()
         if self._worker.is_alive():
-            self._worker.join(timeout=30)
-        with self.model_lock:
-            self._switch_to(None)
+            self._worker.join(timeout=self.settings.shutdown_drain_s + 30)
+        self.restore_base()
 
     def _load_store(self) -> None:
         for name in self.store.names():
             try:
-                resident = self.registry.prepare(name, self.store.read(name))
+                resident = self.registry.prepare(name, self.store.source(name))
             except (AdapterError, OSError) as e:
                 self.load_errors[name] = str(e)
                 log.error("adapter %s skipped: %s", name, e)
@@ -116,9 +131,14 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (raises QueueFull); its adapter must be resident (checked by the caller)."""
         deliver = request.on_event
+        ended = False
 
         def on_event(event: Event) -> None:
+            nonlocal ended
+            if ended:  # one final event per request, whatever path failed it
+                return
             if isinstance(event, (Finished, Failed)):
+                ended = True
                 self._record(request, event)
             deliver(event)
 
@@ -129,12 +149,25 @@ class Engine:
     def _run(self) -> None:
         batch = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, before_forward=self._bind_rows)
         while not (self._stop.is_set() and not batch):  # on stop, running requests finish first
-            newcomers = self.scheduler.admit([r.adapter for r in batch.requests], applied=self.applied)
-            self.metrics.queue_depth.set(self.scheduler.depth())
-            newcomers = self._resolve(newcomers)
-            if batch or newcomers:
+            if self._stop.is_set() and time.monotonic() > self._drain_until:
+                for request in batch.requests:  # past the drain time: cancelled, they leave next step
+                    request.cancelled.set()
+            newcomers = []
+            try:
+                newcomers = self.scheduler.admit([r.adapter for r in batch.requests], applied=self.applied)
+                self.metrics.queue_depth.set(self.scheduler.depth())
+                newcomers = self._resolve(newcomers)
+                if batch or newcomers:
+                    with self.model_lock:
+                        self._step(batch, newcomers)
+            except Exception as e:  # a bug outside any one request: fail what is in hand, keep serving
+                log.exception("worker iteration failed")
+                failed = _failure(e)
+                for r in newcomers:
+                    r.on_event(failed)
+                batch.fail(failed)
                 with self.model_lock:
-                    self._step(batch, newcomers)
+                    self._revert()
             self.metrics.running.set(len(batch))
 
     def _resolve(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
@@ -152,25 +185,56 @@ class Engine:
         return ready
 
     def _step(self, batch: RunningBatch, newcomers: list[GenerationRequest]) -> None:
-        """Newcomers' prefill, then one decode step of the whole batch, on the path this step needs."""
-        stage = "prefill"
+        """Newcomers' prefill, then one decode step of the whole batch, on the path this step needs.
+
+        A forward that raises is undone (the batch is as it was, the weights are the base's) and
+        retried on halves of its rows, down to single rows: only the rows that fail alone fail,
+        and every other row gets the token it would have got in any batch.
+        """
+        if newcomers:
+            self._prefill(batch, newcomers)
+        if batch:
+            self._decode(batch)
+        self.metrics.steps.labels(path=self._path).inc()
+
+    def _prefill(self, batch: RunningBatch, newcomers: list[GenerationRequest]) -> None:
         try:
             self._choose_path(batch.requests + newcomers)
-            if newcomers:
-                batch.join(newcomers)
-            stage = "decode"
-            if batch:
-                batch.step()
-        except Exception as e:  # a failing forward fails its requests, never the server
-            log.exception("%s step failed", stage)
-            self.mixed.unbind()
-            self._switch_to(None)  # reverted before anyone hears of the failure
-            failed = Failed(500, f"generation failed: {type(e).__name__}: {e}")
-            if stage == "prefill":  # the running rows were not in that call: they go on
-                for r in newcomers:
-                    r.on_event(failed)
-            else:
-                batch.fail(failed)
+            batch.join(newcomers)
+        except Exception as e:
+            self._revert()
+            if len(newcomers) == 1:
+                log.exception("prefill failed")
+                newcomers[0].on_event(_failure(e))
+                return
+            half = len(newcomers) // 2
+            self._prefill(batch, newcomers[:half])
+            self._prefill(batch, newcomers[half:])
+
+    def _decode(self, batch: RunningBatch) -> None:
+        try:
+            self._choose_path(batch.requests)
+            batch.step()
+        except Exception as e:
+            self._revert()
+            if len(batch) == 1:
+                log.exception("decode step failed")
+                batch.fail(_failure(e))
+                return
+            other = batch.split()
+            self._decode(batch)
+            self._decode(other)
+            batch.merge(other)
+
+    def restore_base(self) -> None:
+        """Put the base weights back (no adapter applied); the next step applies what it needs."""
+        with self.model_lock:
+            self._revert()
+
+    def _revert(self) -> None:
+        """After a failure: the plain model on base weights (undone before anyone hears of it)."""
+        self.mixed.unbind()
+        self._switch_to(None)
 
     def _choose_path(self, requests: list[GenerationRequest]) -> None:
         """Merged when every request runs the same mergeable adapter (or none): zero overhead per
@@ -184,7 +248,6 @@ class Engine:
         else:
             self._switch_to(None)
             self._path = "mixed"
-        self.metrics.steps.labels(path=self._path).inc()
 
     def _bind_rows(self, requests: list[GenerationRequest]) -> None:
         if self._path == "mixed":
@@ -224,11 +287,12 @@ class Engine:
 
     # --- adapter management ------------------------------------------------------------------
 
-    def upload(self, name: str, data: bytes) -> tuple[ResidentAdapter, bool]:
-        """Validate fully, persist atomically, then serve. Raises AdapterError and changes nothing."""
-        resident = self.registry.prepare(name, data)
+    def upload(self, name: str, incoming: Path) -> tuple[ResidentAdapter, bool]:
+        """Validate the uploaded file fully, move it into the store atomically, then serve it.
+        Raises AdapterError and changes nothing (the caller removes `incoming`)."""
+        resident = self.registry.prepare(name, incoming)
         with self.manage_lock:
-            replaced_on_disk = self.store.write(name, data)
+            replaced_on_disk = self.store.commit(incoming, name)
             replaced = self.registry.put(resident) or replaced_on_disk
             self.load_errors.pop(name, None)
         self._update_adapter_gauges()
@@ -243,6 +307,7 @@ class Engine:
                 self.registry.remove(name)
             on_disk = self.store.delete(name)
             self.load_errors.pop(name, None)
+        self.metrics.forget_adapter(name)
         self._update_adapter_gauges()
         return known or on_disk
 
@@ -255,14 +320,24 @@ class Engine:
     # --- integrity ---------------------------------------------------------------------------
 
     def base_weights_intact(self) -> bool:
-        """Restore the base (no adapter applied) and compare every packed weight with its load-time checksum."""
+        """Compare every base weight with its load-time checksum, without restoring the base: a
+        chunk at a time under the model lock, the applied adapter's saved originals patched in."""
+        return self.packed.checksum(self.model_lock, self._applied_originals) == self.base_checksum
+
+    def _base_values(self, offsets: torch.Tensor) -> torch.Tensor:  # [n]
         with self.model_lock:
-            self._switch_to(None)
-            return self.packed.checksum() == self.base_checksum
+            return self.packed.base_values(offsets, self._applied_originals())
+
+    def _applied_originals(self) -> Applied | None:
+        return None if self._applied is None else (self._applied.delta, self._saved)
 
     @property
     def applied(self) -> str | None:
         return self._applied.name if self._applied else None
+
+
+def _failure(error: Exception) -> Failed:
+    return Failed(500, f"generation failed: {type(error).__name__}: {error}")
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -8,6 +8,7 @@ finish. Each request samples with its own parameters and generator.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from server import kv_cache
 
 if TYPE_CHECKING:
     from server.registry import ResidentAdapter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Finished:
 class Failed:
     status: int
     message: str
+    code: str | None = None  # machine-readable cause, passed to the client as error.code
 
 
 Event = TextDelta | Finished | Failed
@@ -84,8 +88,10 @@ class _RowState:
         self.num_tokens = 0  # generated tokens, eos included
         self.text = ""
         self.emitted = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # stop | length | cancelled | failed
+        self.failure: Failed | None = None  # why this row failed, alone (finish_reason "failed")
         self.first_token_at: float | None = None
+        self.stable = 0  # text[:stable] can no longer change: stop strings were searched up to here
         self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
         self.generator = None
         if request.params.seed is not None:
@@ -101,10 +107,13 @@ class _RowState:
             self.ids.append(token)
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
             for stop in self.request.params.stop:
-                at = self.text.find(stop)
+                # Only the text that is new since the last token can hold a new match: searching
+                # from the start every token would cost the worker time quadratic in the length.
+                at = self.text.find(stop, max(0, self.stable - len(stop) + 1))
                 if at >= 0:
                     self.text = self.text[:at]
                     self.finish_reason = "stop"
+            self.stable = len(self.text.rstrip("\ufffd"))
             if self.finish_reason is None and len(self.ids) >= self.request.params.max_new_tokens:
                 self.finish_reason = "length"
         if self.finish_reason is None and self.request.cancelled.is_set():
@@ -121,7 +130,16 @@ class _RowState:
             self.request.on_event(TextDelta(self.text[self.emitted : safe]))
             self.emitted = safe
 
+    def fail(self, error: Exception) -> None:
+        """This row alone failed (its sampling, its logits, its stop strings or detokenisation)."""
+        code = error.code if isinstance(error, RowError) else None
+        self.failure = Failed(500, f"generation failed: {type(error).__name__}: {error}", code)
+        self.finish_reason = "failed"
+
     def finish(self) -> None:
+        if self.failure is not None:
+            self.request.on_event(self.failure)
+            return
         self.request.on_event(
             Finished(
                 text=self.text,
@@ -131,6 +149,14 @@ class _RowState:
                 first_token_at=self.first_token_at,
             )
         )
+
+
+class RowError(RuntimeError):
+    """A fault of one row's own making, found while sampling it."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -147,6 +173,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all():  # e.g. a tiny temperature overflowed every logit to inf
+        raise RowError(f"sampling at temperature {params.temperature} gives non-finite probabilities", "non_finite")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -199,7 +227,11 @@ class RunningBatch:
 
     @torch.inference_mode()
     def join(self, requests: list[GenerationRequest]) -> None:
-        """Prefill `requests`, sample their first tokens and add them to the batch."""
+        """Prefill `requests`, sample their first tokens and add them to the batch.
+
+        Atomic: if the prefill raises, the batch is as it was (the newcomers' cache is their own
+        until it is joined); a newcomer whose sampling fails leaves alone, with its error.
+        """
         rows = [_RowState(r, self.tokenizer, self.eos_ids) for r in requests]
         T = max(len(r.prompt_ids) for r in requests)
         input_ids = torch.full((len(requests), T), self.pad_id, dtype=torch.long)
@@ -208,27 +240,59 @@ class RunningBatch:
             input_ids[i, T - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, T - len(r.prompt_ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         cache = DynamicCache()
         logits = self._forward(requests, input_ids, mask, position_ids, cache)
+        pending = self._sample(rows, logits)
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
             self.mask = kv_cache.join_(self.cache, self.mask, cache, mask)
         self.rows += rows
         self.next_pos = torch.cat([self.next_pos, position_ids[:, -1] + 1])
-        self.pending += self._sample(rows, logits)
+        self.pending += pending
         self._drop_finished()
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One decode step for every row."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        tokens = torch.tensor(self.pending, device=self.device)[:, None]
-        logits = self._forward(self.requests, tokens, self.mask, self.next_pos[:, None], self.cache)
-        self.next_pos = self.next_pos + 1
+        """One decode step for every row. Atomic: if the forward raises, the batch is as it was."""
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # [B, L + 1]
+        tokens = torch.tensor(self.pending, device=self.device)[:, None]  # [B, 1]
+        before = kv_cache.snapshot(self.cache)
+        try:
+            logits = self._forward(self.requests, tokens, mask, self.next_pos[:, None], self.cache)
+        except BaseException:
+            kv_cache.set_layers_(self.cache, before)
+            raise
+        self.mask, self.next_pos = mask, self.next_pos + 1
         self.pending = self._sample(self.rows, logits)
         self._drop_finished()
+
+    def split(self) -> RunningBatch:
+        """Move the second half of the rows into a batch of their own (to find a failing row)."""
+        half = len(self.rows) // 2
+        other = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, self.before_forward)
+        first, second = torch.arange(half, device=self.device), torch.arange(half, len(self.rows), device=self.device)
+        other.cache = kv_cache.select(self.cache, second)
+        other.rows, other.pending = self.rows[half:], self.pending[half:]
+        other.mask, other.next_pos = self.mask[second], self.next_pos[second]
+        self.cache = kv_cache.select(self.cache, first)
+        self.rows, self.pending = self.rows[:half], self.pending[:half]
+        self.mask, self.next_pos = self.mask[first], self.next_pos[first]
+        return other
+
+    def merge(self, other: RunningBatch) -> None:
+        """Take back the rows of a batch made by `split` (after each half stepped on its own)."""
+        if not other:
+            return
+        if not self:
+            self.cache, self.mask = other.cache, other.mask
+        else:
+            self.mask = kv_cache.join_(self.cache, self.mask, other.cache, other.mask)
+        self.rows += other.rows
+        self.pending += other.pending
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        other._empty()
 
     def fail(self, event: Failed) -> None:
         """End every row with `event` (the batch raised) and empty the batch."""
@@ -253,12 +317,23 @@ class RunningBatch:
         return out.logits[:, -1, :].float()
 
     def _sample(self, rows: list[_RowState], logits: torch.Tensor) -> list[int]:
+        """Each row's next token; a row whose logits or sampling fail is marked failed, alone."""
+        finite = torch.isfinite(logits).all(-1).tolist()  # [B]
         greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
         tokens = []
         for slot, row in enumerate(rows):
             params = row.request.params
-            token = greedy[slot] if params.temperature == 0 else sample_next(logits[slot].cpu(), params, row.generator)
-            row.push(token)
+            token = self.pad_id
+            try:
+                if not finite[slot]:
+                    raise RowError("the model's logits for this request are not finite (NaN or infinity)", "non_finite")
+                if params.temperature == 0:
+                    token = greedy[slot]
+                else:
+                    token = sample_next(logits[slot].cpu(), params, row.generator)
+                row.push(token)
+            except Exception as e:
+                row.fail(e)
             tokens.append(token)
         return tokens
 
@@ -268,13 +343,16 @@ class RunningBatch:
             return
         for row in self.rows:
             if row.finish_reason is not None:
-                row.finish()
+                try:
+                    row.finish()
+                except Exception:  # its listener is gone (e.g. the event loop closed): it leaves anyway
+                    log.exception("a finished request's final event could not be delivered")
         if not keep:
             self._empty()
             return
         self.rows = [self.rows[i] for i in keep]
         self.pending = [self.pending[i] for i in keep]
         index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
+        self.cache = kv_cache.select(self.cache, index)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.mask = kv_cache.trim_(self.cache, self.mask)

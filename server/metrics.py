@@ -38,3 +38,15 @@ class ServerMetrics:
         self.adapter_bytes = Gauge("neuroada_adapter_bytes", "Device bytes held by resident adapters", registry=r)
         self.device_memory = Gauge("neuroada_device_memory_bytes", "Device memory allocated (CUDA only)", registry=r)
         self.uploads = Counter("neuroada_adapter_uploads", "Adapter uploads by result", ["result"], registry=r)
+
+    def forget_adapter(self, name: str) -> None:
+        """Remove a deleted adapter's label series, so the label set stays the adapters served."""
+        for counter, labels in ((self.requests, ("adapter", "status")), (self.tokens, ("adapter",))):
+            series = {
+                tuple(sample.labels[label] for label in labels)
+                for metric in counter.collect()
+                for sample in metric.samples
+                if sample.labels.get("adapter") == name
+            }
+            for values in series:
+                counter.remove(*values)

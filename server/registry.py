@@ -8,15 +8,21 @@ started with, so a replacement never changes a running batch.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from neuroada.errors import AdapterError, UnreadableAdapterError
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import SparseAdapter, load_adapter
 from neuroada.inplace import PackedDelta, PackedWeights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,17 @@ class ResidentAdapter:
 
 
 class AdapterRegistry:
-    def __init__(self, packed: PackedWeights, base: BaseModelSpec, fidelity_threshold: float):
+    def __init__(
+        self,
+        packed: PackedWeights,
+        base: BaseModelSpec,
+        fidelity_threshold: float,
+        base_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.packed = packed
+        # The pristine base weights at given offsets, whatever adapter is merged meanwhile: an
+        # adapter's fidelity depends on the file and the base only, never on upload timing.
+        self.base_values = base_values or packed.base_values
         self.base = base
         self.fidelity_threshold = fidelity_threshold
         self._adapters: dict[str, ResidentAdapter] = {}
@@ -77,13 +92,19 @@ class AdapterRegistry:
         self._versions = itertools.count(1)
         self._lock = threading.Lock()
 
-    def prepare(self, name: str, data: bytes) -> ResidentAdapter:
+    def prepare(self, name: str, source: bytes | Path) -> ResidentAdapter:
         """Validate bytes fully and lay them out on the device; registers nothing (raises AdapterError)."""
-        adapter = load_adapter(data, self.base)
-        with self._lock:
-            offsets = self._offsets.get(adapter.metadata.index_hash)
-        delta = self.packed.pack(adapter, offsets=offsets)
-        fidelity = measure_fidelity(self.packed, delta)
+        try:
+            adapter = load_adapter(source, self.base)
+            with self._lock:
+                offsets = self._offsets.get(adapter.metadata.index_hash)
+            delta = self.packed.pack(adapter, offsets=offsets)
+            fidelity = measure_fidelity(self.base_values(delta.offsets), delta.values, self.packed.dtype)
+        except AdapterError:
+            raise
+        except Exception as e:  # whatever else a file can make fail, it is that file's error, never the server's
+            log.exception("adapter %s could not be read", name)
+            raise UnreadableAdapterError(f"{type(e).__name__}: {e}") from e
         return ResidentAdapter(
             name=name,
             version=next(self._versions),
@@ -129,11 +150,12 @@ class AdapterRegistry:
                 del self._offsets[h]
 
 
-def measure_fidelity(packed: PackedWeights, delta: PackedDelta) -> Fidelity:
-    """Merge the deltas on the side (no weight is written) and compare with the intended deltas."""
-    weights = packed.buffer[delta.offsets].float()
-    intended = delta.values.float()
-    effective = (weights + intended).to(packed.dtype).float() - weights
+def measure_fidelity(base: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> Fidelity:
+    """Merge the deltas `values` into the `base` weights under them on the side (no weight is
+    written) and compare with the intended deltas."""
+    weights = base.float()
+    intended = values.float()
+    effective = (weights + intended).to(dtype).float() - weights
     nonzero = intended != 0
     survived = float(((effective != 0) & nonzero).sum()) / max(1, int(nonzero.sum()))
     norm = float(intended.norm())

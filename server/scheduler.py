@@ -27,6 +27,10 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(QueueFull):
+    """The server stopped taking requests."""
+
+
 class BatchScheduler:
     def __init__(self, max_batch_size: int, max_queued: int, max_wait_s: float, mixed: bool = True):
         self.max_batch_size = max_batch_size
@@ -39,6 +43,8 @@ class BatchScheduler:
 
     def submit(self, request: GenerationRequest) -> None:
         with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.max_queued:
                 raise QueueFull(f"the queue holds {len(self._queue)} requests, its limit")
             self._queue.append(request)
@@ -49,8 +55,12 @@ class BatchScheduler:
             return len(self._queue)
 
     def close(self) -> None:
+        """Take no more requests; the queued ones fail with 503."""
         with self._cond:
             self._closed = True
+            for r in self._queue:
+                r.on_event(Failed(503, "the server is shutting down", "shutting_down"))
+            self._queue.clear()
             self._cond.notify_all()
 
     def admit(self, running: list[str | None], applied: str | None, timeout: float = 0.5) -> list[GenerationRequest]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from server.generation import SamplingParams
 
@@ -15,8 +15,24 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+MIN_TEMPERATURE = 0.01  # below it logits / temperature overflow float32; 0 means greedy
+
+
+def _greedy_or_sampling(t: float) -> float:
+    if 0 < t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return t
+
+
+Temperature = Annotated[
+    float,
+    Field(ge=0.0, le=5.0, description=f"0 = greedy, else {MIN_TEMPERATURE} to 5"),
+    AfterValidator(_greedy_or_sampling),
+]
+
+
 class SamplingFields(BaseModel):
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    temperature: Temperature = 0.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1000, description="0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -61,7 +77,7 @@ class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    temperature: Temperature = 1.0
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
 
@@ -76,7 +92,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    temperature: Temperature = 1.0
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
 

@@ -5,10 +5,11 @@ Each field `foo` reads `NEUROADA_FOO`; `neuroada serve --foo` overrides it.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,9 +33,21 @@ class ServerSettings(BaseSettings):
     max_prompt_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
     max_new_tokens: int = Field(512, ge=1, description="cap on max_new_tokens per request")
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest accepted adapter upload")
+    max_concurrent_uploads: int = Field(2, ge=1, description="uploads received at once; more get 429")
     admin_token: str | None = Field(
-        None, description="when set, adapter management needs 'Authorization: Bearer <token>'"
+        None,
+        description="adapter management and /health?deep=1 need 'Authorization: Bearer <token>'; "
+        "required when host is not a loopback address",
     )
+    generate_admin_token: bool = Field(
+        False, description="with no admin_token set, make a random one and print it once at start-up"
+    )
+    allow_open_admin: bool = Field(
+        False,
+        description="serve adapter management without a token on a non-loopback host (anyone who reaches "
+        "the port can replace adapters): an explicit opt-out of the safe default",
+    )
+    metrics_token: str | None = Field(None, description="when set, /metrics needs 'Authorization: Bearer <token>'")
     api_token: str | None = Field(
         None, description="when set, generation endpoints need 'Authorization: Bearer <token>'"
     )
@@ -45,6 +58,9 @@ class ServerSettings(BaseSettings):
         0.9, ge=0, le=1, description="adapters whose merged deltas survive below this share are served unmerged"
     )
     request_timeout_s: float = Field(300.0, gt=0, description="a request still queued after this long is dropped (504)")
+    shutdown_drain_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, running requests get this long to finish, then are cancelled"
+    )
     mixed_batches: bool = Field(
         True, description="one running batch serves every adapter (mixed path); false: one adapter per batch"
     )
@@ -53,3 +69,23 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="one adapter per batch only: an adapter with waiting requests is served within about this long",
     )
+
+    @model_validator(mode="after")
+    def _admin_api_not_open_to_the_network(self) -> ServerSettings:
+        if is_loopback(self.host) or self.admin_token or self.generate_admin_token or self.allow_open_admin:
+            return self
+        raise ValueError(
+            f"refusing to serve on {self.host} with an open admin API: anyone who reaches the port could "
+            "upload, replace and delete adapters. Set --admin-token (NEUROADA_ADMIN_TOKEN), or "
+            "--generate-admin-token to have one made and printed, or bind to 127.0.0.1; "
+            "--allow-open-admin serves it open anyway"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False

@@ -1,16 +1,19 @@
 """The adapter store on disk: one `<name>.safetensors` per adapter in one folder.
 
 Names are checked against a strict pattern before any path is built, so no request can reach a
-file outside the folder. Writes are atomic (temp file, fsync, rename): a crash leaves either the
-old file or the new one under the final name, never half of one.
+file outside the folder. Uploads stream into a temp file in the folder and are renamed into place
+once validated (fsync, rename, fsync the folder): a crash leaves either the old file or the new
+one under the final name, never half of one.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 
-from neuroada.format import write_atomic
+from neuroada.format import replace_durably
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUFFIX = ".safetensors"
@@ -48,17 +51,25 @@ class AdapterStore:
                 found.append(name)
         return found
 
-    def read(self, name: str) -> bytes:
+    def source(self, name: str) -> Path:
+        """The file to read an adapter from: a regular file in the store, never a symlink."""
         path = self.path(name)
         if path.is_symlink():
             raise InvalidAdapterName(f"adapter {name!r} is a symlink; the store serves regular files only")
-        return path.read_bytes()
+        return path
 
-    def write(self, name: str, data: bytes) -> bool:
-        """Persist atomically; True if it replaced an existing adapter."""
+    def incoming(self, name: str) -> Path:
+        """A new empty temp file in the store for an upload to stream into; `commit` or unlink it.
+        Its name is one the start-up sweep removes, should the server die before either."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{check_name(name)}{SUFFIX}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        return Path(tmp)
+
+    def commit(self, tmp: Path, name: str) -> bool:
+        """Move a fully written `incoming` file into place atomically; True if it replaced an adapter."""
         path = self.path(name)
         existed = path.exists()
-        write_atomic(path, data)
+        replace_durably(tmp, path)
         return existed
 
     def delete(self, name: str) -> bool:

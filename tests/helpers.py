@@ -19,7 +19,7 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=20_100,  # servers check prompt + max_new_tokens against it (tests go to 20,000)
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=vocab_size - 1,  # the tiny tokenizer's <eos>

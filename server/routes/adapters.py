@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -38,13 +41,17 @@ async def get_adapter(name: str, engine: Engine = Depends(get_engine)):
 @router.put("/{name}", status_code=201, responses={200: {"description": "replaced an adapter of that name"}})
 async def put_adapter(name: str, request: Request, response: Response, engine: Engine = Depends(get_engine)):
     _valid(name)
-    data = await _read_body(request, engine.settings.max_upload_bytes)
-    try:
-        # Validation and the device copy are CPU/GPU work: keep them off the event loop.
-        resident, replaced = await run_in_threadpool(engine.upload, name, data)
-    except AdapterError as e:
-        engine.metrics.uploads.labels(result="rejected").inc()
-        raise ApiError(422, f"adapter {name!r} rejected: {e}", type(e).__name__) from None
+    with _upload_slot(engine):
+        incoming = engine.store.incoming(name)
+        try:
+            await _receive_into(request, incoming, engine.settings.max_upload_bytes)
+            # Validation and the device copy are CPU/GPU work: keep them off the event loop.
+            resident, replaced = await run_in_threadpool(engine.upload, name, incoming)
+        except AdapterError as e:
+            engine.metrics.uploads.labels(result="rejected").inc()
+            raise ApiError(422, f"adapter {name!r} rejected: {e}", type(e).__name__) from None
+        finally:
+            incoming.unlink(missing_ok=True)  # gone already once committed
     engine.metrics.uploads.labels(result="replaced" if replaced else "created").inc()
     response.status_code = 200 if replaced else 201
     return resident.describe()
@@ -64,16 +71,32 @@ def _valid(name: str) -> str:
         raise ApiError(400, str(e), "invalid_name") from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+@contextmanager
+def _upload_slot(engine: Engine):
+    """At most max_concurrent_uploads uploads at once; one more is refused, not queued (429)."""
+    if not engine.upload_slots.acquire(blocking=False):
+        limit = engine.settings.max_concurrent_uploads
+        raise ApiError(
+            429, f"{limit} uploads are in progress, the limit (max_concurrent_uploads); retry later",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        yield
+    finally:
+        engine.upload_slots.release()
+
+
+async def _receive_into(request: Request, path: Path, limit: int) -> None:
+    """Stream the body into `path`, a chunk at a time (never whole in memory)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes (max_upload_bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"upload exceeds the limit of {limit} bytes (max_upload_bytes)")
-        chunks.append(chunk)
+    size = 0
+    with open(path, "wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"upload exceeds the limit of {limit} bytes (max_upload_bytes)")
+            f.write(chunk)
     if not size:
         raise ApiError(400, "empty body: PUT the adapter's .safetensors bytes")
-    return b"".join(chunks)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from server.deps import get_engine, require_api_token
-from server.dispatch import submit
+from server.dispatch import submit, tokenize
 from server.engine import Engine
 from server.errors import ApiError
 from server.generation import Finished, TextDelta
@@ -25,7 +25,7 @@ async def generate(
     if adapter and body.adapter and adapter != body.adapter:
         raise ApiError(422, f"adapter given twice: {adapter!r} in the query, {body.adapter!r} in the body")
     name = adapter or body.adapter
-    prompt_ids = engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = await tokenize(engine, body.prompt)
     job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens), body.timeout_s)
     if not body.stream:
         done = await job.result(http)

@@ -1,4 +1,5 @@
-"""GET /health (liveness, readiness, base model identity; ?deep=1 checks the base weights) and /metrics."""
+"""GET /health (liveness, readiness, base model identity; ?deep=1, admin only, checks the base
+weights) and /metrics (behind metrics_token when one is set)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+
+from server.deps import get_engine, require_admin, require_bearer
+from server.errors import ApiError
 
 router = APIRouter()
 
@@ -26,7 +30,13 @@ async def health(request: Request, deep: bool = Query(False, description="also v
         "queue_depth": engine.scheduler.depth(),
     }
     if deep:
-        intact = await run_in_threadpool(engine.base_weights_intact)
+        require_admin(request)  # it reads every weight: not for anyone who can reach the port
+        if not engine.deep_check_lock.acquire(blocking=False):
+            raise ApiError(429, "a deep health check is already running; retry later", headers={"Retry-After": "1"})
+        try:
+            intact = await run_in_threadpool(engine.base_weights_intact)
+        finally:
+            engine.deep_check_lock.release()
         body["base_weights_intact"] = intact
         if not intact:
             body["status"] = "corrupt"
@@ -36,6 +46,7 @@ async def health(request: Request, deep: bool = Query(False, description="also v
 
 @router.get("/metrics", responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 async def metrics(request: Request):
-    engine = request.app.state.engine
+    engine = get_engine(request)
+    require_bearer(request, engine.settings.metrics_token, "/metrics")
     engine.metrics.queue_depth.set(engine.scheduler.depth())
     return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

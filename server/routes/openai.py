@@ -10,9 +10,10 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.deps import get_engine, require_api_token
-from server.dispatch import Submitted, submit
+from server.dispatch import Submitted, check_prompt_chars, submit, tokenize
 from server.engine import Engine
 from server.errors import ApiError
 from server.generation import Finished, TextDelta
@@ -56,7 +57,7 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
     if len(prompts) != 1:
         raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
     adapter = _adapter_for(engine, body.model)
-    ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    ids = await tokenize(engine, prompts[0])
     job = submit(engine, ids, adapter, body.sampling(body.max_tokens), body.timeout_s)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -75,15 +76,19 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
 async def chat_completions(body: ChatCompletionRequest, http: Request, engine: Engine = Depends(get_engine)):
     adapter = _adapter_for(engine, body.model)
     messages = [m.model_dump() for m in body.messages]
+    check_prompt_chars(engine, sum(len(m["content"]) for m in messages))
     try:
-        ids = engine.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        ids = await run_in_threadpool(
+            engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
     except Exception as e:  # a tokenizer without a chat template, or messages it refuses
         raise ApiError(422, f"messages: the tokenizer's chat template cannot render them: {e}") from None
     if isinstance(ids, dict):
         ids = ids["input_ids"]
-    max_tokens = body.max_completion_tokens or body.max_tokens or min(256, engine.settings.max_new_tokens)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:  # as much as fits, up to a default
+        room = engine.context_length - len(ids) if engine.context_length is not None else 256
+        max_tokens = max(1, min(256, engine.settings.max_new_tokens, room))
     job = submit(engine, list(ids), adapter, body.sampling(max_tokens), body.timeout_s)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

@@ -243,3 +243,33 @@ def test_a_damaged_value_is_detected_by_the_values_hash(model, spec, tmp_path):
     path.write_bytes(st_save(tensors, metadata=adapter.metadata.to_strings()))
     with pytest.raises(errors.MetadataError, match="values_hash"):
         load_adapter(path, spec)
+
+
+def test_deeply_nested_metadata_is_refused_not_a_recursion_error(spec, tmp_path):
+    path = tmp_path / "nested.safetensors"
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads alone would raise RecursionError
+    write_raw(path, {Q: good_layer()}, k=2, spec=spec, meta_overrides={"training": deep})
+    with pytest.raises(errors.MetadataError, match="training"):
+        load_adapter(path, spec)
+    nested = json.dumps({"a": [[[[[[[[[[1]]]]]]]]]]})  # parses, but deeper than any summary needs
+    write_raw(path, {Q: good_layer()}, k=2, spec=spec, meta_overrides={"training": nested})
+    with pytest.raises(errors.MetadataError, match="nested deeper"):
+        load_adapter(path, spec)
+
+
+def test_a_deeply_nested_header_is_not_safetensors(spec, tmp_path):
+    header = ("[" * 100_000 + "]" * 100_000).encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    for source in (path, path.read_bytes()):
+        with pytest.raises(errors.NotSafetensorsError, match="nested too deeply"):
+            load_adapter(source, spec)
+
+
+def test_an_adapter_for_another_base_says_so_before_any_shape(spec, tmp_path):
+    other = BaseModelSpec.from_model(tiny_llama(seed=1), "other-tiny")
+    # Shaped for nothing in this base (d_out 32), and made for another one: the base is the news.
+    path = tmp_path / "foreign.safetensors"
+    write_raw(path, {Q: good_layer(d_out=32)}, k=2, spec=other)
+    with pytest.raises(errors.FingerprintMismatchError):
+        load_adapter(path, spec)

@@ -75,3 +75,19 @@ def test_switch_between_adapters_sharing_offsets_is_one_scatter_and_exact():
     saved = packed.switch_(db, other, saved)
     packed.restore_(other, saved)
     assert packed.checksum() == checksum
+
+
+def test_base_values_and_checksum_read_the_base_while_an_adapter_is_applied(model):
+    packed = PackedWeights(model)
+    pristine = packed.buffer.clone()
+    checksum = packed.checksum()
+    adapter = random_adapter(model, k=3, seed=4, scale=0.5)
+    delta = packed.pack(adapter)
+    saved = packed.apply_(delta)
+    assert not torch.equal(packed.buffer, pristine)
+    offsets = torch.randperm(packed.buffer.numel())[:5000]
+    offsets = torch.cat([offsets, delta.offsets[::3]])  # positions under the delta and beside it
+    assert torch.equal(packed.base_values(offsets, (delta, saved)), pristine[offsets])
+    # Small chunks, so that chunk edges cut through the delta's positions.
+    assert packed.checksum(applied=lambda: (delta, saved), chunk_elems=4099) == checksum
+    assert packed.checksum(chunk_elems=4099) != checksum

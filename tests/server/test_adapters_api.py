@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ def fresh_state_dict():
 
 def assert_base_weights_pristine(server):
     assert server.engine.base_weights_intact()
+    server.engine.restore_base()
     for name, tensor in fresh_state_dict().items():
         assert torch.equal(server.engine.model.state_dict()[name], tensor), name
 
@@ -317,3 +319,62 @@ def test_a_request_past_its_deadline_in_the_queue_gets_408_or_504(store, tiny_mo
         assert own.status_code == 408 and "timeout_s" in own.json()["error"]["message"]
         assert servers.status_code == 504 and "request_timeout_s" in servers.json()["error"]["message"]
         assert c.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_an_adapter_on_the_tied_lm_head_is_refused_at_upload_and_listed_invalid_at_start(store, tiny_model_dir):
+    tied = adapter_to_bytes(random_adapter(tiny_llama(seed=0), k=1, seed=3, targets=("lm_head", "q_proj")))
+    with RunningServer(make_settings(tiny_model_dir, store)) as s, s.client() as c:
+        r = c.put("/adapters/head", content=tied)
+        assert r.status_code == 422 and "lm_head" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "TiedWeightError"
+    assert not (store / "head.safetensors").exists() and not list(store.glob(".*.tmp"))
+    (store / "head.safetensors").write_bytes(tied)
+    with RunningServer(make_settings(tiny_model_dir, store)) as s, s.client() as c:  # starts anyway
+        listing = c.get("/adapters").json()
+        assert [a["name"] for a in listing["adapters"]] == ["a", "b", "c", "d"]
+        assert [e["name"] for e in listing["invalid"]] == ["head"] and "tied" in listing["invalid"][0]["error"]
+
+
+def test_uploads_beyond_the_concurrency_bound_get_429(store, tiny_model_dir):
+    data = (store / "b.safetensors").read_bytes()
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_body():
+        yield data[:100]
+        holding.set()
+        release.wait(30)
+        yield data[100:]
+
+    with RunningServer(make_settings(tiny_model_dir, store, max_concurrent_uploads=1)) as s, s.client() as c:
+        first = threading.Thread(target=lambda: c.put("/adapters/slow", content=slow_body()))
+        first.start()
+        assert holding.wait(30)
+        time.sleep(0.2)
+        streamed_so_far = list(store.glob(".slow.safetensors.*.tmp"))
+        r = c.put("/adapters/other", content=data)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        release.set()
+        first.join(timeout=30)
+        assert c.put("/adapters/other", content=data).status_code == 201
+    assert len(streamed_so_far) == 1  # the body went to a temp file in the store, not to memory
+    assert (store / "slow.safetensors").read_bytes() == data and not list(store.glob(".*.tmp"))
+
+
+def test_fidelity_is_measured_against_the_base_whatever_is_applied(tiny_model_dir, tmp_path):
+    """Two bf16-served adapters share one index set: the second's fidelity must not depend on
+    whether the first is merged into the weights when it is uploaded."""
+    store = tmp_path / "bf16"
+    model = tiny_llama(seed=0)
+    first = adapter_to_bytes(random_adapter(model, k=2, seed=5, scale=0.02))
+    second = adapter_to_bytes(random_adapter(model, k=2, seed=5, scale=0.004))  # same indices
+    settings = make_settings(tiny_model_dir, store, dtype="bfloat16", fidelity_threshold=0.0)
+    fidelities = []
+    with RunningServer(settings) as s, s.client() as c:
+        assert c.put("/adapters/first", content=first).status_code == 201
+        for applied in (None, "first"):
+            params = {"adapter": applied} if applied else {}
+            assert c.post("/generate", params=params, json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+            assert s.engine.applied == applied
+            fidelities.append(c.put("/adapters/second", content=second).json()["fidelity"])
+    assert fidelities[0] == fidelities[1]
+    assert 0 < fidelities[0]["survived"] < 1  # bf16 rounds some of these deltas away: the check has teeth

@@ -1,0 +1,54 @@
+"""Safe defaults: a server reachable from the network never has an open admin API."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from server.settings import ServerSettings
+from tests.server.conftest import ROOT
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.7", "example.org"])
+def test_a_network_address_without_an_admin_token_is_refused(host):
+    with pytest.raises(ValidationError, match="--admin-token"):
+        ServerSettings(host=host)
+    assert ServerSettings(host=host, admin_token="s3cret").admin_token == "s3cret"
+    assert ServerSettings(host=host, generate_admin_token=True).generate_admin_token
+    assert ServerSettings(host=host, allow_open_admin=True).allow_open_admin  # the explicit opt-out
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_needs_no_token(host):
+    assert ServerSettings(host=host).admin_token is None
+
+
+def test_serve_refuses_to_start_open_and_names_the_flag():
+    done = subprocess.run(
+        [sys.executable, "-m", "neuroada.cli", "serve", "--host", "0.0.0.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--admin-token" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_docker_image_never_starts_with_an_open_admin_api(monkeypatch):
+    """The Dockerfile's environment, as the container sees it, must not give an open admin API."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    env_block = re.search(r"^ENV (.*?)(?=^\S)", dockerfile, re.S | re.M).group(1)
+    env = dict(re.findall(r"(NEUROADA_\w+)=(\S+)", env_block))
+    assert env["NEUROADA_HOST"] == "0.0.0.0"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("NEUROADA_ADMIN_TOKEN", raising=False)
+    from server.app import with_admin_token
+
+    settings = with_admin_token(ServerSettings())
+    assert settings.admin_token and len(settings.admin_token) >= 32
