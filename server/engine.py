@@ -195,7 +195,6 @@ class Engine:
             self._prefill(batch, newcomers)
         if batch:
             self._decode(batch)
-        self.metrics.steps.labels(path=self._path).inc()
 
     def _prefill(self, batch: RunningBatch, newcomers: list[GenerationRequest]) -> None:
         try:
@@ -248,6 +247,7 @@ class Engine:
         else:
             self._switch_to(None)
             self._path = "mixed"
+        self.metrics.steps.labels(path=self._path).inc()
 
     def _bind_rows(self, requests: list[GenerationRequest]) -> None:
         if self._path == "mixed":

@@ -25,7 +25,7 @@ class ServerMetrics:
         self.tokens = Counter("neuroada_generated_tokens", "Generated tokens", ["adapter"], registry=r)
         self.steps = Counter(
             "neuroada_steps",
-            "Forward steps of the running batch by path: merged (one adapter applied in place) or mixed",
+            "Forward calls (prefills and decode steps) by path: merged (one adapter applied in place) or mixed",
             ["path"],
             registry=r,
         )

@@ -83,3 +83,31 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
             }
         )
     return examples
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2")
+
+
+def tiny_family(model_type: str, seed: int = 0, vocab_size: int = 257):
+    """A tiny random causal LM of one model family (config.model_type), float32, frozen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.requires_grad_(False)
+    return model
