@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kernels import apply_delta_, apply_delta_flat_, flat_offsets, reapply_delta_flat_, restore_, restore_flat_
+from neuroada import host_memory
 from neuroada.errors import TiedWeightError
 from neuroada.fingerprint import untied_linear_layers
 from neuroada.format import SparseAdapter
@@ -56,7 +57,9 @@ Applied = tuple[PackedDelta, torch.Tensor]  # a delta merged into the buffer, an
 class PackedWeights:
     """The model's untied linear weights in one contiguous buffer (one dtype, one device)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None):
+        """Move the weights into the buffer on `device` (default: where they are) layer by layer,
+        releasing each original as it goes: the move peaks at the buffer plus about one layer."""
         layers = untied_linear_layers(model)
         if not layers:
             raise ValueError("the model has no untied nn.Linear layers to pack")
@@ -65,16 +68,24 @@ class PackedWeights:
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(f"linear weights must share one dtype and device, got {dtypes} on {devices}")
         total = sum(m.weight.numel() for m in layers.values())
-        self.buffer = torch.empty(total, dtype=dtypes.pop(), device=devices.pop())  # [N]
+        source_device = devices.pop()
+        self.buffer = torch.empty(total, dtype=dtypes.pop(), device=device or source_device)  # [N]
         self.layout: dict[str, tuple[int, int, int]] = {}  # name -> (start, d_out, d_in)
+        mappings = host_memory.private_file_mappings() if source_device.type == "cpu" else []
         start = 0
         for name, m in layers.items():
             d_out, d_in = m.weight.shape
             view = self.buffer[start : start + d_out * d_in].view(d_out, d_in)
-            view.copy_(m.weight.data)
-            m.weight.data = view
+            original = m.weight.data
+            view.copy_(original)
+            m.weight = nn.Parameter(view, requires_grad=False)  # a new Parameter: it may be on another device
             self.layout[name] = (start, d_out, d_in)
             start += d_out * d_in
+            if source_device.type == "cpu":
+                address, nbytes = original.data_ptr(), original.numel() * original.element_size()
+                del original
+                host_memory.drop_file_pages(address, nbytes, mappings)
+                host_memory.trim_heap()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -57,10 +57,13 @@ class Engine:
         self.metrics = ServerMetrics()
         self.model_name = resolve_model_name(settings.model)
         device, dtype = resolve_device_dtype(settings)
-        self.model: PreTrainedModel = load_base_model(settings.model, dtype=dtype, device=device)
+        # Loaded on the host and moved into the device's packed buffer layer by layer: the device
+        # never holds the linear weights twice.
+        self.model: PreTrainedModel = load_base_model(settings.model, dtype=dtype, device="cpu")
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(settings.model)
         self.base = BaseModelSpec.from_model(self.model, self.model_name)
-        self.packed = PackedWeights(self.model)
+        self.packed = PackedWeights(self.model, device=device)
+        self.model.to(device)
         self.base_checksum = self.packed.checksum()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         # Limits a request is checked against before it is tokenized or queued.

@@ -91,3 +91,21 @@ def test_base_values_and_checksum_read_the_base_while_an_adapter_is_applied(mode
     # Small chunks, so that chunk edges cut through the delta's positions.
     assert packed.checksum(applied=lambda: (delta, saved), chunk_elems=4099) == checksum
     assert packed.checksum(chunk_elems=4099) != checksum
+
+
+def test_packing_onto_another_device_moves_every_linear_weight_there(model):
+    device = torch.device("cuda" if torch.cuda.is_available() else "meta")
+    if device.type == "meta":  # no second device here: the meta device stands in for one
+        packed = PackedWeights(model, device=device)
+        assert packed.buffer.device.type == "meta"
+        assert all(m.weight.device.type == "meta" for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+        assert model.model.embed_tokens.weight.device.type == "cpu"  # not a packed linear: the caller moves it
+        return
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+    packed = PackedWeights(model, device=device)
+    model.to(device)
+    with torch.no_grad():
+        assert torch.equal(model(ids.to(device)).logits.cpu(), expected)
+    assert packed.buffer.device == device
