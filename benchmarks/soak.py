@@ -4,11 +4,14 @@
 
 Starts the server (embedded SmolLM2-135M) on a free port with a temporary store of random k=1
 adapters; `--clients` closed-loop clients send generation requests over the adapters and the
-base (some streamed and abandoned), a share of them malformed; a background client uploads,
-replaces and deletes adapters and uploads corrupt files. Stops by itself after `--minutes`.
-Prints requests by status, malformed inputs tried, 5xx count, p50/p99 latency, adapter
-switches, whether the base weights' checksum still matches (GET /health?deep=1), and whether
-the adapters on disk are exactly the adapters served.
+base (some streamed and abandoned), a share of them malformed and a share hostile (a sampling
+temperature that overflows, an adapter whose valid but huge deltas overflow the activations,
+adversarial stop strings, a prompt too long to tokenize, a non-streamed request whose client
+times out); a background client uploads, replaces and deletes adapters and uploads corrupt
+files. Stops by itself after `--minutes`. Prints requests by status (hostile ones apart), the
+5xx count of the other requests, p50/p99 latency, adapter switches, whether the base weights'
+checksum still matches (GET /health?deep=1), and whether the adapters on disk are exactly the
+adapters served.
 """
 
 from __future__ import annotations
@@ -45,9 +48,61 @@ MALFORMED = [
 ]
 
 
+HOSTILE = [
+    ("temperature overflow", "/generate", {"json": {"prompt": "hi", "temperature": 1e-40}}),
+    (
+        "huge deltas, sampled",
+        "/generate",
+        {"json": {"prompt": PROMPT, "temperature": 1.0}, "params": {"adapter": "huge"}},
+    ),
+    (
+        "huge deltas, greedy",
+        "/generate",
+        {"json": {"prompt": PROMPT, "max_new_tokens": 8}, "params": {"adapter": "huge"}},
+    ),
+    (
+        "adversarial stops",
+        "/generate",
+        {"json": {"prompt": PROMPT, "max_new_tokens": 48, "ignore_eos": True, "stop": ["\x00" * 63 + "a"] * 8}},
+    ),
+    ("prompt too long", "/v1/completions", {"json": {"model": "SmolLM2-135M-Instruct", "prompt": "z" * 900_000}}),
+    (
+        "client times out",
+        "/generate",
+        {"json": {"prompt": PROMPT, "max_new_tokens": 512, "ignore_eos": True}, "timeout": 0.5},
+    ),
+]
+
+
+def huge_adapter() -> bytes:
+    """Valid by every check (finite bf16 values), but deltas near bf16's largest value: the
+    activations of any request on it overflow."""
+    from switch import random_adapter
+
+    from neuroada.base_model import load_base_model
+    from neuroada.fingerprint import BaseModelSpec
+    from neuroada.format import LayerDelta, adapter_to_bytes, build_adapter
+
+    model = load_base_model()
+    base = BaseModelSpec.from_model(model, "SmolLM2-135M-Instruct")
+    layers = {
+        n: LayerDelta(d.indices, d.values.float().sign() * 3e38)
+        for n, d in random_adapter(model, base, k=1, seed=7).layers.items()
+    }
+    return adapter_to_bytes(build_adapter(layers, base=base, selection="magnitude"))
+
+
 async def client_loop(url: str, names: list[str], stop_at: float, rng: random.Random, stats: dict) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=300) as c:
         while time.monotonic() < stop_at:
+            if rng.random() < 0.05:
+                kind, path, kwargs = rng.choice(HOSTILE)
+                try:
+                    r = await c.post(path, **kwargs)
+                    stats["hostile"][f"{kind} {r.status_code}"] += 1
+                except httpx.TimeoutException:
+                    stats["hostile"][f"{kind} client timeout"] += 1
+                continue
             if rng.random() < 0.15:
                 method, path, kwargs = rng.choice(MALFORMED)
                 stats["malformed"] += 1
@@ -102,6 +157,14 @@ async def churn_loop(
             await asyncio.sleep(rng.uniform(0.2, 1.0))
 
 
+def cancelled(url: str) -> float:
+    """Requests the server stopped because their client went away (status 499)."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(
+        float(line.split()[-1]) for line in lines if line.startswith("neuroada_requests_total") and '"499"' in line
+    )
+
+
 def disk_matches_served(url: str, store: Path) -> bool:
     from neuroada.format import read_adapter
 
@@ -122,6 +185,7 @@ async def soak(url: str, store: Path, names: list[str], pool: dict[str, bytes], 
         "latency": [],
         "malformed": 0,
         "abandoned": 0,
+        "hostile": collections.Counter(),
     }
     stop_at = time.monotonic() + args.minutes * 60
     before = switches(url)
@@ -138,7 +202,9 @@ async def soak(url: str, store: Path, names: list[str], pool: dict[str, bytes], 
         "churn": dict(stats["churn"]),
         "malformed_tried": stats["malformed"],
         "abandoned_streams": stats["abandoned"],
+        "hostile_by_outcome": dict(sorted(stats["hostile"].items())),
         "server_errors_5xx": sum(v for k, v in stats["status"].items() if isinstance(k, int) and k >= 500),
+        "cancelled_499_counted": cancelled(url),
         "latency_p50_s": statistics.median(lat) if lat else None,
         "latency_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
         "adapter_switches": switches(url) - before,
@@ -168,6 +234,7 @@ def main() -> None:
         names = sorted(p.stem for p in store.glob("*.safetensors"))
         proc, url = start_server("neuroada", store, args.threads, 16)
         try:
+            assert httpx.put(f"{url}/adapters/huge", content=huge_adapter(), timeout=120).status_code == 201
             result = asyncio.run(soak(url, store, names, pool, args))
         finally:
             proc.terminate()

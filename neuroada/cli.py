@@ -155,7 +155,9 @@ def _train(args: argparse.Namespace) -> int:
     base = BaseModelSpec.from_model(model, name)
     na_config = NeuroAdaConfig(
         k=args.top_k,
-        targets=tuple(t for t in args.targets.split(",") if t) if args.targets else default_targets(model.config.model_type),
+        targets=tuple(t for t in args.targets.split(",") if t)
+        if args.targets
+        else default_targets(model.config.model_type),
         selection=args.selection,
         seed=args.seed,
         saved_inputs=args.saved_inputs,

@@ -106,7 +106,9 @@ class AdapterMetadata(BaseModel):
         fields = {}
         for key, v in raw.items():
             if len(v) > MAX_METADATA_CHARS:
-                raise MetadataError(f"metadata field {key!r} has {len(v)} characters; the limit is {MAX_METADATA_CHARS}")
+                raise MetadataError(
+                    f"metadata field {key!r} has {len(v)} characters; the limit is {MAX_METADATA_CHARS}"
+                )
             if key in ("format", "base_model", "base_fingerprint", "selection", "index_hash", "values_hash", "created"):
                 fields[key] = v
             else:

@@ -77,7 +77,8 @@ def _upload_slot(engine: Engine):
     if not engine.upload_slots.acquire(blocking=False):
         limit = engine.settings.max_concurrent_uploads
         raise ApiError(
-            429, f"{limit} uploads are in progress, the limit (max_concurrent_uploads); retry later",
+            429,
+            f"{limit} uploads are in progress, the limit (max_concurrent_uploads); retry later",
             headers={"Retry-After": "1"},
         )
     try:

@@ -98,7 +98,9 @@ def test_packing_onto_another_device_moves_every_linear_weight_there(model):
     if device.type == "meta":  # no second device here: the meta device stands in for one
         packed = PackedWeights(model, device=device)
         assert packed.buffer.device.type == "meta"
-        assert all(m.weight.device.type == "meta" for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+        assert all(
+            m.weight.device.type == "meta" for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)
+        )
         assert model.model.embed_tokens.weight.device.type == "cpu"  # not a packed linear: the caller moves it
         return
     ids = torch.randint(0, 256, (2, 9))

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from neuroada.format import LayerDelta, adapter_to_bytes, build_adapter
 from neuroada.fingerprint import BaseModelSpec
+from neuroada.format import LayerDelta, adapter_to_bytes, build_adapter
 from server.generation import RunningBatch
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama
 
@@ -98,7 +98,10 @@ def test_a_forward_that_raises_for_one_adapter_fails_only_its_request(server, mo
             good = pool.submit(c.post, "/generate", params={"adapter": "b"}, json={"prompt": "hi", "max_new_tokens": 9})
             assert long.result() == solo
             for r in bad:
-                assert r.result().status_code == 500 and "kernel fault on adapter c" in r.result().json()["error"]["message"]
+                assert (
+                    r.result().status_code == 500
+                    and "kernel fault on adapter c" in r.result().json()["error"]["message"]
+                )
             assert good.result().status_code == 200
         monkeypatch.setattr(RunningBatch, "_forward", real)
         alone = c.post("/generate", params={"adapter": "b"}, json={"prompt": "hi", "max_new_tokens": 9})

@@ -19,7 +19,9 @@ def test_the_deep_check_needs_the_admin_token_and_leaves_the_applied_adapter(sto
     with RunningServer(settings) as s, s.client() as c:
         assert c.get("/health").status_code == 200  # liveness stays open
         assert c.get("/health", params={"deep": 1}).status_code == 401
-        assert c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 3}).status_code == 200
+        assert (
+            c.post("/generate", params={"adapter": "a"}, json={"prompt": "hi", "max_new_tokens": 3}).status_code == 200
+        )
         assert s.engine.applied == "a"
         switches = _switches(s)
         for _ in range(5):
@@ -55,7 +57,9 @@ def test_metrics_can_need_a_token(store, tiny_model_dir):
 
 def test_a_deleted_adapters_metric_series_are_removed(server):
     with server.client() as c:
-        assert c.post("/generate", params={"adapter": "b"}, json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+        assert (
+            c.post("/generate", params={"adapter": "b"}, json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+        )
         assert 'adapter="b"' in c.get("/metrics").text
         assert c.delete("/adapters/b").status_code == 200
         assert 'adapter="b"' not in c.get("/metrics").text
