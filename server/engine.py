@@ -8,9 +8,13 @@ requests and finished ones leave. Each step takes one of two paths:
 - mixed, otherwise: the base weights are restored to pristine and each row's own sparse delta
   is added beside every target linear (`server.mixed`). Adapters whose deltas would not survive
   merging into the serving dtype take this path even alone.
-Adapter management changes the registry and the store; anything that must touch the weights
-(deleting the applied adapter, the integrity check) holds `model_lock`, which the worker holds
-for each step.
+Adapter management changes the registry and the store; anything that must touch or read the
+weights (deleting the applied adapter, measuring an upload's fidelity, a chunk of the integrity
+check) holds `model_lock`, which the worker holds for each step.
+
+One request's failure is its own: a row whose sampling or logits fail leaves the batch alone
+(`RunningBatch`); a forward call that raises is undone and retried on halves of its rows until
+the rows that fail alone are found (`_prefill`, `_decode`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
 
+        self.model_lock = threading.Lock()
+        self.manage_lock = threading.Lock()  # serialises uploads and deletes: disk and registry agree
+        self.deep_check_lock = threading.Lock()  # one /health?deep=1 at a time
+        self.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
+        self._applied: ResidentAdapter | None = None
+        self._saved: torch.Tensor | None = None  # the weights under the applied adapter's deltas
+
         self.store = AdapterStore(settings.adapter_dir)
         self.registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold, self._base_values)
         self.load_errors: dict[str, str] = {}  # adapter files in the store that failed validation
@@ -80,14 +91,8 @@ class Engine:
         )
         self.mixed = MixedAdapters(self.model, device)
         self._path = "merged"
-        self.model_lock = threading.Lock()
-        self.manage_lock = threading.Lock()  # serialises uploads and deletes: disk and registry agree
-        self.deep_check_lock = threading.Lock()  # one /health?deep=1 at a time
-        self.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
-        self._applied: ResidentAdapter | None = None
-        self._saved: torch.Tensor | None = None
         self._stop = threading.Event()
-        self._drain_until = float("inf")  # set by stop()
+        self._drain_until = float("inf")  # set by drain()
         self._worker = threading.Thread(target=self._run, name="neuroada-worker", daemon=True)
         self._load_store()
 

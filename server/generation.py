@@ -350,9 +350,9 @@ class RunningBatch:
         if not keep:
             self._empty()
             return
+        index = torch.tensor(keep, device=self.device)
+        kv_cache.select_(self.cache, index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.rows = [self.rows[i] for i in keep]
         self.pending = [self.pending[i] for i in keep]
-        index = torch.tensor(keep, device=self.device)
-        self.cache = kv_cache.select(self.cache, index)
-        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.mask = kv_cache.trim_(self.cache, self.mask)

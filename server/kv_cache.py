@@ -52,8 +52,13 @@ def join_(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_ma
     return joined_mask
 
 
+def select_(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep only `rows` ([n] int64), in that order, in place."""
+    set_layers_(cache, [(layer.keys[rows], layer.values[rows]) for layer in _layers(cache)])
+
+
 def select(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
-    """A cache holding only `rows` ([n] int64), in that order; `cache` itself is unchanged."""
+    """A new cache holding only `rows` ([n] int64), in that order; `cache` itself is unchanged."""
     picked = DynamicCache()
     for layer in _layers(cache):
         picked.update(layer.keys[rows], layer.values[rows], len(picked.layers))

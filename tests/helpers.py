@@ -11,20 +11,27 @@ from neuroada.format import LayerDelta, SparseAdapter, build_adapter
 TINY_NAME = "tiny-llama"
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 257) -> LlamaForCausalLM:
-    config = LlamaConfig(
+def _tiny_shape(vocab_size: int) -> dict:
+    """The tiny models' shape, whatever their family."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=20_100,  # servers check prompt + max_new_tokens against it (tests go to 20,000)
-        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=vocab_size - 1,  # the tiny tokenizer's <eos>
         pad_token_id=vocab_size - 1,
         initializer_range=0.3,  # frozen tied embeddings need a usable logit scale for training tests
+    )
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 257) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        **_tiny_shape(vocab_size),
+        max_position_embeddings=20_100,  # servers check prompt + max_new_tokens against it (tests go to 20,000)
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
@@ -92,21 +99,7 @@ def tiny_family(model_type: str, seed: int = 0, vocab_size: int = 257):
     """A tiny random causal LM of one model family (config.model_type), float32, frozen."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        initializer_range=0.3,
-    )
+    config = AutoConfig.for_model(model_type, **_tiny_shape(vocab_size), head_dim=16, max_position_embeddings=512)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.requires_grad_(False)
