@@ -173,9 +173,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    if not torch.isfinite(probs).all():  # e.g. a tiny temperature overflowed every logit to inf
-        raise RowError(f"sampling at temperature {params.temperature} gives non-finite probabilities", "non_finite")
-    return int(torch.multinomial(probs, 1, generator=generator))
+    try:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    except RuntimeError as e:  # it checks its input: NaN or infinite probabilities (a logit overflowed)
+        raise RowError(f"sampling at temperature {params.temperature} failed: {e}", "non_finite") from None
 
 
 def _forward_options(model: nn.Module) -> tuple[str, dict]:
@@ -318,7 +319,8 @@ class RunningBatch:
 
     def _sample(self, rows: list[_RowState], logits: torch.Tensor) -> list[int]:
         """Each row's next token; a row whose logits or sampling fail is marked failed, alone."""
-        finite = torch.isfinite(logits).all(-1).tolist()  # [B]
+        # A row's sum is finite exactly when all its logits are (they are far too small to overflow it).
+        finite = logits.sum(-1).isfinite().tolist()  # [B]
         greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
         tokens = []
         for slot, row in enumerate(rows):

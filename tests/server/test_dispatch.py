@@ -85,3 +85,19 @@ def test_sigterm_with_long_requests_running_exits_within_the_drain_time(tiny_mod
     # uvicorn exits by re-raising the signal it handled; its own backstop would take drain + 5 s.
     assert proc.returncode in (0, -signal.SIGTERM) and took < 5, (proc.returncode, took)
     assert "stream ended" in outcomes and len(outcomes) == 2, outcomes
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server, monkeypatch):
+    engine = server.engine
+    calls = []
+    real = engine.tokenizer.__class__.__call__
+    monkeypatch.setattr(
+        engine.tokenizer.__class__, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    longest = engine.settings.max_prompt_tokens * engine.max_token_chars
+    with server.client() as c:
+        r = c.post("/v1/completions", json={"model": engine.model_name, "prompt": "z" * (longest + 1)})
+        assert r.status_code == 413 and "max_prompt_tokens" in r.json()["error"]["message"]
+        assert not calls
+        r = c.post("/generate", json={"prompt": "z" * 4000, "max_new_tokens": 1})  # fits the cap, not the limit
+        assert r.status_code == 413 and calls
