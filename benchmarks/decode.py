@@ -48,25 +48,42 @@ def run(model, tokenizer, batch: int, new_tokens: int, repeats: int, **generate_
     return {"seconds": summarize(samples), "tokens_per_s": batch * new_tokens / summarize(samples)["median"]}
 
 
+class RowDeltas:
+    """`BatchAdapters` that always take the mixed path: each row's delta beside the weights."""
+
+    applied_name = None
+
+    def __init__(self, mixed):
+        self.mixed = mixed
+
+    def plan(self, requests) -> None:
+        pass
+
+    def bind(self, rows) -> None:
+        self.mixed.bind([r.resident for r in rows])
+
+    def reset(self) -> None:
+        self.mixed.unbind()
+
+
 def loop_runner(model, tokenizer, batch: int, new_tokens: int, residents: list, mixed):
     """One run of the server's decode loop; rows use residents[i % len(residents)] (None: the base alone)."""
+    from server.batch_adapters import NoAdapters
     from server.generation import GenerationRequest, RunningBatch, SamplingParams
 
     ids = tokenizer(PROMPT).input_ids
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    adapters = RowDeltas(mixed) if residents[0] is not None else NoAdapters()
 
     def go():
         requests = [GenerationRequest(ids, None, params, lambda event: None) for _ in range(batch)]
         for i, r in enumerate(requests):
             r.resident = residents[i % len(residents)]
-        bind = (
-            (lambda rows: mixed.bind([r.resident for r in rows])) if residents[0] is not None else (lambda rows: None)
-        )
-        running = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.pad_token_id, before_forward=bind)
-        running.join(requests)
+        running = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.pad_token_id)
+        running.join(requests, adapters)
         while running:
-            running.step()
-        mixed.unbind()
+            running.step(adapters)
+        adapters.reset()
 
     return go
 

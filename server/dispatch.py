@@ -116,7 +116,7 @@ def submit(
 ) -> Submitted:
     """Check a request against the server's limits and queue it (raises ApiError)."""
     settings = engine.settings
-    if adapter is not None and engine.registry.get(adapter) is None:
+    if adapter is not None and engine.catalog.get(adapter) is None:
         # Label "unknown", not the name: clients must not be able to grow the metric's label set.
         engine.metrics.requests.labels(adapter="unknown", status="404").inc()
         raise ApiError(404, f"adapter {adapter!r} not found", "adapter_not_found")

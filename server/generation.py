@@ -19,11 +19,13 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from server import kv_cache
+from server.batch_adapters import BatchAdapters, NoAdapters
 
 if TYPE_CHECKING:
     from server.registry import ResidentAdapter
 
 log = logging.getLogger(__name__)
+NO_ADAPTERS = NoAdapters()
 
 
 @dataclass(frozen=True)
@@ -194,23 +196,15 @@ class RunningBatch:
 
     `join` prefills newcomers (as their own forward call) and appends their rows to the cache;
     `step` feeds every row its last sampled token. Rows that finish (eos, stop string, length,
-    cancelled) leave at once and their cache rows with them. `before_forward` is told the
-    requests of each forward call, in row order (the engine binds their adapters there).
+    cancelled, failed) leave at once and their cache rows with them. Both take the step's
+    `BatchAdapters` and bind each forward call's rows to it just before the call.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        eos_ids: set[int],
-        pad_id: int,
-        before_forward: Callable[[list[GenerationRequest]], None] = lambda requests: None,
-    ):
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], pad_id: int):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.pad_id = pad_id
-        self.before_forward = before_forward
         self.device = next(model.parameters()).device
         self.cache_keyword, self.forward_options = _forward_options(model)
         self.rows: list[_RowState] = []
@@ -227,7 +221,7 @@ class RunningBatch:
         return [row.request for row in self.rows]
 
     @torch.inference_mode()
-    def join(self, requests: list[GenerationRequest]) -> None:
+    def join(self, requests: list[GenerationRequest], adapters: BatchAdapters = NO_ADAPTERS) -> None:
         """Prefill `requests`, sample their first tokens and add them to the batch.
 
         Atomic: if the prefill raises, the batch is as it was (the newcomers' cache is their own
@@ -243,7 +237,8 @@ class RunningBatch:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         cache = DynamicCache()
-        logits = self._forward(requests, input_ids, mask, position_ids, cache)
+        adapters.bind(requests)
+        logits = self._forward(input_ids, mask, position_ids, cache)
         pending = self._sample(rows, logits)
         if self.cache is None:
             self.cache, self.mask = cache, mask
@@ -255,13 +250,14 @@ class RunningBatch:
         self._drop_finished()
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self, adapters: BatchAdapters = NO_ADAPTERS) -> None:
         """One decode step for every row. Atomic: if the forward raises, the batch is as it was."""
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # [B, L + 1]
         tokens = torch.tensor(self.pending, device=self.device)[:, None]  # [B, 1]
         before = kv_cache.snapshot(self.cache)
         try:
-            logits = self._forward(self.requests, tokens, mask, self.next_pos[:, None], self.cache)
+            adapters.bind(self.requests)
+            logits = self._forward(tokens, mask, self.next_pos[:, None], self.cache)
         except BaseException:
             kv_cache.set_layers_(self.cache, before)
             raise
@@ -272,7 +268,7 @@ class RunningBatch:
     def split(self) -> RunningBatch:
         """Move the second half of the rows into a batch of their own (to find a failing row)."""
         half = len(self.rows) // 2
-        other = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, self.before_forward)
+        other = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id)
         first, second = torch.arange(half, device=self.device), torch.arange(half, len(self.rows), device=self.device)
         other.cache = kv_cache.select(self.cache, second)
         other.rows, other.pending = self.rows[half:], self.pending[half:]
@@ -305,8 +301,7 @@ class RunningBatch:
         self.rows, self.pending, self.cache = [], [], None
         self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
 
-    def _forward(self, requests, input_ids, mask, position_ids, cache) -> torch.Tensor:  # [B, V] float32
-        self.before_forward(requests)
+    def _forward(self, input_ids, mask, position_ids, cache) -> torch.Tensor:  # [B, V] float32
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,

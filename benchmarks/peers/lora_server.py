@@ -40,6 +40,26 @@ class _WithAdapterNames(nn.Module):
         return self.peft_model(**kwargs, logits_to_keep=logits_to_keep, adapter_names=self.adapter_names)
 
 
+class LoraAdapters:
+    """The worker's `BatchAdapters` for PEFT's mixed LoRA batches: every step unmerged, each row's
+    adapter named (rows without one as `__base__`)."""
+
+    applied_name = None  # nothing is ever merged
+
+    def __init__(self, model: _WithAdapterNames, metrics):
+        self.model = model
+        self.metrics = metrics
+
+    def plan(self, requests: list[GenerationRequest]) -> None:
+        self.metrics.steps.labels(path="lora").inc()
+
+    def bind(self, rows: list[GenerationRequest]) -> None:
+        self.model.adapter_names = [r.adapter or "__base__" for r in rows]
+
+    def reset(self) -> None:
+        pass
+
+
 class LoraEngine(Engine):
     def __init__(self, settings: ServerSettings, rank: int = 8):
         super().__init__(settings)
@@ -53,13 +73,8 @@ class LoraEngine(Engine):
             peft_model.add_adapter(name, config)
         peft_model.eval()
         self.model = _WithAdapterNames(peft_model)
-
-    def _choose_path(self, requests: list[GenerationRequest]) -> None:
-        self._path = "lora"
-        self.metrics.steps.labels(path="lora").inc()
-
-    def _bind_rows(self, requests: list[GenerationRequest]) -> None:
-        self.model.adapter_names = [r.adapter or "__base__" for r in requests]
+        self.worker.model = self.model
+        self.worker.adapters = LoraAdapters(self.model, self.metrics)
 
 
 def main() -> None:

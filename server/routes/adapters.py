@@ -23,17 +23,17 @@ async def list_adapters(engine: Engine = Depends(get_engine)):
         "base_model": engine.model_name,
         "base_fingerprint": engine.base.fingerprint,
         "applied": engine.applied,
-        "adapters": [r.describe() for r in engine.registry.all()],
-        "invalid": [{"name": n, "error": e} for n, e in sorted(engine.load_errors.items())],
+        "adapters": [r.describe() for r in engine.catalog.all()],
+        "invalid": [{"name": n, "error": e} for n, e in sorted(engine.catalog.load_errors.items())],
     }
 
 
 @router.get("/{name}")
 async def get_adapter(name: str, engine: Engine = Depends(get_engine)):
-    resident = engine.registry.get(_valid(name))
+    resident = engine.catalog.get(_valid(name))
     if resident is None:
-        if name in engine.load_errors:
-            raise ApiError(404, f"adapter {name!r} is in the store but invalid: {engine.load_errors[name]}")
+        if name in engine.catalog.load_errors:
+            raise ApiError(404, f"adapter {name!r} is in the store but invalid: {engine.catalog.load_errors[name]}")
         raise ApiError(404, f"adapter {name!r} not found", "adapter_not_found")
     return resident.describe()
 
@@ -42,11 +42,11 @@ async def get_adapter(name: str, engine: Engine = Depends(get_engine)):
 async def put_adapter(name: str, request: Request, response: Response, engine: Engine = Depends(get_engine)):
     _valid(name)
     with _upload_slot(engine):
-        incoming = engine.store.incoming(name)
+        incoming = engine.catalog.store.incoming(name)
         try:
             await _receive_into(request, incoming, engine.settings.max_upload_bytes)
             # Validation and the device copy are CPU/GPU work: keep them off the event loop.
-            resident, replaced = await run_in_threadpool(engine.upload, name, incoming)
+            resident, replaced = await run_in_threadpool(engine.catalog.upload, name, incoming)
         except AdapterError as e:
             engine.metrics.uploads.labels(result="rejected").inc()
             raise ApiError(422, f"adapter {name!r} rejected: {e}", type(e).__name__) from None
@@ -59,7 +59,7 @@ async def put_adapter(name: str, request: Request, response: Response, engine: E
 
 @router.delete("/{name}")
 async def delete_adapter(name: str, engine: Engine = Depends(get_engine)):
-    if not await run_in_threadpool(engine.delete, _valid(name)):
+    if not await run_in_threadpool(engine.catalog.delete, _valid(name)):
         raise ApiError(404, f"adapter {name!r} not found", "adapter_not_found")
     return {"deleted": name}
 
@@ -74,7 +74,7 @@ def _valid(name: str) -> str:
 @contextmanager
 def _upload_slot(engine: Engine):
     """At most max_concurrent_uploads uploads at once; one more is refused, not queued (429)."""
-    if not engine.upload_slots.acquire(blocking=False):
+    if not engine.catalog.upload_slots.acquire(blocking=False):
         limit = engine.settings.max_concurrent_uploads
         raise ApiError(
             429,
@@ -84,7 +84,7 @@ def _upload_slot(engine: Engine):
     try:
         yield
     finally:
-        engine.upload_slots.release()
+        engine.catalog.upload_slots.release()
 
 
 async def _receive_into(request: Request, path: Path, limit: int) -> None:

@@ -26,7 +26,7 @@ async def health(request: Request, deep: bool = Query(False, description="also v
         "base_fingerprint": engine.base.fingerprint,
         "device": str(engine.packed.device),
         "dtype": str(engine.packed.dtype).removeprefix("torch."),
-        "adapters": len(engine.registry.all()),
+        "adapters": len(engine.catalog.all()),
         "queue_depth": engine.scheduler.depth(),
     }
     if deep:

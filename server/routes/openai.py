@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 def _adapter_for(engine: Engine, model: str) -> str | None:
     if model == engine.model_name:
         return None
-    if engine.registry.get(model) is None:
+    if engine.catalog.get(model) is None:
         raise ApiError(
             404,
             f"model {model!r} not found: use the base model {engine.model_name!r} or an adapter name",
@@ -46,7 +46,7 @@ async def list_models(engine: Engine = Depends(get_engine)):
             "owned_by": "neuroada",
             "parent": engine.model_name,
         }
-        for r in engine.registry.all()
+        for r in engine.catalog.all()
     ]
     return {"object": "list", "data": data}
 

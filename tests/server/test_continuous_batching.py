@@ -91,7 +91,7 @@ def test_a_mixed_batch_gives_every_request_its_merged_output(tiny_model_dir, mix
         assert _steps(s, "mixed") > 0
         # x and y share an index set: one set of indices on the device, a slot each for their values.
         x = s.engine.registry.get("x")
-        shared = s.engine.mixed._sets[x.adapter.metadata.index_hash]
+        shared = s.engine.adapters.mixed._sets[x.adapter.metadata.index_hash]
         assert {s.engine.registry.get(n).version for n in "xy"} <= set(shared.slot_of)
         assert s.engine.base_weights_intact()
 

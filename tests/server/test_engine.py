@@ -82,11 +82,11 @@ def test_hostile_requests_fail_alone_beside_a_long_stream(server):
 def test_a_forward_that_raises_for_one_adapter_fails_only_its_request(server, monkeypatch):
     real = RunningBatch._forward
 
-    def fails_with_c(self, requests, input_ids, *args):
+    def fails_with_c(self, input_ids, *args):
         # Decode steps only: the requests on c join the running batch, then its steps raise.
-        if input_ids.shape[1] == 1 and any(r.adapter == "c" for r in requests):
+        if input_ids.shape[1] == 1 and any(r.adapter == "c" for r in self.requests):
             raise RuntimeError("kernel fault on adapter c")
-        return real(self, requests, input_ids, *args)
+        return real(self, input_ids, *args)
 
     with server.client() as c:
         solo = _streamed_text(c, "a")

@@ -55,9 +55,9 @@ def test_non_finite_logits_fail_their_row_only(solo, monkeypatch):
     batch, events = _batch(), {}
     real = RunningBatch._forward
 
-    def poisoned(self, requests, *args):
-        logits = real(self, requests, *args)
-        for row, r in enumerate(requests):
+    def poisoned(self, *args):  # decode steps only: their rows are the batch's
+        logits = real(self, *args)
+        for row, r in enumerate(self.requests):
             if r.prompt_ids == tiny_tokenizer()("1 + 2 =", add_special_tokens=False).input_ids:
                 logits[row, 5] = float("nan")
         return logits
@@ -96,13 +96,13 @@ def test_a_forward_that_raises_leaves_the_batch_as_it_was(solo, monkeypatch):
     real = RunningBatch._forward
     calls = {"n": 0}
 
-    def fails_once_mid_model(self, requests, input_ids, mask, position_ids, cache):
+    def fails_once_mid_model(self, input_ids, mask, position_ids, cache):
         calls["n"] += 1
         if calls["n"] == 4:  # a decode step: the cache is appended layer by layer, then it raises
             layer = cache.layers[0]
             layer.keys = torch.cat([layer.keys, layer.keys[..., -1:, :]], dim=-2)
             raise RuntimeError("device fell over")
-        return real(self, requests, input_ids, mask, position_ids, cache)
+        return real(self, input_ids, mask, position_ids, cache)
 
     monkeypatch.setattr(RunningBatch, "_forward", fails_once_mid_model)
 

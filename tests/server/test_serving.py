@@ -133,10 +133,10 @@ def test_a_failing_step_fails_only_its_requests_and_reverts(server, monkeypatch)
 
     real = RunningBatch.step
 
-    def flaky(self):
+    def flaky(self, adapters):
         if any(r.adapter == "c" for r in self.requests):
             raise RuntimeError("device fell over")
-        return real(self)
+        return real(self, adapters)
 
     monkeypatch.setattr(RunningBatch, "step", flaky)
     with server.client() as c:
