@@ -1,4 +1,4 @@
-"""The engine's guarantee: whatever one request or adapter does, only that request fails, and
+"""The worker's guarantee: whatever one request or adapter does, only that request fails, and
 every request beside it gets exactly the tokens it gets alone."""
 
 from __future__ import annotations
