@@ -93,7 +93,8 @@ class AdapterRegistry:
         self._lock = threading.Lock()
 
     def prepare(self, name: str, source: bytes | Path) -> ResidentAdapter:
-        """Validate bytes fully and lay them out on the device; registers nothing (raises AdapterError)."""
+        """Validate a file (or its bytes) fully and lay it out on the device; registers nothing.
+        Raises AdapterError, whatever is wrong with the file."""
         try:
             adapter = load_adapter(source, self.base)
             with self._lock:
