@@ -115,10 +115,10 @@ _ERROR_STATUSES = {
     404: "unknown adapter or model",
     408: "the request's own timeout_s passed while it was queued",
     413: "body, upload or prompt over its limit",
-    422: "invalid field, or an adapter file refused (naming the fault)",
-    429: "queue full (see Retry-After)",
-    500: "generation failed (this request only)",
-    503: "not ready",
+    422: "invalid field (a temperature below 0.01, a prompt past the context, ...), or an adapter file refused",
+    429: "queue full, uploads at max_concurrent_uploads, or a deep health check running (see Retry-After)",
+    500: "generation failed (this request only: e.g. non-finite logits from its adapter)",
+    503: "not ready, or shutting down",
     504: "the server's request_timeout_s passed while it was queued",
 }
 ERROR_RESPONSES: dict[int | str, dict] = {
