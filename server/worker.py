@@ -118,8 +118,11 @@ class Worker:
                 for r in newcomers:
                     r.on_event(failed)
                 batch.fail(failed)
-                with self.lock:
-                    self.adapters.reset()
+                try:
+                    with self.lock:
+                        self.adapters.reset()
+                except Exception:  # the thread must live on: it is the only one that serves
+                    log.exception("restoring the base weights failed")
             self.metrics.running.set(len(batch))
 
     def _resolve(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
