@@ -1,5 +1,5 @@
-"""Memory of packing the linear weights into one buffer at load, on the embedded model and on a
-synthetic ~1B bf16 Llama built in memory.
+"""Memory of packing the linear weights into one buffer at load, on the embedded model (as
+loaded, float32, and converted to bfloat16) and on a synthetic ~1B bf16 Llama built in memory.
 
     python benchmarks/load_memory.py [--device cpu|cuda] [--skip-1b]
 
@@ -63,7 +63,10 @@ def measure(model_name: str, device: str) -> dict:
 
     before_load = _status()["VmRSS"]
     started = time.perf_counter()
-    model = _synthetic_llama_1b() if model_name == "llama-1b-bf16" else load_base_model(None)
+    if model_name == "llama-1b-bf16":
+        model = _synthetic_llama_1b()
+    else:  # the embedded checkpoint is float32: bfloat16 weights are converted copies, heap memory
+        model = load_base_model(None, dtype=torch.bfloat16 if model_name.endswith("bf16") else torch.float32)
     load_s = time.perf_counter() - started
     linear = sum(m.weight.numel() * m.weight.element_size() for m in untied_linear_layers(model).values())
     loaded = _status()
@@ -108,7 +111,7 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.device)))
         return
     rows, results = [], []
-    for name in ["embedded-smollm2-135m"] + ([] if args.skip_1b else ["llama-1b-bf16"]):
+    for name in ["embedded-smollm2-135m", "embedded-smollm2-135m-bf16"] + ([] if args.skip_1b else ["llama-1b-bf16"]):
         done = subprocess.run(
             [sys.executable, __file__, "--child", name, "--device", args.device],
             capture_output=True,

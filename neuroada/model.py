@@ -50,11 +50,12 @@ def _warn_left_out(model: nn.Module, left_out: set[str]) -> None:
     """Name the linear layers the targets miss (the output head aside), one pattern per kind:
     a family whose projections have other names must not train half its layers silently."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    patterns = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in left_out if model.get_submodule(n) is not head})
-    if patterns:
+    missed = [n for n in left_out if model.get_submodule(n) is not head]
+    if missed:
+        patterns = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in missed})
         log.warning(
             "the targets leave out %d linear layers: %s (pass --targets to adapt them)",
-            sum(model.get_submodule(n) is not head for n in left_out),
+            len(missed),
             ", ".join(patterns),
         )
 

@@ -117,7 +117,7 @@ def test_a_forward_that_raises_for_one_adapter_fails_only_its_request(server, mo
 
 
 @pytest.mark.parametrize("stage", ["join", "step"])
-def test_the_worker_survives_a_failure_outside_any_forward(server, monkeypatch, stage):
+def test_a_lone_request_whose_step_raises_fails_and_the_worker_serves_on(server, monkeypatch, stage):
     real = getattr(RunningBatch, stage)
     calls = {"n": 0}
 
