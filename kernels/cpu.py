@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (`kernels/csrc/sparse_cpu.cpp`), built on first use by torch's extension loader.
+"""The C++ CPU kernels (`kernels/csrc/`), built on first use by torch's extension loader.
 
 The build needs a C++ compiler and takes about 30 s once; the result is cached (under
 TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, one build per python, torch and CPU
@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "sparse_cpu.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_cpu.cpp", "decode_linear.cpp")]
 _NAME = "neuroada_sparse_cpu"
 # torch's build lock is a file that a killed build leaves behind, and every later process would
 # wait on it forever; a build takes about 30 s, so a lock this old is stale.
@@ -45,7 +45,7 @@ def cpu_kernels() -> ModuleType | None:
         # GCC's -O3 unroll-and-jam turned a vectorised token loop scalar (5x slower): off.
         return load(
             name=_NAME,
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
             build_directory=str(build_dir),
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-loop-unroll-and-jam", "-fno-loop-interchange"],
             extra_ldflags=["-fopenmp"],

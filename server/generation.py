@@ -1,13 +1,13 @@
 """Batched generation with our own KV-cache decode loop, open to requests joining and leaving.
 
 Continuous batching: requests join a running batch between decode steps (their prefill is one
-forward call, left-padded, its KV cache appended to the batch's) and leave it as soon as they
-finish. Each request samples with its own parameters and generator.
+forward call, its KV cache added to the batch's) and leave it as soon as they finish. Each
+request samples with its own parameters and generator. The forward calls and the cache are a
+`BatchForward`'s (`server.forward`): our Llama-shaped decoder, or Hugging Face's forward.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from server import kv_cache
 from server.batch_adapters import BatchAdapters, NoAdapters
+from server.forward import BatchForward, Runner, batch_forward
 
 if TYPE_CHECKING:
     from server.registry import ResidentAdapter
@@ -181,16 +181,6 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         raise RowError(f"sampling at temperature {params.temperature} failed: {e}", "non_finite") from None
 
 
-def _forward_options(model: nn.Module) -> tuple[str, dict]:
-    """The cache's keyword in this transformers version (`past_key_values` became `cache`), and
-    logits for the last position only where the model offers it (a prefill then skips the
-    lm_head over every prompt position)."""
-    params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), (
-        {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    )
-
-
 class RunningBatch:
     """The requests decoding together, and their KV cache; requests join and leave between steps.
 
@@ -200,17 +190,21 @@ class RunningBatch:
     `BatchAdapters` and bind each forward call's rows to it just before the call.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], pad_id: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: set[int],
+        pad_id: int,
+        runner: Runner = "auto",
+        forward: BatchForward | None = None,  # the rows' cache and forward calls (default: a new one)
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.pad_id = pad_id
-        self.device = next(model.parameters()).device
-        self.cache_keyword, self.forward_options = _forward_options(model)
+        self.forward: BatchForward = forward or batch_forward(model, pad_id, runner)
         self.rows: list[_RowState] = []
-        self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [rows, cache length]
-        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows]
         self.pending: list[int] = []  # each row's last sampled token, fed by the next step
 
     def __len__(self) -> int:
@@ -228,89 +222,43 @@ class RunningBatch:
         until it is joined); a newcomer whose sampling fails leaves alone, with its error.
         """
         rows = [_RowState(r, self.tokenizer, self.eos_ids) for r in requests]
-        T = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((len(requests), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(requests), T, dtype=torch.long)
-        for i, r in enumerate(requests):
-            input_ids[i, T - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, T - len(r.prompt_ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-        cache = DynamicCache()
         adapters.bind(requests)
-        logits = self._forward(input_ids, mask, position_ids, cache)
+        logits, newcomers = self.forward.prefill([r.prompt_ids for r in requests])
         pending = self._sample(rows, logits)
-        if self.cache is None:
-            self.cache, self.mask = cache, mask
-        else:
-            self.mask = kv_cache.join_(self.cache, self.mask, cache, mask)
+        self.forward.join(newcomers)
         self.rows += rows
-        self.next_pos = torch.cat([self.next_pos, position_ids[:, -1] + 1])
         self.pending += pending
         self._drop_finished()
 
     @torch.inference_mode()
     def step(self, adapters: BatchAdapters = NO_ADAPTERS) -> None:
         """One decode step for every row. Atomic: if the forward raises, the batch is as it was."""
-        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # [B, L + 1]
-        tokens = torch.tensor(self.pending, device=self.device)[:, None]  # [B, 1]
-        before = kv_cache.snapshot(self.cache)
-        try:
-            adapters.bind(self.requests)
-            logits = self._forward(tokens, mask, self.next_pos[:, None], self.cache)
-        except BaseException:
-            kv_cache.set_layers_(self.cache, before)
-            raise
-        self.mask, self.next_pos = mask, self.next_pos + 1
+        adapters.bind(self.requests)
+        logits = self.forward.decode(self.pending)
         self.pending = self._sample(self.rows, logits)
         self._drop_finished()
 
     def split(self) -> RunningBatch:
         """Move the second half of the rows into a batch of their own (to find a failing row)."""
         half = len(self.rows) // 2
-        other = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id)
-        first, second = torch.arange(half, device=self.device), torch.arange(half, len(self.rows), device=self.device)
-        other.cache = kv_cache.select(self.cache, second)
+        other = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, forward=self.forward.split(half))
         other.rows, other.pending = self.rows[half:], self.pending[half:]
-        other.mask, other.next_pos = self.mask[second], self.next_pos[second]
-        self.cache = kv_cache.select(self.cache, first)
         self.rows, self.pending = self.rows[:half], self.pending[:half]
-        self.mask, self.next_pos = self.mask[first], self.next_pos[first]
         return other
 
     def merge(self, other: RunningBatch) -> None:
         """Take back the rows of a batch made by `split` (after each half stepped on its own)."""
-        if not other:
-            return
-        if not self:
-            self.cache, self.mask = other.cache, other.mask
-        else:
-            self.mask = kv_cache.join_(self.cache, self.mask, other.cache, other.mask)
+        self.forward.merge(other.forward)
         self.rows += other.rows
         self.pending += other.pending
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        other._empty()
+        other.rows, other.pending = [], []
 
     def fail(self, event: Failed) -> None:
         """End every row with `event` (the batch raised) and empty the batch."""
         for row in self.rows:
             row.request.on_event(event)
-        self._empty()
-
-    def _empty(self) -> None:
-        self.rows, self.pending, self.cache = [], [], None
-        self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
-
-    def _forward(self, input_ids, mask, position_ids, cache) -> torch.Tensor:  # [B, V] float32
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self.cache_keyword: cache},
-            **self.forward_options,
-        )
-        return out.logits[:, -1, :].float()
+        self.rows, self.pending = [], []
+        self.forward.clear()
 
     def _sample(self, rows: list[_RowState], logits: torch.Tensor) -> list[int]:
         """Each row's next token; a row whose logits or sampling fail is marked failed, alone."""
@@ -344,12 +292,9 @@ class RunningBatch:
                     row.finish()
                 except Exception:  # its listener is gone (e.g. the event loop closed): it leaves anyway
                     log.exception("a finished request's final event could not be delivered")
-        if not keep:
-            self._empty()
-            return
-        index = torch.tensor(keep, device=self.device)
-        kv_cache.select_(self.cache, index)
-        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        if keep:
+            self.forward.keep(keep)
+        else:
+            self.forward.clear()
         self.rows = [self.rows[i] for i in keep]
         self.pending = [self.pending[i] for i in keep]
-        self.mask = kv_cache.trim_(self.cache, self.mask)

@@ -531,6 +531,9 @@ void unmerge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const to
   });
 }
 
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias);  // decode_linear.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd_add_", &sparse_fwd_add_, "out += the sparse gather product of x");
   m.def("sparse_bwd_add_", &sparse_bwd_add_, "the product's grad_x (added in place) and grad_values, one pass");
@@ -538,5 +541,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("restore_weights_", &restore_weights_, "buffer[offsets] = saved, bit for bit");
   m.def("merge_rows_", &merge_rows_, "weight[i, indices[i, j]] += values[i, j], saving the old weights");
   m.def("unmerge_rows_", &unmerge_rows_, "puts merge_rows_'s saved weights back, bit for bit");
+  m.def("decode_linear", &decode_linear, "x @ weight.T + bias for a few rows of x (a decode step)");
   m.def("mixed_delta_add_", &mixed_delta_add_, "adds each token's own adapter delta (one shared index set) to out");
 }

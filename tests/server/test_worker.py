@@ -11,6 +11,7 @@ import pytest
 
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import LayerDelta, adapter_to_bytes, build_adapter
+from server.batch_adapters import SparseDeltaAdapters
 from server.generation import RunningBatch
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama
 
@@ -80,17 +81,23 @@ def test_hostile_requests_fail_alone_beside_a_long_stream(server):
 
 
 def test_a_forward_that_raises_for_one_adapter_fails_only_its_request(server, monkeypatch):
-    real = RunningBatch._forward
+    real_bind = SparseDeltaAdapters.bind
+    bound = {"rows": []}
 
-    def fails_with_c(self, input_ids, *args):
-        # Decode steps only: the requests on c join the running batch, then its steps raise.
-        if input_ids.shape[1] == 1 and any(r.adapter == "c" for r in self.requests):
+    def recording_bind(self, rows):  # the rows of the coming forward call
+        bound["rows"] = rows
+        return real_bind(self, rows)
+
+    def fails_with_c(module, inputs):
+        # Decode steps only (one token per row): the requests on c join the batch, then its steps
+        # raise, mid-model (the first layer has written the step's keys and values by now).
+        if inputs[0].shape[1] == 1 and any(r.adapter == "c" for r in bound["rows"]):
             raise RuntimeError("kernel fault on adapter c")
-        return real(self, input_ids, *args)
 
     with server.client() as c:
         solo = _streamed_text(c, "a")
-        monkeypatch.setattr(RunningBatch, "_forward", fails_with_c)
+        monkeypatch.setattr(SparseDeltaAdapters, "bind", recording_bind)
+        hook = server.engine.model.model.layers[1].mlp.register_forward_pre_hook(fails_with_c)
         started = threading.Event()
         with ThreadPoolExecutor(4) as pool:
             long = pool.submit(_streamed_text, c, "a", started)
@@ -110,7 +117,7 @@ def test_a_forward_that_raises_for_one_adapter_fails_only_its_request(server, mo
                     and "kernel fault on adapter c" in r.result().json()["error"]["message"]
                 )
             assert good.result().status_code == 200
-        monkeypatch.setattr(RunningBatch, "_forward", real)
+        hook.remove()
         alone = c.post("/generate", params={"adapter": "b"}, json={"prompt": "hi", "max_new_tokens": 9})
         assert good.result().json()["text"] == alone.json()["text"]
     assert server.engine.base_weights_intact()

@@ -1,0 +1,141 @@
+// The linear layer of a decode step: a few token rows (M, tens at most) against a [N, K] weight.
+//
+// At that size a linear is one pass over the weight's bytes. MKL's sgemm, which F.linear calls,
+// reads the weight at a fraction of the memory bandwidth for such a skinny product and keeps it
+// on one thread; here every weight row is read once for all M tokens, with M (and two weight rows
+// on narrow machines) held in registers, and the rows split across threads.
+// Weights may be float32 or bfloat16 (widened exactly as they load: half the bytes to read);
+// tokens and the output are float32, sums are float32.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// Weight rows per pass: more rows read side by side keep more of memory's bandwidth busy, as long
+// as their sums (rows x M vectors) fit in registers beside the M token vectors.
+#ifdef __AVX512F__
+constexpr int64_t VL = 16;  // floats per vector: a 512-bit register (32 of them)
+constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 2; }
+#else
+constexpr int64_t VL = 8;  // a 256-bit register (16 of them)
+constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 1; }
+#endif
+typedef float vec __attribute__((vector_size(VL * 4)));
+typedef uint16_t bf16_vec __attribute__((vector_size(VL * 2)));
+typedef uint32_t bits_vec __attribute__((vector_size(VL * 4)));
+constexpr int64_t TOKENS_PER_PASS = 8;  // token rows whose sums one pass keeps in registers
+constexpr int64_t BLOCK_BYTES = 16 * 1024;  // weight bytes a group of passes shares from cache
+constexpr int64_t MIN_WORK = 1 << 16;  // weights per thread below which waking another is not worth it
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vec load(const at::BFloat16* p) {  // bf16 is the top half of a float: widening is a shift
+  bf16_vec h;
+  std::memcpy(&h, p, sizeof h);
+  const bits_vec bits = __builtin_convertvector(h, bits_vec) << 16;
+  vec v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float widen(float w) { return w; }
+inline float widen(at::BFloat16 w) { return static_cast<float>(w); }
+
+inline float hsum(vec v) {
+  float s = 0.f;
+  for (int64_t i = 0; i < VL; ++i) s += v[i];
+  return s;
+}
+
+// out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for rows n in [begin, end), R weight rows at a time.
+template <int M, int R, typename w_t>
+void rows_pass(const float* x, const w_t* w, const float* bias, float* out, int64_t begin, int64_t end, int64_t N,
+               int64_t K) {
+  int64_t n = begin;
+  for (; n + R <= end; n += R) {
+    vec acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = vec{};
+    int64_t k = 0;
+    for (; k + VL <= K; k += VL) {
+      vec xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = load(x + m * K + k);
+      for (int r = 0; r < R; ++r) {
+        const vec wv = load(w + (n + r) * K + k);
+        for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const w_t* row = w + (n + r) * K;
+      for (int m = 0; m < M; ++m) {
+        float s = hsum(acc[r][m]);
+        for (int64_t kk = k; kk < K; ++kk) s += widen(row[kk]) * x[m * K + kk];
+        out[m * N + n + r] = bias != nullptr ? s + bias[n + r] : s;
+      }
+    }
+  }
+  if (n < end) rows_pass<M, 1>(x, w, bias, out, n, end, N, K);
+}
+
+template <typename w_t>
+void rows_pass_any(int64_t M, const float* x, const w_t* w, const float* bias, float* out, int64_t begin, int64_t end,
+                   int64_t N, int64_t K) {
+  switch (M) {
+    case 1: return rows_pass<1, rows_per_pass(1)>(x, w, bias, out, begin, end, N, K);
+    case 2: return rows_pass<2, rows_per_pass(2)>(x, w, bias, out, begin, end, N, K);
+    case 3: return rows_pass<3, rows_per_pass(3)>(x, w, bias, out, begin, end, N, K);
+    case 4: return rows_pass<4, rows_per_pass(4)>(x, w, bias, out, begin, end, N, K);
+    case 5: return rows_pass<5, rows_per_pass(5)>(x, w, bias, out, begin, end, N, K);
+    case 6: return rows_pass<6, rows_per_pass(6)>(x, w, bias, out, begin, end, N, K);
+    case 7: return rows_pass<7, rows_per_pass(7)>(x, w, bias, out, begin, end, N, K);
+    default: return rows_pass<8, rows_per_pass(8)>(x, w, bias, out, begin, end, N, K);
+  }
+}
+
+// More than 8 token rows: a block of weight rows is read from memory once, then stays in L1/L2
+// while each group of 8 tokens passes over it.
+template <typename w_t>
+void decode_linear_impl(int64_t M, const float* x, const w_t* w, const float* bias, float* out, int64_t N, int64_t K) {
+  const int64_t grain = std::max<int64_t>(4, MIN_WORK / std::max<int64_t>(K, 1));
+  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (K * int64_t(sizeof(w_t))));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += block) {
+      for (int64_t m = 0; m < M; m += TOKENS_PER_PASS) {
+        rows_pass_any(std::min(TOKENS_PER_PASS, M - m), x + m * K, w, bias, out + m * N, b, std::min(end, b + block), N, K);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [M, K] float32, weight [N, K] float32 or bfloat16, bias [N] float32 or None -> [M, N] float32.
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: x [M, K], weight [N, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "decode_linear: x must be contiguous float32");
+  TORCH_CHECK(weight.is_contiguous(), "decode_linear: weight must be contiguous");
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+                "decode_linear: bias must be contiguous float32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  if (weight.scalar_type() == torch::kFloat32) {
+    decode_linear_impl(M, x.data_ptr<float>(), weight.data_ptr<float>(), b, out.data_ptr<float>(), N, K);
+  } else {
+    TORCH_CHECK(weight.scalar_type() == torch::kBFloat16, "decode_linear: weight must be float32 or bfloat16");
+    decode_linear_impl(M, x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), b, out.data_ptr<float>(), N, K);
+  }
+  return out;
+}

@@ -1,0 +1,52 @@
+"""The dense linear of every target layer, with a decode step's few rows on our CPU kernel.
+
+A decode step multiplies a handful of token rows by each weight: a pass over the weight's bytes.
+On the CPU, `F.linear` (MKL's sgemm) reads the weight at a fraction of the memory bandwidth for
+such a skinny product; `kernels/csrc/decode_linear.cpp` reads every weight row once for all the
+rows. Larger products (a prefill) and everything off the CPU go to `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.cpu import cpu_kernels
+
+# Past this many rows the product is compute-bound and MKL's GEMM is as fast (benchmarks/RESULTS.md).
+DECODE_MAX_ROWS = 32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; x [..., K], weight [N, K] -> [..., N]."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (
+        0 < rows <= DECODE_MAX_ROWS
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and cpu_kernels() is not None
+    ):
+        out = cpu_kernels().decode_linear(x.reshape(rows, -1).contiguous(), weight.contiguous(), bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class DecodeLinear(nn.Linear):
+    """An `nn.Linear` whose forward is `linear` above: same parameters, same results to rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_decode_linears(model: nn.Module) -> int:
+    """Turn the model's plain `nn.Linear`s into `DecodeLinear`s in place (their parameters stay the
+    very same tensors, so packed weights and in-place switches are unaffected); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear
+            count += 1
+    return count

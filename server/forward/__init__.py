@@ -1,0 +1,65 @@
+"""The model's forward calls for a running batch, and the KV cache of its rows.
+
+`RunningBatch` (`server.generation`) keeps the rows' requests, sampling and stop handling; a
+`BatchForward` keeps their cache and runs the model over them. Two implementations, one picker:
+
+- `LlamaForward` (`server.forward.llama`): our own decoder over a Llama-shaped model's modules
+  (llama, mistral, qwen2, qwen3), with a slot KV cache that rows join and leave without
+  concatenation, and a decode step with little besides the linears' weight reads;
+- `HFForward` (`server.forward.hf`): Hugging Face's forward with its dynamic cache, left-padded;
+  every family in `neuroada.config.DEFAULT_TARGETS` runs on it.
+
+Both call the model's linear modules themselves, so the merged path (weights switched in place)
+and the mixed path (target linears' forwards replaced, `server.mixed`) work the same on both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from server.forward.hf import HFForward
+from server.forward.llama import LlamaForward, llama_unsupported
+
+log = logging.getLogger(__name__)
+
+Runner = Literal["auto", "hf"]
+
+
+class BatchForward(Protocol):
+    """The forward calls of one batch's rows, in row order, and their KV cache."""
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, object]:
+        """Logits [n, V] (float32) after each prompt's last token, and the newcomers' cache, to
+        `join` once they are accepted: until then the batch is unchanged."""
+
+    def join(self, newcomers: object) -> None:
+        """Append the rows `prefill` computed."""
+
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """Feed each row its next token; logits [B, V] float32. Atomic: if it raises, nothing changed."""
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (ascending), dropping the others' cache."""
+
+    def split(self, half: int) -> BatchForward:
+        """Rows [half:] move into a forward of their own (to step apart, then `merge` back)."""
+
+    def merge(self, other: BatchForward) -> None:
+        """Take back the rows of a forward made by `split`, after ours."""
+
+    def clear(self) -> None:
+        """No rows; their cache is freed."""
+
+
+def batch_forward(model: nn.Module, pad_id: int, runner: Runner = "auto") -> BatchForward:
+    """Our decoder where the model's family has it and `runner` is auto; Hugging Face's otherwise."""
+    if runner == "auto":
+        reason = llama_unsupported(model)
+        if reason is None:
+            return LlamaForward(model)
+        log.debug("running Hugging Face's forward: %s", reason)
+    return HFForward(model, pad_id)

@@ -1,0 +1,216 @@
+"""Our decoder for Llama-shaped models (llama, mistral, qwen2, qwen3), over their own modules.
+
+The decode step of a small batch is a pass over the weights; what Hugging Face's forward adds
+around it (mask building, cache objects, attention dispatch, several small ops per norm) costs
+as much again on a CPU. This forward keeps only the model's arithmetic:
+
+- a slot KV cache (`SlotCache`): row b of a batch lives in slot `first + b`, keys and values
+  written at its own position, so rows join (their prefill writes fresh slots) and leave (the
+  rows after them move down) without rebuilding the cache, and no row is padded;
+- a prefill per joining group, right-padded (causal attention keeps padding out of real tokens);
+- a decode step whose attention reads each row's keys up to the longest row, masked per row.
+
+It calls the model's own embedding, linear, MLP and rotary modules (and RMSNorm's weights), so
+switched weights and the mixed path's per-row deltas apply here as in the HF forward. A failed
+call changes no row: keys written past a row's length are never read, and are overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")
+CAPACITY_STEP = 64  # cache positions are reserved in multiples of this
+
+
+def llama_unsupported(model: nn.Module) -> str | None:
+    """Why this model cannot run on `LlamaForward` (None: it can)."""
+    config = model.config
+    if config.model_type not in LLAMA_SHAPED:
+        return f"model type {config.model_type!r} is not one of {', '.join(LLAMA_SHAPED)}"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        if window < getattr(config, "max_position_embeddings", 0):
+            return f"sliding-window attention ({window} of {config.max_position_embeddings} positions)"
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model does not have a Llama-shaped module tree"
+    return None
+
+
+class SlotCache:
+    """Keys and values per layer, [slots, kv_heads, capacity, head_dim], grown as rows need."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys = [torch.empty(0, kv_heads, 0, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty_like(k) for k in self.keys]
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, slots: int, length: int) -> None:
+        """Room for `slots` slots of `length` positions; grows geometrically, keeping the contents.
+        Every new buffer is allocated before any is swapped in."""
+        if slots <= self.slots and length <= self.capacity:
+            return
+        new_slots = max(slots, 2 * self.slots) if slots > self.slots else self.slots
+        new_capacity = max(length, 2 * self.capacity) if length > self.capacity else self.capacity
+        new_capacity = -(-new_capacity // CAPACITY_STEP) * CAPACITY_STEP
+        kv_heads, head_dim = self.shape
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            new = torch.zeros(new_slots, kv_heads, new_capacity, head_dim, dtype=self.dtype, device=self.device)
+            new[: old.shape[0], :, : old.shape[2]] = old
+            return new
+
+        keys, values = [grown(k) for k in self.keys], [grown(v) for v in self.values]
+        self.keys, self.values = keys, values
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slot `dst`."""
+        for buffers in (self.keys, self.values):
+            for b in buffers:
+                b[dst, :, :length] = b[src, :, :length]
+
+
+@dataclass
+class _Newcomers:
+    lengths: list[int]  # prompt lengths, their slots following the batch's rows
+
+
+class LlamaForward:
+    def __init__(self, model: nn.Module, cache: SlotCache | None = None, first: int = 0):
+        self.model = model
+        config = model.config
+        self.embed, self.layers = model.model.embed_tokens, list(model.model.layers)
+        self.norm, self.rotary, self.lm_head = model.model.norm, model.model.rotary_emb, model.lm_head
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        weight = self.embed.weight
+        self.device = weight.device
+        self.cache = cache or SlotCache(len(self.layers), self.kv_heads, self.head_dim, weight.dtype, weight.device)
+        self.first = first  # our rows are slots [first, first + len(lengths))
+        self.lengths: list[int] = []  # tokens in each row's cache
+
+    # --- BatchForward -------------------------------------------------------------------------
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, _Newcomers]:
+        n, T = len(prompts), max(len(p) for p in prompts)
+        start = self.first + len(self.lengths)
+        self.cache.reserve(start + n, T)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+        positions = torch.arange(T, device=self.device).expand(n, T)  # [n, T]
+        hidden = self._layers(ids.to(self.device), positions, slots=slice(start, start + n), length=None)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        hidden = hidden[torch.arange(n, device=self.device), last]  # [n, hidden]
+        return self._logits(hidden), _Newcomers([len(p) for p in prompts])
+
+    def join(self, newcomers: _Newcomers) -> None:
+        self.lengths += newcomers.lengths
+
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        B = len(tokens)
+        length = max(self.lengths) + 1
+        self.cache.reserve(self.first + B, length)
+        positions = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
+        ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
+        hidden = self._layers(ids, positions, slots=slice(self.first, self.first + B), length=length)
+        self.lengths = [n + 1 for n in self.lengths]
+        return self._logits(hidden[:, -1])
+
+    def keep(self, rows: list[int]) -> None:
+        for new, old in enumerate(rows):
+            if new != old:
+                self.cache.move(self.first + old, self.first + new, self.lengths[old])
+        self.lengths = [self.lengths[i] for i in rows]
+
+    def split(self, half: int) -> LlamaForward:
+        other = LlamaForward(self.model, self.cache, self.first + half)
+        other.lengths, self.lengths = self.lengths[half:], self.lengths[:half]
+        return other
+
+    def merge(self, other: LlamaForward) -> None:
+        if not other.lengths:
+            return
+        if not self.lengths:  # ours may have been released (`clear`): the rows are in other's
+            self.cache = other.cache
+        start = self.first + len(self.lengths)
+        for i, length in enumerate(other.lengths):
+            if other.first + i != start + i:
+                self.cache.move(other.first + i, start + i, length)
+        self.lengths += other.lengths
+        other.lengths = []
+
+    def clear(self) -> None:
+        self.lengths = []
+        if self.first == 0:  # the whole batch is empty (a split-off half keeps the old cache): free it
+            self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.cache.dtype, self.device)
+
+    # --- the model ----------------------------------------------------------------------------
+
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: slice, length: int | None) -> torch.Tensor:
+        """Hidden states [B, T, hidden] after the last layer. A prefill (`length` None) attends
+        causally within its own tokens; a decode step (T = 1) attends to each row's cache."""
+        B, T = ids.shape
+        x = self.embed(ids)  # [B, T, hidden]
+        cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
+        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
+        if length is not None:
+            visible = torch.arange(length, device=self.device) <= positions  # [B, length]
+            bias = torch.zeros(B, 1, 1, length, dtype=x.dtype, device=self.device)
+            bias.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [B, 1, 1, length]
+        rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = _rms_norm(x, layer.input_layernorm)
+            q = attn.q_proj(h).view(B, T, self.heads, self.head_dim)
+            k = attn.k_proj(h).view(B, T, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(B, T, self.kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before rotary
+                q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            keys, values = self.cache.keys[i], self.cache.values[i]
+            keys[rows, :, positions] = k  # [B, T, kv_heads, head_dim] into each row's positions
+            values[rows, :, positions] = v
+            if length is None:
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
+                    scale=attn.scaling,
+                ).transpose(1, 2)  # [B, T, heads, head_dim]
+            else:
+                o = self._attend(q, keys[slots, :, :length], values[slots, :, :length], bias, attn.scaling)
+            x = x + attn.o_proj(o.reshape(B, T, -1))
+            x = x + layer.mlp(_rms_norm(x, layer.post_attention_layernorm))
+        return x
+
+    def _attend(self, q, keys, values, bias, scale) -> torch.Tensor:
+        """One new token per row against its cache: q [B, 1, heads, d], keys/values [B, kv, L, d]."""
+        B = q.shape[0]
+        q = q.view(B, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # head h reads kv head h // G
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale + bias  # [B, kv, G, L]
+        return torch.matmul(scores.softmax(-1), values).view(B, 1, self.heads, self.head_dim)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, V] float32
+        return self.lm_head(_rms_norm(hidden, self.norm)).float()
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
