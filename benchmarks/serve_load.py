@@ -61,10 +61,13 @@ def make_store(folder: Path, count: int) -> None:
         save_adapter(random_adapter(model, base, k=1, seed=100 + i), folder / f"task{i:02d}.safetensors")
 
 
-def start_server(engine: str, store: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    engine: str, store: Path, threads: int, max_batch: int, extra_env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(
         os.environ,
+        **(extra_env or {}),
         NEUROADA_ADAPTER_DIR=str(store),
         NEUROADA_PORT=str(port),
         NEUROADA_MAX_BATCH_SIZE=str(max_batch),

@@ -1,5 +1,5 @@
 """Kernels for sparse NeuroAda deltas: in-place apply/restore, the sparse gather
-product, and the mixed-adapter product.
+product, and the mixed-adapter product; and the dense linear of a decode step.
 
 Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
 `kernels.reference`, which is the test oracle and the CPU path where the C++ CPU kernels
@@ -8,6 +8,7 @@ Depends on torch (and triton where installed) only. Every kernel has a pure-torc
 
 from kernels._triton import triton_available
 from kernels.cpu import cpu_kernels
+from kernels.decode_linear import DecodeLinear, linear, use_decode_linears
 from kernels.mixed_delta import add_delta_, add_mixed_delta_, mixed_delta
 from kernels.scatter import (
     apply_delta_,
@@ -28,6 +29,9 @@ __all__ = [
     "apply_delta_",
     "apply_delta_flat_",
     "cpu_kernels",
+    "DecodeLinear",
+    "linear",
+    "use_decode_linears",
     "csr_layout",
     "flat_offsets",
     "mixed_delta",

@@ -20,16 +20,18 @@ DECODE_MAX_ROWS = 32
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; x [..., K], weight [N, K] -> [..., N]."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
     if (
         0 < rows <= DECODE_MAX_ROWS
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
         and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and cpu_kernels() is not None
     ):
-        out = cpu_kernels().decode_linear(x.reshape(rows, -1).contiguous(), weight.contiguous(), bias)
+        out = cpu_kernels().decode_linear(x.reshape(rows, K).contiguous(), weight.contiguous(), bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

@@ -19,11 +19,13 @@ import threading
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kernels import use_decode_linears
 from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.inplace import PackedWeights
 from server.batch_adapters import SparseDeltaAdapters
 from server.catalog import AdapterCatalog
+from server.forward.llama import llama_unsupported
 from server.generation import GenerationRequest
 from server.metrics import ServerMetrics
 from server.mixed import MixedAdapters
@@ -60,6 +62,9 @@ class Engine:
         self.base = BaseModelSpec.from_model(self.model, self.model_name)
         self.packed = PackedWeights(self.model, device=device)
         self.model.to(device)
+        use_decode_linears(self.model)
+        unsupported = llama_unsupported(self.model) if settings.runner == "auto" else "--runner hf"
+        log.info("forward: %s", "ours (Llama-shaped)" if unsupported is None else f"Hugging Face's ({unsupported})")
         self.base_checksum = self.packed.checksum()
         # Limits a request is checked against before it is tokenized or queued.
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
@@ -87,6 +92,7 @@ class Engine:
             self.scheduler,
             self.metrics,
             settings.shutdown_drain_s,
+            settings.runner,
         )
         self.catalog.load_store()
 

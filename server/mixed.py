@@ -21,10 +21,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import add_delta_, add_mixed_delta_, cpu_kernels, mixed_delta
+from kernels import add_delta_, add_mixed_delta_, cpu_kernels, linear, mixed_delta
 from server.registry import ResidentAdapter
 
 MAX_INDEX_SETS = 16  # index sets kept on the device; past it, unused ones are dropped (oldest first)
@@ -109,7 +108,7 @@ class MixedAdapters:
         weight, bias = module.weight, module.bias
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            out = F.linear(x, weight, bias)
+            out = linear(x, weight, bias)
             for index_set, slots in self._bound:
                 unit = index_set.units.get(name)
                 if unit is None:

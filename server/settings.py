@@ -61,6 +61,11 @@ class ServerSettings(BaseSettings):
     shutdown_drain_s: float = Field(
         10.0, ge=0, description="on SIGTERM, running requests get this long to finish, then are cancelled"
     )
+    runner: Literal["auto", "hf"] = Field(
+        "auto",
+        description="auto: our decoder for Llama-shaped models (llama, mistral, qwen2, qwen3), Hugging Face's "
+        "forward for other families; hf: Hugging Face's forward for every model",
+    )
     mixed_batches: bool = Field(
         True, description="one running batch serves every adapter (mixed path); false: one adapter per batch"
     )

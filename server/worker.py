@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from server.batch_adapters import BatchAdapters
+from server.forward import Runner
 from server.generation import Event, Failed, Finished, GenerationRequest, RunningBatch
 from server.metrics import ServerMetrics
 from server.registry import AdapterRegistry
@@ -41,8 +42,10 @@ class Worker:
         scheduler: BatchScheduler,
         metrics: ServerMetrics,
         drain_s: float,
+        runner: Runner = "auto",
     ):
         self.model = model
+        self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.pad_id = pad_id
@@ -98,7 +101,7 @@ class Worker:
         self.metrics.queue_depth.set(self.scheduler.depth())
 
     def _run(self) -> None:
-        batch = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id)
+        batch = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, self.runner)
         while not (self._stop.is_set() and not batch):  # on stop, running requests finish first
             if self._stop.is_set() and time.monotonic() > self._drain_until:
                 for request in batch.requests:  # past the drain time: cancelled, they leave next step

@@ -2,10 +2,11 @@
 //
 // At that size a linear is one pass over the weight's bytes. MKL's sgemm, which F.linear calls,
 // reads the weight at a fraction of the memory bandwidth for such a skinny product and keeps it
-// on one thread; here every weight row is read once for all M tokens, with M (and two weight rows
-// on narrow machines) held in registers, and the rows split across threads.
-// Weights may be float32 or bfloat16 (widened exactly as they load: half the bytes to read);
-// tokens and the output are float32, sums are float32.
+// on one thread; here every weight row is read once for all M tokens, their sums held in
+// registers (8 tokens a pass; more tokens pass again over a block of rows still in cache), and
+// the rows split across threads.
+// Everything is float32. (bf16 weights widened as they load read half the bytes, but on an AVX2
+// CPU the widening costs what the bytes save: benchmarks/RESULTS.md.)
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -25,8 +26,6 @@ constexpr int64_t VL = 8;  // a 256-bit register (16 of them)
 constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 1; }
 #endif
 typedef float vec __attribute__((vector_size(VL * 4)));
-typedef uint16_t bf16_vec __attribute__((vector_size(VL * 2)));
-typedef uint32_t bits_vec __attribute__((vector_size(VL * 4)));
 constexpr int64_t TOKENS_PER_PASS = 8;  // token rows whose sums one pass keeps in registers
 constexpr int64_t BLOCK_BYTES = 16 * 1024;  // weight bytes a group of passes shares from cache
 constexpr int64_t MIN_WORK = 1 << 16;  // weights per thread below which waking another is not worth it
@@ -37,18 +36,6 @@ inline vec load(const float* p) {
   return v;
 }
 
-inline vec load(const at::BFloat16* p) {  // bf16 is the top half of a float: widening is a shift
-  bf16_vec h;
-  std::memcpy(&h, p, sizeof h);
-  const bits_vec bits = __builtin_convertvector(h, bits_vec) << 16;
-  vec v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
-inline float widen(float w) { return w; }
-inline float widen(at::BFloat16 w) { return static_cast<float>(w); }
-
 inline float hsum(vec v) {
   float s = 0.f;
   for (int64_t i = 0; i < VL; ++i) s += v[i];
@@ -56,8 +43,8 @@ inline float hsum(vec v) {
 }
 
 // out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for rows n in [begin, end), R weight rows at a time.
-template <int M, int R, typename w_t>
-void rows_pass(const float* x, const w_t* w, const float* bias, float* out, int64_t begin, int64_t end, int64_t N,
+template <int M, int R>
+void rows_pass(const float* x, const float* w, const float* bias, float* out, int64_t begin, int64_t end, int64_t N,
                int64_t K) {
   int64_t n = begin;
   for (; n + R <= end; n += R) {
@@ -74,10 +61,10 @@ void rows_pass(const float* x, const w_t* w, const float* bias, float* out, int6
       }
     }
     for (int r = 0; r < R; ++r) {
-      const w_t* row = w + (n + r) * K;
+      const float* row = w + (n + r) * K;
       for (int m = 0; m < M; ++m) {
         float s = hsum(acc[r][m]);
-        for (int64_t kk = k; kk < K; ++kk) s += widen(row[kk]) * x[m * K + kk];
+        for (int64_t kk = k; kk < K; ++kk) s += row[kk] * x[m * K + kk];
         out[m * N + n + r] = bias != nullptr ? s + bias[n + r] : s;
       }
     }
@@ -85,8 +72,7 @@ void rows_pass(const float* x, const w_t* w, const float* bias, float* out, int6
   if (n < end) rows_pass<M, 1>(x, w, bias, out, n, end, N, K);
 }
 
-template <typename w_t>
-void rows_pass_any(int64_t M, const float* x, const w_t* w, const float* bias, float* out, int64_t begin, int64_t end,
+void rows_pass_any(int64_t M, const float* x, const float* w, const float* bias, float* out, int64_t begin, int64_t end,
                    int64_t N, int64_t K) {
   switch (M) {
     case 1: return rows_pass<1, rows_per_pass(1)>(x, w, bias, out, begin, end, N, K);
@@ -102,10 +88,9 @@ void rows_pass_any(int64_t M, const float* x, const w_t* w, const float* bias, f
 
 // More than 8 token rows: a block of weight rows is read from memory once, then stays in L1/L2
 // while each group of 8 tokens passes over it.
-template <typename w_t>
-void decode_linear_impl(int64_t M, const float* x, const w_t* w, const float* bias, float* out, int64_t N, int64_t K) {
+void decode_linear_impl(int64_t M, const float* x, const float* w, const float* bias, float* out, int64_t N, int64_t K) {
   const int64_t grain = std::max<int64_t>(4, MIN_WORK / std::max<int64_t>(K, 1));
-  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (K * int64_t(sizeof(w_t))));
+  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (K * int64_t(sizeof(float))));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += block) {
       for (int64_t m = 0; m < M; m += TOKENS_PER_PASS) {
@@ -117,11 +102,12 @@ void decode_linear_impl(int64_t M, const float* x, const w_t* w, const float* bi
 
 }  // namespace
 
-// x [M, K] float32, weight [N, K] float32 or bfloat16, bias [N] float32 or None -> [M, N] float32.
+// x [M, K], weight [N, K], bias [N] or None -> [M, N], all float32.
 torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: x [M, K], weight [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "decode_linear: x must be contiguous float32");
-  TORCH_CHECK(weight.is_contiguous(), "decode_linear: weight must be contiguous");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
+              "decode_linear: weight must be contiguous float32");
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -130,12 +116,6 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
     b = bias->data_ptr<float>();
   }
   auto out = torch::empty({M, N}, x.options());
-  if (M == 0) return out;
-  if (weight.scalar_type() == torch::kFloat32) {
-    decode_linear_impl(M, x.data_ptr<float>(), weight.data_ptr<float>(), b, out.data_ptr<float>(), N, K);
-  } else {
-    TORCH_CHECK(weight.scalar_type() == torch::kBFloat16, "decode_linear: weight must be float32 or bfloat16");
-    decode_linear_impl(M, x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), b, out.data_ptr<float>(), N, K);
-  }
+  if (M > 0) decode_linear_impl(M, x.data_ptr<float>(), weight.data_ptr<float>(), b, out.data_ptr<float>(), N, K);
   return out;
 }

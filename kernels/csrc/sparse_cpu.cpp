@@ -541,6 +541,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("restore_weights_", &restore_weights_, "buffer[offsets] = saved, bit for bit");
   m.def("merge_rows_", &merge_rows_, "weight[i, indices[i, j]] += values[i, j], saving the old weights");
   m.def("unmerge_rows_", &unmerge_rows_, "puts merge_rows_'s saved weights back, bit for bit");
-  m.def("decode_linear", &decode_linear, "x @ weight.T + bias for a few rows of x (a decode step)");
+  // Without the GIL: the server's event loop streams tokens while a decode step reads weights.
+  m.def("decode_linear", &decode_linear, "x @ weight.T + bias for a few rows of x (a decode step)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("mixed_delta_add_", &mixed_delta_add_, "adds each token's own adapter delta (one shared index set) to out");
 }

