@@ -86,6 +86,38 @@ class SlotCache:
                 b[dst, :, :length] = b[src, :, :length]
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's modules, looked up once (nn.Module attribute lookups cost per call)."""
+
+    input_norm: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    q_norm: nn.Module | None  # qwen3: RMSNorm per head before rotary
+    k_norm: nn.Module | None
+    scale: float
+    post_norm: nn.Module
+    mlp: nn.Module
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _Layer:
+        attn = layer.self_attn
+        return cls(
+            layer.input_layernorm,
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None),
+            attn.scaling,
+            layer.post_attention_layernorm,
+            layer.mlp,
+        )
+
+
 @dataclass
 class _Newcomers:
     lengths: list[int]  # prompt lengths, their slots following the batch's rows
@@ -95,7 +127,7 @@ class LlamaForward:
     def __init__(self, model: nn.Module, cache: SlotCache | None = None, first: int = 0):
         self.model = model
         config = model.config
-        self.embed, self.layers = model.model.embed_tokens, list(model.model.layers)
+        self.embed, self.layers = model.model.embed_tokens, [_Layer.of(layer) for layer in model.model.layers]
         self.norm, self.rotary, self.lm_head = model.model.norm, model.model.rotary_emb, model.lm_head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -176,13 +208,12 @@ class LlamaForward:
             bias.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [B, 1, 1, length]
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm)
-            q = attn.q_proj(h).view(B, T, self.heads, self.head_dim)
-            k = attn.k_proj(h).view(B, T, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(B, T, self.kv_heads, self.head_dim)
-            if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before rotary
-                q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
+            h = _rms_norm(x, layer.input_norm)
+            q = layer.q(h).view(B, T, self.heads, self.head_dim)
+            k = layer.k(h).view(B, T, self.kv_heads, self.head_dim)
+            v = layer.v(h).view(B, T, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None:
+                q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             keys, values = self.cache.keys[i], self.cache.values[i]
             keys[rows, :, positions] = k  # [B, T, kv_heads, head_dim] into each row's positions
@@ -194,12 +225,12 @@ class LlamaForward:
                     v.transpose(1, 2),
                     is_causal=True,
                     enable_gqa=True,
-                    scale=attn.scaling,
+                    scale=layer.scale,
                 ).transpose(1, 2)  # [B, T, heads, head_dim]
             else:
-                o = self._attend(q, keys[slots, :, :length], values[slots, :, :length], bias, attn.scaling)
-            x = x + attn.o_proj(o.reshape(B, T, -1))
-            x = x + layer.mlp(_rms_norm(x, layer.post_attention_layernorm))
+                o = self._attend(q, keys[slots, :, :length], values[slots, :, :length], bias, layer.scale)
+            x = x + layer.o(o.reshape(B, T, -1))
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm))
         return x
 
     def _attend(self, q, keys, values, bias, scale) -> torch.Tensor:

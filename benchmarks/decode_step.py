@@ -1,0 +1,129 @@
+"""The engine's decode step: our decoder against Hugging Face's forward, and the memory floor.
+
+    python benchmarks/decode_step.py [--batch 1 4 16] [--steps 40] [--rounds 3] [--threads 2]
+
+On the embedded SmolLM2-135M (fp32), a `RunningBatch` of B requests decodes `--steps` tokens
+(ignore_eos) and each step is timed; three engines take turns, round after round:
+- hf+F.linear: Hugging Face's forward with torch's own linear (the engine before our decoder);
+- hf: Hugging Face's forward, linears on `kernels.decode_linear`;
+- ours: `server.forward.llama` with `kernels.decode_linear`.
+The floor is what a step must read, the weights once, over the copy bandwidth measured here
+(read + write bytes of a 256 MiB copy per second), as issue 15 defines it. Prints the median
+step time per engine and batch, and writes JSON beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import machine, print_table, set_threads, write_json  # noqa: E402
+
+from kernels import DecodeLinear, use_decode_linears  # noqa: E402
+from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
+from server.generation import GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
+
+ENGINES = ("hf+F.linear", "hf", "ours")
+
+
+def use_torch_linears(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is DecodeLinear:
+            module.__class__ = nn.Linear
+
+
+def step_times(model, tokenizer, runner: str, batch_size: int, steps: int) -> list[float]:
+    batch = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.pad_token_id, runner)
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    prompts = [tokenizer(f"Write a short story about robot number {i}.").input_ids for i in range(batch_size)]
+    batch.join([GenerationRequest(p, None, params, lambda event: None) for p in prompts])
+    times = []
+    while batch:
+        started = time.perf_counter()
+        batch.step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes read plus written per second by a large copy (bytes/s)."""
+    src = torch.ones(megabytes << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - started)
+    return 2 * src.numel() / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("decode_step.json"))
+    args = parser.parse_args()
+    set_threads(args.threads)
+
+    model, tokenizer = load_base_model(), load_tokenizer()
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+    samples = {(e, b): [] for e in ENGINES for b in args.batch}
+    bandwidths = []
+    for round_ in range(args.rounds):
+        bandwidths.append(copy_bandwidth())
+        for b in args.batch:
+            for engine in ENGINES:
+                if engine == "hf+F.linear":
+                    use_torch_linears(model)
+                else:
+                    use_decode_linears(model)
+                runner = "auto" if engine == "ours" else "hf"
+                samples[engine, b] += step_times(model, tokenizer, runner, b, args.steps)
+                print(f"  round {round_}, batch {b}, {engine}: {statistics.median(samples[engine, b]) * 1e3:.1f} ms")
+
+    bandwidth = statistics.median(bandwidths)
+    floor = weight_bytes / bandwidth
+    rows = [
+        {
+            "engine": e,
+            "batch": b,
+            "step_ms": statistics.median(samples[e, b]) * 1e3,
+            "tokens_per_s": b / statistics.median(samples[e, b]),
+            "vs_floor": statistics.median(samples[e, b]) / floor,
+            "steps": len(samples[e, b]),
+        }
+        for (e, b) in samples
+    ]
+    print(
+        f"\nmachine: {machine()}; SmolLM2-135M fp32, {weight_bytes / 1e6:.0f} MB of linear weights per step; "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor * 1e3:.1f} ms\n"
+    )
+    print_table(
+        ["engine", "batch", "step ms", "tok/s", "x floor"],
+        [
+            [r["engine"], r["batch"], f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['vs_floor']:.2f}"]
+            for r in rows
+        ],
+    )
+    write_json(
+        args.out,
+        {
+            "config": vars(args) | {"out": str(args.out)},
+            "weight_bytes": weight_bytes,
+            "copy_bytes_per_s": bandwidth,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
