@@ -1,5 +1,5 @@
 """Kernels for sparse NeuroAda deltas: in-place apply/restore, the sparse gather
-product, and the mixed-adapter product; and the dense linear of a decode step.
+product, and the mixed-adapter product; and a decode step's dense linear and RMSNorm.
 
 Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
 `kernels.reference`, which is the test oracle and the CPU path where the C++ CPU kernels
@@ -10,6 +10,7 @@ from kernels._triton import triton_available
 from kernels.cpu import cpu_kernels
 from kernels.decode_linear import DecodeLinear, linear, use_decode_linears
 from kernels.mixed_delta import add_delta_, add_mixed_delta_, mixed_delta
+from kernels.rms_norm import rms_norm
 from kernels.scatter import (
     apply_delta_,
     apply_delta_flat_,
@@ -37,6 +38,7 @@ __all__ = [
     "mixed_delta",
     "reapply_delta_flat_",
     "restore_",
+    "rms_norm",
     "restore_flat_",
     "sparse_delta",
     "sparse_linear",

@@ -24,15 +24,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // K if K else 0
     if (
         0 < rows <= DECODE_MAX_ROWS
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
+        and x.is_cpu
+        and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and cpu_kernels() is not None
     ):
-        out = cpu_kernels().decode_linear(x.reshape(rows, K).contiguous(), weight.contiguous(), bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        kernels = cpu_kernels()
+        if kernels is not None:
+            out = kernels.decode_linear(x.reshape(rows, K).contiguous(), weight.contiguous(), bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

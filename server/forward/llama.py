@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import rms_norm
+
 LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")
 CAPACITY_STEP = 64  # cache positions are reserved in multiples of this
 
@@ -245,7 +247,7 @@ class LlamaForward:
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    return rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
