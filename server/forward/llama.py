@@ -5,8 +5,9 @@ around it (mask building, cache objects, attention dispatch, several small ops p
 as much again on a CPU. This forward keeps only the model's arithmetic:
 
 - a slot KV cache (`SlotCache`): row b of a batch lives in slot `first + b`, keys and values
-  written at its own position, so rows join (their prefill writes fresh slots) and leave (the
-  rows after them move down) without rebuilding the cache, and no row is padded;
+  written at its own position, so rows join (their prefill writes fresh slots, and zeroes what
+  a previous occupant left past the prompt) and leave (the rows after them move down) without
+  rebuilding the cache, and no row is padded;
 - a prefill per joining group, right-padded (causal attention keeps padding out of real tokens);
 - a decode step whose attention reads each row's keys up to the longest row, masked per row.
 
@@ -81,11 +82,25 @@ class SlotCache:
         keys, values = [grown(k) for k in self.keys], [grown(v) for v in self.values]
         self.keys, self.values = keys, values
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot `src`'s first `length` positions into slot `dst`."""
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst`, whole: its tail too (see `clear_tails`)."""
         for buffers in (self.keys, self.values):
             for b in buffers:
-                b[dst, :, :length] = b[src, :, :length]
+                b[dst] = b[src]
+
+    def clear_tails(self, first: int, lengths: list[int]) -> None:
+        """Zero slots [first, first + len(lengths)) from each one's length on.
+
+        Attention reads a row's slot up to the longest row of the batch and masks the positions past
+        the row's own length; a masked position still multiplies its value by a probability of
+        zero, and a value left there by the slot's previous occupant may be NaN (a request that
+        failed for it). So a slot gets a new occupant with a clean tail: nothing of one request
+        reaches another."""
+        past = torch.arange(self.capacity, device=self.device) >= torch.tensor(lengths, device=self.device)[:, None]
+        past = past[:, None, :, None]  # [n, 1, capacity, 1]
+        for buffers in (self.keys, self.values):
+            for b in buffers:
+                b[first : first + len(lengths)].masked_fill_(past, 0)
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,7 @@ class LlamaForward:
             ids[i, : len(prompt)] = torch.tensor(prompt)
         positions = torch.arange(T, device=self.device).expand(n, T)  # [n, T]
         hidden = self._layers(ids.to(self.device), positions, slots=slice(start, start + n), length=None)
+        self.cache.clear_tails(start, [len(p) for p in prompts])
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         hidden = hidden[torch.arange(n, device=self.device), last]  # [n, hidden]
         return self._logits(hidden), _Newcomers([len(p) for p in prompts])
@@ -170,7 +186,7 @@ class LlamaForward:
     def keep(self, rows: list[int]) -> None:
         for new, old in enumerate(rows):
             if new != old:
-                self.cache.move(self.first + old, self.first + new, self.lengths[old])
+                self.cache.move(self.first + old, self.first + new)
         self.lengths = [self.lengths[i] for i in rows]
 
     def split(self, half: int) -> LlamaForward:
@@ -184,9 +200,9 @@ class LlamaForward:
         if not self.lengths:  # ours may have been released (`clear`): the rows are in other's
             self.cache = other.cache
         start = self.first + len(self.lengths)
-        for i, length in enumerate(other.lengths):
+        for i in range(len(other.lengths)):
             if other.first + i != start + i:
-                self.cache.move(other.first + i, start + i, length)
+                self.cache.move(other.first + i, start + i)
         self.lengths += other.lengths
         other.lengths = []
 

@@ -78,5 +78,41 @@ def test_the_slot_cache_grows_keeping_what_it_holds():
     cache.reserve(3, 100)
     assert cache.slots >= 3 and cache.capacity >= 100 and cache.capacity % 64 == 0
     assert torch.equal(cache.keys[1][1, 0, 2], torch.arange(4.0))
-    cache.move(1, 0, length=3)
+    cache.move(1, 0)
     assert torch.equal(cache.keys[1][0, 0, 2], torch.arange(4.0))
+    cache.clear_tails(0, [2, 5])  # slot 0 from position 2 on, slot 1 from 5 on
+    assert not cache.keys[1][0, :, 2:].any() and torch.equal(cache.keys[1][1, 0, 2], torch.arange(4.0))
+
+
+@torch.inference_mode()
+def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupant():
+    model = tiny_llama(seed=2)
+    prompt_a, prompt_b, prompt_c = _prompts(3, [20, 12, 2])
+    forward = LlamaForward(model)
+    logits, rows = forward.prefill([prompt_a, prompt_b])
+    forward.join(rows)
+    tokens = logits.argmax(-1).tolist()
+
+    def nan_values_for_row_1(module, inputs, out):  # request b's values turn NaN: b fails
+        out[1] = float("nan")
+
+    hook = model.model.layers[0].self_attn.v_proj.register_forward_hook(nan_values_for_row_1)
+    logits = forward.decode(tokens)
+    hook.remove()
+    assert logits[0].isfinite().all() and not logits[1].isfinite().any()
+    forward.keep([0])  # b leaves; its slot holds NaN values at position 12, past what c will write
+    logits_c, row_c = forward.prefill([prompt_c])  # c takes b's slot: 2 positions of its own
+    forward.join(row_c)
+    tokens = [int(logits[0].argmax()), int(logits_c[0].argmax())]
+    for _ in range(3):  # a's longer cache makes every step read c's slot up to a's length
+        logits = forward.decode(tokens)
+        tokens = logits.argmax(-1).tolist()
+
+    alone = LlamaForward(model)
+    logits_alone, row = alone.prefill([prompt_c])
+    alone.join(row)
+    tokens_alone = [int(logits_alone[0].argmax())]
+    for _ in range(3):
+        last_alone = alone.decode(tokens_alone)
+        tokens_alone = last_alone.argmax(-1).tolist()
+    torch.testing.assert_close(logits[1], last_alone[0], rtol=1e-4, atol=1e-4)
