@@ -1,4 +1,5 @@
-"""Joining, selecting and trimming the KV cache of a running batch, and undoing a failed step.
+"""Hugging Face's dynamic KV cache for a running batch (`server.forward.hf`): joining, selecting
+and trimming it, and undoing a failed step.
 
 Rows are left-padded: every row's last token sits in the last column, and the attention mask
 marks each row's padding. Keys are stored after rotary embedding with explicit position ids, so
