@@ -3,7 +3,8 @@ product, and the mixed-adapter product; and a decode step's dense linear and RMS
 
 Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
 `kernels.reference`, which is the test oracle and the CPU path where the C++ CPU kernels
-(`kernels.cpu`, built on first use) are not available.
+(`kernels.cpu`, built on first use) are not available; the decode step's linear and RMSNorm
+have torch's own `F.linear` and `F.rms_norm` for that.
 """
 
 from kernels._triton import triton_available
@@ -26,21 +27,21 @@ from kernels.sparse_product import sparse_delta
 __all__ = [
     "add_delta_",
     "add_mixed_delta_",
-    "CsrLayout",
     "apply_delta_",
     "apply_delta_flat_",
     "cpu_kernels",
-    "DecodeLinear",
-    "linear",
-    "use_decode_linears",
     "csr_layout",
+    "CsrLayout",
+    "DecodeLinear",
     "flat_offsets",
+    "linear",
     "mixed_delta",
     "reapply_delta_flat_",
     "restore_",
-    "rms_norm",
     "restore_flat_",
+    "rms_norm",
     "sparse_delta",
     "sparse_linear",
     "triton_available",
+    "use_decode_linears",
 ]
