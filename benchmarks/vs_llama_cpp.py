@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--peer-log", type=Path, default=Path("llama-server.log"), help="llama-server's output")
+    parser.add_argument(
+        "--peer-log", type=Path, default=Path(tempfile.gettempdir()) / "llama-server.log", help="llama-server's output"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("vs_llama_cpp.json"))
     args = parser.parse_args()
 
