@@ -108,18 +108,25 @@ def pick(names: list[str], traffic: str, rng: random.Random) -> str | None:
     return rng.choices(names, weights)[0]
 
 
-async def one_request(client: httpx.AsyncClient, adapter: str | None, new_tokens: int) -> tuple[float, float]:
+async def timed_stream(
+    client: httpx.AsyncClient, path: str, body: dict, text_key: str, params: dict | None = None
+) -> tuple[float, float]:
+    """A streamed request's (time to first text, end-to-end time); `text_key` names the text field
+    of its server-sent events."""
     started = time.perf_counter()
     first = None
-    body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "stream": True, "ignore_eos": True}
-    params = {"adapter": adapter} if adapter else {}
-    async with client.stream("POST", "/generate", params=params, json=body) as r:
+    async with client.stream("POST", path, params=params or {}, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if first is None and line.startswith("data: ") and json.loads(line[6:]).get("text"):
+            if first is None and line.startswith("data: ") and json.loads(line[6:]).get(text_key):
                 first = time.perf_counter()
     end = time.perf_counter()
     return (first or end) - started, end - started
+
+
+async def one_request(client: httpx.AsyncClient, adapter: str | None, new_tokens: int) -> tuple[float, float]:
+    body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "stream": True, "ignore_eos": True}
+    return await timed_stream(client, "/generate", body, "text", {"adapter": adapter} if adapter else None)
 
 
 async def scenario(

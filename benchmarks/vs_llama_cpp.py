@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,23 +23,14 @@ from pathlib import Path
 import httpx
 from common import machine, print_table, write_json
 from peers import llama_cpp
-from serve_load import PROMPT, free_port, one_request, start_server, summary
+from serve_load import PROMPT, free_port, one_request, start_server, summary, timed_stream
 
 ENGINES = ("neuroada", "neuroada-hf", "llama.cpp")
 
 
 async def llama_cpp_request(client: httpx.AsyncClient, adapter: str | None, new_tokens: int) -> tuple[float, float]:
-    started = time.perf_counter()
-    first = None
     body = {"prompt": PROMPT, "n_predict": new_tokens, "stream": True, "ignore_eos": True}
-    body |= {"temperature": 0, "cache_prompt": False}
-    async with client.stream("POST", "/completion", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if first is None and line.startswith("data: ") and json.loads(line[6:]).get("content"):
-                first = time.perf_counter()
-    end = time.perf_counter()
-    return (first or end) - started, end - started
+    return await timed_stream(client, "/completion", body | {"temperature": 0, "cache_prompt": False}, "content")
 
 
 async def run_scenario(url: str, engine: str, concurrency: int, requests: int, new_tokens: int) -> dict:
