@@ -94,14 +94,14 @@ def mixed_rows(model, tokenizer, base, packed, args) -> list[dict]:
     them alike; medians over the rounds."""
     from neuroada.format import adapter_to_bytes
     from server.mixed import MixedAdapters
-    from server.registry import AdapterRegistry
+    from server.resident import AdapterLoader
 
-    registry = AdapterRegistry(packed, base, fidelity_threshold=0.0)
+    loader = AdapterLoader(packed, base, fidelity_threshold=0.0)
     mixed = MixedAdapters(model, next(model.parameters()).device)
     sync = next(model.parameters()).device.type == "cuda"
     residents = {
         k: [
-            registry.prepare(f"k{k}-{i}", adapter_to_bytes(random_adapter(model, base, k, seed=i)))
+            loader.prepare(f"k{k}-{i}", adapter_to_bytes(random_adapter(model, base, k, seed=i)))
             for i in range(max(args.adapters))
         ]
         for k in args.mixed_k

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -264,6 +265,43 @@ def read_adapter(source: str | os.PathLike | bytes) -> SparseAdapter:
     return adapter
 
 
+@dataclass(frozen=True)
+class AdapterHeader:
+    """What an adapter file's header tells without reading its tensors."""
+
+    metadata: AdapterMetadata
+    nbytes: int  # indices and values, as `SparseAdapter.nbytes` once read
+    values_bytes: int  # the values alone
+    num_params: int
+
+
+def read_adapter_header(path: str | os.PathLike, base: BaseModelSpec) -> AdapterHeader:
+    """Metadata and tensor sizes from a file's header alone, checked against `base`'s fingerprint
+    (cheap: a server lists a large store this way and reads bodies only when it needs them).
+    Raises AdapterError; `load_adapter` still checks everything when the body is read."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        head += f.read(min(header_len, _MAX_HEADER_BYTES))
+    size = path.stat().st_size
+    metadata = AdapterMetadata.from_strings(_safetensors_metadata(head, size))
+    check_fingerprint(metadata, base)
+    tensors = {k: v for k, v in json.loads(head[8 : 8 + header_len]).items() if k != "__metadata__"}
+    nbytes = values_bytes = num_params = 0
+    for key, info in tensors.items():
+        try:
+            start, end = info["data_offsets"]
+            shape = info["shape"]
+        except (TypeError, KeyError, ValueError):
+            raise NotSafetensorsError(f"not a safetensors file: tensor {key!r} has no shape or data_offsets") from None
+        nbytes += end - start
+        if key.endswith(".values"):
+            values_bytes += end - start
+            num_params += math.prod(shape)
+    return AdapterHeader(metadata, nbytes, values_bytes, num_params)
+
+
 def load_adapter(source: str | os.PathLike | bytes, base: BaseModelSpec) -> SparseAdapter:
     adapter = read_adapter(source)
     validate_adapter(adapter, base)
@@ -314,21 +352,30 @@ def check_structure(adapter: SparseAdapter) -> None:
 def validate_adapter(adapter: SparseAdapter, base: BaseModelSpec) -> None:
     """Checks against the base model: fingerprint first (an adapter for another base should say
     so, not report its first differing shape), then module names, layer kinds, shapes, index range."""
-    if adapter.metadata.base_fingerprint != base.fingerprint:
-        raise FingerprintMismatchError(
-            f"adapter was made for base model {adapter.metadata.base_model!r} "
-            f"(fingerprint {adapter.metadata.base_fingerprint}), this base is {base.name!r} ({base.fingerprint})"
-        )
+    check_fingerprint(adapter.metadata, base)
     for name, d in adapter.layers.items():
-        if name not in base.linear_shapes:
-            if name in base.module_names:
-                raise NotLinearError(f"layer {name}: the base model's module is not a linear layer")
-            raise UnknownModuleError(f"layer {name}: the base model has no module of that name")
+        check_target(name, base)
         d_out, d_in = base.linear_shapes[name]
         if d.indices.shape[0] != d_out:
             raise DOutMismatchError(f"layer {name}: adapter has d_out={d.indices.shape[0]}, base has d_out={d_out}")
         if d.indices.numel() and int(d.indices.max()) >= d_in:
             raise IndexOutOfRangeError(f"layer {name}: index {int(d.indices.max())} is outside [0, {d_in})")
+
+
+def check_target(name: str, base: BaseModelSpec) -> None:
+    """The base model has a linear layer `name`."""
+    if name not in base.linear_shapes:
+        if name in base.module_names:
+            raise NotLinearError(f"layer {name}: the base model's module is not a linear layer")
+        raise UnknownModuleError(f"layer {name}: the base model has no module of that name")
+
+
+def check_fingerprint(metadata: AdapterMetadata, base: BaseModelSpec) -> None:
+    if metadata.base_fingerprint != base.fingerprint:
+        raise FingerprintMismatchError(
+            f"adapter was made for base model {metadata.base_model!r} "
+            f"(fingerprint {metadata.base_fingerprint}), this base is {base.name!r} ({base.fingerprint})"
+        )
 
 
 def _safetensors_metadata(head: bytes, size: int) -> dict[str, str]:

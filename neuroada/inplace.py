@@ -95,14 +95,18 @@ class PackedWeights:
     def device(self) -> torch.device:
         return self.buffer.device
 
+    def check_target(self, name: str) -> None:
+        """A linear layer of the base (`neuroada.format.check_target`) whose weight is in the buffer."""
+        if name not in self.layout:
+            raise TiedWeightError(
+                f"layer {name}: its weight is tied to another parameter (e.g. lm_head to the input "
+                "embedding), so a delta cannot be merged into it alone; train without this target"
+            )
+
     def offsets(self, adapter: SparseAdapter) -> torch.Tensor:  # [n] int64 on self.device
         parts = []
         for name, d in adapter.layers.items():
-            if name not in self.layout:
-                raise TiedWeightError(
-                    f"layer {name}: its weight is tied to another parameter (e.g. lm_head to the input "
-                    "embedding), so a delta cannot be merged into it alone; train without this target"
-                )
+            self.check_target(name)
             start, _, d_in = self.layout[name]
             parts.append(flat_offsets(d.indices.to(self.device), d_in, start))
         return torch.cat(parts)

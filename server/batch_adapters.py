@@ -31,7 +31,7 @@ from server.mixed import MixedAdapters
 
 if TYPE_CHECKING:
     from server.generation import GenerationRequest
-    from server.registry import ResidentAdapter
+    from server.resident import ResidentAdapter
 
 
 class BatchAdapters(Protocol):

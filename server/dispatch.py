@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +15,7 @@ from server.engine import Engine
 from server.errors import ApiError, error_body
 from server.generation import Event, Failed, Finished, GenerationRequest, SamplingParams, TextDelta
 from server.scheduler import QueueFull, ShuttingDown
+from server.worker import UnknownAdapter
 
 MAX_STOP_STRINGS = 8
 
@@ -116,10 +118,8 @@ def submit(
 ) -> Submitted:
     """Check a request against the server's limits and queue it (raises ApiError)."""
     settings = engine.settings
-    if adapter is not None and engine.catalog.get(adapter) is None:
-        # Label "unknown", not the name: clients must not be able to grow the metric's label set.
-        engine.metrics.requests.labels(adapter="unknown", status="404").inc()
-        raise ApiError(404, f"adapter {adapter!r} not found", "adapter_not_found")
+    if adapter is not None and not engine.catalog.servable(adapter):
+        _unknown_adapter(engine, adapter)
     if len(prompt_ids) > settings.max_prompt_tokens:
         raise ApiError(
             413, f"prompt has {len(prompt_ids)} tokens; the limit (max_prompt_tokens) is {settings.max_prompt_tokens}"
@@ -152,9 +152,20 @@ def submit(
     )
     try:
         engine.submit(request)
+    except UnknownAdapter:  # deleted since the check above
+        _unknown_adapter(engine, adapter)
     except ShuttingDown as e:
         raise ApiError(503, str(e), "shutting_down") from None
     except QueueFull as e:
         engine.metrics.requests.labels(adapter=adapter or "base", status="429").inc()
         raise ApiError(429, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
     return Submitted(request, events)
+
+
+def _unknown_adapter(engine: Engine, adapter: str) -> NoReturn:
+    # Label "unknown", not the name: clients must not be able to grow the metric's label set.
+    engine.metrics.requests.labels(adapter="unknown", status="404").inc()
+    error = engine.catalog.error(adapter)
+    if error is not None:
+        raise ApiError(404, f"adapter {adapter!r} is in the store but invalid: {error}", "adapter_invalid")
+    raise ApiError(404, f"adapter {adapter!r} not found", "adapter_not_found")

@@ -2,8 +2,8 @@
 
 - `SparseDeltaAdapters` (`server.batch_adapters`): the weights, the applied adapter, the mixed
   path's slots, and the lock that guards them;
-- `AdapterCatalog` (`server.catalog`): the store, the resident adapters, uploads and deletes;
-  the routes' way to adapter management;
+- `AdapterCatalog` (`server.catalog`): the store, the adapters' tiers (disk, host, resident)
+  and the thread that loads them, uploads and deletes; the routes' way to adapter management;
 - `Worker` (`server.worker`): the thread that owns the model and runs the continuous batch.
 
 The engine loads the model and the tokenizer, packs the linear weights (on the host, then into
@@ -14,6 +14,7 @@ request is checked against before it is tokenized or queued.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import torch
@@ -24,12 +25,12 @@ from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_n
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.inplace import PackedWeights
 from server.batch_adapters import SparseDeltaAdapters
-from server.catalog import AdapterCatalog
+from server.catalog import AdapterCatalog, TierBudgets
 from server.forward.llama import llama_unsupported
 from server.generation import GenerationRequest
 from server.metrics import ServerMetrics
 from server.mixed import MixedAdapters
-from server.registry import AdapterRegistry
+from server.resident import AdapterLoader
 from server.scheduler import BatchScheduler
 from server.settings import ServerSettings
 from server.store import AdapterStore
@@ -72,13 +73,25 @@ class Engine:
         self.deep_check_lock = threading.Lock()  # one /health?deep=1 at a time
 
         self.adapters = SparseDeltaAdapters(self.packed, MixedAdapters(self.model, device), self.metrics)
-        registry = AdapterRegistry(self.packed, self.base, settings.fidelity_threshold, self.adapters.base_values)
+        loader = AdapterLoader(self.packed, self.base, settings.fidelity_threshold, self.adapters.base_values)
         self.catalog = AdapterCatalog(
-            AdapterStore(settings.adapter_dir), registry, self.adapters, self.metrics, settings.max_concurrent_uploads
+            AdapterStore(settings.adapter_dir),
+            loader,
+            self.adapters,
+            self.metrics,
+            tier_budgets(settings, device),
+            settings.max_concurrent_uploads,
+            settings.pinned,
         )
+        log.info("adapter budgets: %s", self.catalog.budgets)
         self.scheduler = BatchScheduler(
-            settings.max_batch_size, settings.max_queued_requests, settings.max_wait_ms / 1000, settings.mixed_batches
+            settings.max_batch_size,
+            settings.max_queued_requests,
+            settings.max_wait_ms / 1000,
+            settings.mixed_batches,
+            gate=self.catalog.gate,
         )
+        self.catalog.on_ready = self.scheduler.wake
         eos_ids = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.worker = Worker(
@@ -88,17 +101,18 @@ class Engine:
             pad if pad is not None else min(eos_ids),
             self.adapters,
             self.adapters.lock,
-            registry,
+            self.catalog,
             self.scheduler,
             self.metrics,
             settings.shutdown_drain_s,
             settings.runner,
         )
-        self.catalog.load_store()
+        self.catalog.scan()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.catalog.start()
         self.worker.start()
 
     def drain(self) -> None:
@@ -106,15 +120,12 @@ class Engine:
 
     def stop(self) -> None:
         self.worker.stop()
+        self.catalog.stop()
 
     # --- what the routes and tests ask -------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
         self.worker.submit(request)
-
-    @property
-    def registry(self) -> AdapterRegistry:
-        return self.catalog.registry
 
     @property
     def applied(self) -> str | None:
@@ -126,6 +137,20 @@ class Engine:
 
     def restore_base(self) -> None:
         self.adapters.restore_base()
+
+
+def tier_budgets(settings: ServerSettings, device: torch.device) -> TierBudgets:
+    """The adapter tiers' budgets: as set, or a share of the memory each tier lives in."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        resident_default = torch.cuda.get_device_properties(device).total_memory // 10
+    else:  # the host tier lives in RAM too
+        resident_default = ram // 20
+    return TierBudgets(
+        max_resident_adapters=settings.max_resident_adapters,
+        max_resident_bytes=settings.max_resident_adapter_bytes or resident_default,
+        max_host_bytes=settings.max_host_adapter_bytes or ram // 10,
+    )
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -22,7 +22,7 @@ from server.batch_adapters import BatchAdapters, NoAdapters
 from server.forward import BatchForward, Runner, batch_forward
 
 if TYPE_CHECKING:
-    from server.registry import ResidentAdapter
+    from server.resident import ResidentAdapter
 
 log = logging.getLogger(__name__)
 NO_ADAPTERS = NoAdapters()

@@ -34,8 +34,41 @@ class ServerMetrics:
         self.switch_seconds = Histogram(
             "neuroada_adapter_switch_seconds", "Adapter switch latency", buckets=_SWITCH_BUCKETS, registry=r
         )
-        self.adapters_resident = Gauge("neuroada_adapters_resident", "Adapters resident on the device", registry=r)
-        self.adapter_bytes = Gauge("neuroada_adapter_bytes", "Device bytes held by resident adapters", registry=r)
+        self.adapters = Gauge(
+            "neuroada_adapters",
+            "Adapters per tier: resident (device), host (validated, in RAM), disk",
+            ["tier"],
+            registry=r,
+        )
+        self.adapter_bytes = Gauge(
+            "neuroada_adapter_bytes", "Bytes held by the adapters of each tier", ["tier"], registry=r
+        )
+        self.adapter_loads = Counter(
+            "neuroada_adapter_loads",
+            "Adapters brought into a tier: host (file read), resident (placed)",
+            ["tier"],
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "neuroada_adapter_evictions", "Adapters evicted from a tier for room", ["tier"], registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "neuroada_adapter_load_seconds",
+            "Time to make an adapter resident (reading, validating and placing it)",
+            buckets=_SWITCH_BUCKETS[4:] + (1, 2.5, 10),
+            registry=r,
+        )
+        self.adapter_lookups = Counter(
+            "neuroada_adapter_lookups", "Adapter requests by whether the adapter was resident", ["result"], registry=r
+        )
+        # vLLM's vllm:lora_requests_info, read by LoRA-aware routers (the Gateway API inference
+        # extension, llm-d): the value is a timestamp, the labels carry the state.
+        self.lora_requests_info = Gauge(
+            "neuroada_lora_requests_info",
+            "Running and waiting adapters (comma-separated) and the most that can be resident",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        )
         self.device_memory = Gauge("neuroada_device_memory_bytes", "Device memory allocated (CUDA only)", registry=r)
         self.uploads = Counter("neuroada_adapter_uploads", "Adapter uploads by result", ["result"], registry=r)
 

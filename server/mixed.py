@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kernels import add_delta_, add_mixed_delta_, cpu_kernels, linear, mixed_delta
-from server.registry import ResidentAdapter
+from server.resident import ResidentAdapter
 
 MAX_INDEX_SETS = 16  # index sets kept on the device; past it, unused ones are dropped (oldest first)
 PACKED_MODULES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

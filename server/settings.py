@@ -61,6 +61,26 @@ class ServerSettings(BaseSettings):
     shutdown_drain_s: float = Field(
         10.0, ge=0, description="on SIGTERM, running requests get this long to finish, then are cancelled"
     )
+    max_resident_adapters: int = Field(
+        64, ge=1, description="adapters laid out on the device at once; past it, the least recently used leave"
+    )
+    max_resident_adapter_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="device bytes for resident adapters (values, plus offsets once per index set); default: a tenth "
+        "of the GPU's memory, or a twentieth of RAM when serving on the CPU",
+    )
+    max_host_adapter_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="host bytes for validated adapters kept in memory (indices and values; resident ones count "
+        "too); default: a tenth of RAM",
+    )
+    pin: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._,-]*$",
+        description="comma-separated adapter names loaded at start-up and never evicted",
+    )
     runner: Literal["auto", "hf"] = Field(
         "auto",
         description="auto: our decoder for Llama-shaped models (llama, mistral, qwen2, qwen3), Hugging Face's "
@@ -74,6 +94,10 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="one adapter per batch only: an adapter with waiting requests is served within about this long",
     )
+
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        return tuple(sorted({n for n in self.pin.split(",") if n}))
 
     @model_validator(mode="after")
     def _admin_api_not_open_to_the_network(self) -> ServerSettings:

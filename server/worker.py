@@ -20,10 +20,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from server.batch_adapters import BatchAdapters
+from server.catalog import AdapterCatalog
 from server.forward import Runner
 from server.generation import Event, Failed, Finished, GenerationRequest, RunningBatch
 from server.metrics import ServerMetrics
-from server.registry import AdapterRegistry
 from server.scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Worker:
         pad_id: int,
         adapters: BatchAdapters,
         lock: threading.Lock,
-        registry: AdapterRegistry,
+        catalog: AdapterCatalog,
         scheduler: BatchScheduler,
         metrics: ServerMetrics,
         drain_s: float,
@@ -51,7 +51,8 @@ class Worker:
         self.pad_id = pad_id
         self.adapters = adapters
         self.lock = lock  # guards the weights: held for each step
-        self.registry = registry
+        self.catalog = catalog
+        self.running_adapters: frozenset[str] = frozenset()  # of the running batch, for /metrics
         self.scheduler = scheduler
         self.metrics = metrics
         self.drain_s = drain_s
@@ -83,7 +84,11 @@ class Worker:
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request (raises QueueFull); its adapter must be resident (checked by the caller)."""
+        """Queue a request (raises QueueFull, or UnknownAdapter when its adapter cannot be served).
+        Its adapter is kept from eviction, and loaded if need be, until the request ends."""
+        name = request.adapter
+        if name is not None and not self.catalog.acquire(name):
+            raise UnknownAdapter(f"adapter {name!r} not found")
         deliver = request.on_event
         ended = False
 
@@ -93,11 +98,18 @@ class Worker:
                 return
             if isinstance(event, (Finished, Failed)):
                 ended = True
+                if name is not None:
+                    self.catalog.release(name)
                 self._record(request, event)
             deliver(event)
 
         request.on_event = on_event
-        self.scheduler.submit(request)
+        try:
+            self.scheduler.submit(request)
+        except Exception:
+            if name is not None:
+                self.catalog.release(name)
+            raise
         self.metrics.queue_depth.set(self.scheduler.depth())
 
     def _run(self) -> None:
@@ -127,19 +139,23 @@ class Worker:
                 except Exception:  # the thread must live on: it is the only one that serves
                     log.exception("restoring the base weights failed")
             self.metrics.running.set(len(batch))
+            self.running_adapters = frozenset(r.adapter for r in batch.requests if r.adapter is not None)
 
     def _resolve(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
-        """Fix the adapter version each request runs with; one deleted meanwhile fails with 404."""
-        ready = []
+        """Fix the adapter version each request runs with. One whose adapter stopped being
+        resident since it was admitted (replaced meanwhile) goes back to wait for the new version."""
+        ready, unready = [], []
         for r in requests:
             if r.adapter is not None:
-                r.resident = self.registry.get(r.adapter)
+                r.resident = self.catalog.resident(r.adapter)
                 if r.resident is None:
-                    r.on_event(Failed(404, f"adapter {r.adapter!r} was deleted before the request ran"))
+                    unready.append(r)
                     continue
                 r.resident.stats.requests_served += 1
                 r.resident.stats.last_used = time.time()
             ready.append(r)
+        if unready:
+            self.scheduler.requeue(unready)
         return ready
 
     def _step(self, batch: RunningBatch, newcomers: list[GenerationRequest]) -> None:
@@ -191,6 +207,10 @@ class Worker:
             self.metrics.e2e.observe(time.monotonic() - request.enqueued_at)
         else:
             self.metrics.requests.labels(adapter=label, status=str(event.status)).inc()
+
+
+class UnknownAdapter(LookupError):
+    pass
 
 
 def _failure(error: Exception) -> Failed:

@@ -65,7 +65,7 @@ class LoraEngine(Engine):
         super().__init__(settings)
         from peft import LoraConfig, get_peft_model
 
-        names = [r.name for r in self.registry.all()]
+        names = [a["name"] for a in self.catalog.page()[1]]
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), init_lora_weights=False)
         torch.manual_seed(0)
         peft_model = get_peft_model(self.model, config, adapter_name=names[0])

@@ -5,10 +5,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from neuroada.errors import AdapterError
+from server.catalog import AdapterTooLarge
 from server.deps import get_engine, require_admin
 from server.engine import Engine
 from server.errors import ApiError
@@ -18,24 +19,34 @@ router = APIRouter(prefix="/adapters", dependencies=[Depends(require_admin)])
 
 
 @router.get("")
-async def list_adapters(engine: Engine = Depends(get_engine)):
+async def list_adapters(
+    engine: Engine = Depends(get_engine),
+    limit: int = Query(100, ge=1, le=1000, description="adapters per page"),
+    offset: int = Query(0, ge=0, description="adapters to skip, in name order"),
+    prefix: str = Query("", max_length=64, description="only names that start with this"),
+):
+    total, page = engine.catalog.page(prefix, offset, limit)
     return {
         "base_model": engine.model_name,
         "base_fingerprint": engine.base.fingerprint,
         "applied": engine.applied,
-        "adapters": [r.describe() for r in engine.catalog.all()],
-        "invalid": [{"name": n, "error": e} for n, e in sorted(engine.catalog.load_errors.items())],
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "adapters": page,
+        "invalid": engine.catalog.invalid(prefix),
     }
 
 
 @router.get("/{name}")
 async def get_adapter(name: str, engine: Engine = Depends(get_engine)):
-    resident = engine.catalog.get(_valid(name))
-    if resident is None:
-        if name in engine.catalog.load_errors:
-            raise ApiError(404, f"adapter {name!r} is in the store but invalid: {engine.catalog.load_errors[name]}")
+    described = engine.catalog.describe(_valid(name))
+    if described is None:
+        error = engine.catalog.error(name)
+        if error is not None:
+            raise ApiError(404, f"adapter {name!r} is in the store but invalid: {error}", "adapter_invalid")
         raise ApiError(404, f"adapter {name!r} not found", "adapter_not_found")
-    return resident.describe()
+    return described
 
 
 @router.put("/{name}", status_code=201, responses={200: {"description": "replaced an adapter of that name"}})
@@ -46,7 +57,10 @@ async def put_adapter(name: str, request: Request, response: Response, engine: E
         try:
             await _receive_into(request, incoming, engine.settings.max_upload_bytes)
             # Validation and the device copy are CPU/GPU work: keep them off the event loop.
-            resident, replaced = await run_in_threadpool(engine.catalog.upload, name, incoming)
+            described, replaced = await run_in_threadpool(engine.catalog.upload, name, incoming)
+        except AdapterTooLarge as e:
+            engine.metrics.uploads.labels(result="rejected").inc()
+            raise ApiError(413, f"adapter {name!r} rejected: {e}", "adapter_too_large") from None
         except AdapterError as e:
             engine.metrics.uploads.labels(result="rejected").inc()
             raise ApiError(422, f"adapter {name!r} rejected: {e}", type(e).__name__) from None
@@ -54,7 +68,7 @@ async def put_adapter(name: str, request: Request, response: Response, engine: E
             incoming.unlink(missing_ok=True)  # gone already once committed
     engine.metrics.uploads.labels(result="replaced" if replaced else "created").inc()
     response.status_code = 200 if replaced else 201
-    return resident.describe()
+    return described
 
 
 @router.delete("/{name}")

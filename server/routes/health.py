@@ -3,6 +3,8 @@ weights) and /metrics (behind metrics_token when one is set)."""
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,7 +28,7 @@ async def health(request: Request, deep: bool = Query(False, description="also v
         "base_fingerprint": engine.base.fingerprint,
         "device": str(engine.packed.device),
         "dtype": str(engine.packed.dtype).removeprefix("torch."),
-        "adapters": len(engine.catalog.all()),
+        "adapters": engine.catalog.count(),
         "queue_depth": engine.scheduler.depth(),
     }
     if deep:
@@ -50,4 +52,12 @@ async def metrics(request: Request):
     engine = get_engine(request)
     require_bearer(request, engine.settings.metrics_token, "/metrics")
     engine.metrics.queue_depth.set(engine.scheduler.depth())
+    engine.catalog.update_gauges()
+    info = engine.metrics.lora_requests_info
+    info.clear()
+    info.labels(
+        running_lora_adapters=",".join(sorted(engine.worker.running_adapters)),
+        waiting_lora_adapters=",".join(sorted(engine.scheduler.waiting_adapters())),
+        max_lora=str(engine.catalog.budgets.max_resident_adapters),
+    ).set(time.time())
     return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 def _adapter_for(engine: Engine, model: str) -> str | None:
     if model == engine.model_name:
         return None
-    if engine.catalog.get(model) is None:
+    if not engine.catalog.servable(model):
         raise ApiError(
             404,
             f"model {model!r} not found: use the base model {engine.model_name!r} or an adapter name",
@@ -38,15 +38,16 @@ def _adapter_for(engine: Engine, model: str) -> str | None:
 async def list_models(engine: Engine = Depends(get_engine)):
     created = int(time.time())
     data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "neuroada"}]
+    _, adapters = engine.catalog.page()
     data += [
         {
-            "id": r.name,
+            "id": a["name"],
             "object": "model",
-            "created": int(r.loaded_at),
+            "created": int(a["loaded_at"] or created),
             "owned_by": "neuroada",
             "parent": engine.model_name,
         }
-        for r in engine.catalog.all()
+        for a in adapters
     ]
     return {"object": "list", "data": data}
 

@@ -37,8 +37,15 @@ def test_list_and_inspect_adapters(server):
         a = c.get("/adapters/a").json()
         assert a["k"] == 2 and a["layers"] == 6 and a["fingerprint_match"] is True
         assert a["parameters"] == 640 and a["bytes"] == 640 * 4
-        assert a["index_hash"].startswith("sha256:") and a["path"] == "merged"
-        assert a["fidelity"]["survived"] == 1.0
+        assert a["index_hash"].startswith("sha256:")
+        # Listed from its header alone until a request needs it: then it is placed, fidelity measured.
+        assert (a["tier"], a["path"], a["fidelity"]) == ("disk", None, None)
+        generate(c, "hi", "a")
+        a = c.get("/adapters/a").json()
+        assert a["tier"] == "resident" and a["path"] == "merged" and a["fidelity"]["survived"] == 1.0
+        assert listing["total"] == 4
+        assert [x["name"] for x in c.get("/adapters", params={"limit": 2, "offset": 1}).json()["adapters"]] == ["b", "c"]
+        assert [x["name"] for x in c.get("/adapters", params={"prefix": "d"}).json()["adapters"]] == ["d"]
         assert c.get("/adapters/nope").status_code == 404
         models = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert models[1:] == ["a", "b", "c", "d"]
@@ -138,7 +145,7 @@ def test_wrong_base_and_too_large_uploads_are_refused(server, store, tiny_model_
 
 def _assert_upload_refused(server, store, name, data, status, fragment):
     before_disk = store_state(store)
-    before_served = {r.name: r.version for r in server.engine.registry.all()}
+    before_served = {a["name"]: a["version"] for a in server.engine.catalog.page()[1]}
     with server.client() as c:
         r = c.put(f"/adapters/{name}", content=data)
         assert r.status_code == status, r.text
@@ -147,7 +154,7 @@ def _assert_upload_refused(server, store, name, data, status, fragment):
         if fragment:
             assert fragment.lower() in body["error"]["message"].lower(), body
     assert store_state(store) == before_disk
-    assert {r.name: r.version for r in server.engine.registry.all()} == before_served
+    assert {a["name"]: a["version"] for a in server.engine.catalog.page()[1]} == before_served
     assert server.engine.base_weights_intact()
 
 
@@ -179,7 +186,7 @@ def test_long_mixed_sequence_leaves_base_weights_bit_identical(server, store):
     with server.client() as c:
         for i in range(120):
             name = names[i % len(names)]
-            if name is not None and server.engine.registry.get(name) is None:
+            if name is not None and not server.engine.catalog.servable(name):
                 name = None
             if i % 17 == 0:
                 c.put(f"/adapters/u{i % 3}", content=uploads[i % 3])
@@ -192,7 +199,7 @@ def test_long_mixed_sequence_leaves_base_weights_bit_identical(server, store):
                     "POST",
                     "/generate",
                     json={"prompt": "abc", "max_new_tokens": 50, "stream": True},
-                    params={"adapter": "u0"} if server.engine.registry.get("u0") else {},
+                    params={"adapter": "u0"} if server.engine.catalog.servable("u0") else {},
                 ) as r:
                     next(r.iter_lines())
             body = {"prompt": f"p{i}", "max_new_tokens": 3, "temperature": 0.7 if i % 2 else 0.0, "seed": i}
@@ -211,7 +218,9 @@ def test_metrics_count_what_happened(server):
     assert 'neuroada_requests_total{adapter="base",status="200"} 1.0' in text
     assert "neuroada_adapter_switches_total" in text and "neuroada_adapter_switch_seconds_bucket" in text
     assert "neuroada_time_to_first_token_seconds_count 2.0" in text
-    assert "neuroada_adapters_resident 4.0" in text
+    assert 'neuroada_adapters{tier="disk"} 4.0' in text
+    assert 'neuroada_adapters{tier="resident"} 1.0' in text  # only "a" was asked for
+    assert 'neuroada_adapter_lookups_total{result="miss"} 1.0' in text
     assert 'neuroada_generated_tokens_total{adapter="a"} 12.0' in text
 
 
@@ -296,13 +305,14 @@ def test_concurrent_put_delete_put_of_one_name_leaves_one_consistent_version(ser
     with ThreadPoolExecutor(max_workers=6) as pool:
         list(pool.map(hammer, range(6)))
     path = store / "race.safetensors"
-    served = server.engine.registry.get("race")
+    served = server.engine.catalog.describe("race")
     if served is None:
         assert not path.exists()
     else:
         on_disk = path.read_bytes()
         assert on_disk in versions
-        assert served.adapter.metadata == read_adapter(on_disk).metadata
+        metadata = read_adapter(on_disk).metadata
+        assert (served["index_hash"], served["created"]) == (metadata.index_hash, metadata.created)
         with server.client() as c:
             assert generate(c, "hello", "race") == offline_greedy(path, "hello", 12)
     assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temp file left

@@ -13,7 +13,7 @@ from neuroada.format import adapter_to_bytes, save_adapter
 from neuroada.inplace import PackedWeights
 from server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams
 from server.mixed import MixedAdapters
-from server.registry import AdapterRegistry
+from server.resident import AdapterLoader
 from server.scheduler import BatchScheduler
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama, tiny_tokenizer
 from tests.server.conftest import RunningServer, long_request, make_settings
@@ -86,9 +86,9 @@ def test_a_mixed_batch_gives_every_request_its_merged_output(tiny_model_dir, mix
             assert text == expected[job], job
         assert _steps(s, "mixed") > 0
         # x and y share an index set: one set of indices on the device, a slot each for their values.
-        x = s.engine.registry.get("x")
+        x = s.engine.catalog.resident("x")
         shared = s.engine.adapters.mixed._sets[x.adapter.metadata.index_hash]
-        assert {s.engine.registry.get(n).version for n in "xy"} <= set(shared.slot_of)
+        assert {s.engine.catalog.resident(n).version for n in "xy"} <= set(shared.slot_of)
         assert s.engine.base_weights_intact()
 
 
@@ -147,10 +147,10 @@ def test_adapter_slots_grow_and_are_reused_without_mixing_up_adapters():
     model = tiny_llama(seed=0)
     base = BaseModelSpec.from_model(model, TINY_NAME)
     packed = PackedWeights(model)
-    registry = AdapterRegistry(packed, base, fidelity_threshold=0.9)
+    loader = AdapterLoader(packed, base, fidelity_threshold=0.9)
     # One index set (same seed), six value sets (scales): more adapters than the first stack holds.
     residents = [
-        registry.prepare(f"r{i}", adapter_to_bytes(random_adapter(model, k=2, seed=5, scale=0.2 + 0.1 * i)))
+        loader.prepare(f"r{i}", adapter_to_bytes(random_adapter(model, k=2, seed=5, scale=0.2 + 0.1 * i)))
         for i in range(6)
     ]
     mixed = MixedAdapters(model, torch.device("cpu"))

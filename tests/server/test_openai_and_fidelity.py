@@ -71,9 +71,10 @@ def test_small_deltas_on_a_bf16_base_are_served_unmerged_with_bypass_output(tmp_
         )
     expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
-    with RunningServer(make_settings(tiny_model_dir, store, dtype="bfloat16")) as s, s.client() as c:
+    # Pinned: placed at start-up, so its fidelity is known before any request.
+    with RunningServer(make_settings(tiny_model_dir, store, dtype="bfloat16", pin="small")) as s, s.client() as c:
         info = c.get("/adapters/small").json()
-        assert info["path"] == "unmerged"
+        assert info["path"] == "unmerged" and info["tier"] == "resident" and info["pinned"]
         assert info["fidelity"]["survived"] < 0.9 and info["fidelity"]["relative_error"] > 0.1
         assert generate(c, "hello there", "small") == expected
         text = c.get("/metrics").text

@@ -61,7 +61,7 @@ def test_concurrent_requests_over_four_adapters_and_base_each_match_offline(serv
         results = list(pool.map(lambda job: (job, generate(c, job[1], job[0], n=10)), interleaved * 2))
     for job, text in results:
         assert text == expected[job], job
-    served = {r.name: r.stats.requests_served for r in server.engine.registry.all()}
+    served = {a["name"]: a["requests_served"] for a in server.engine.catalog.page()[1]}
     assert served == {"a": 8, "b": 8, "c": 8, "d": 8}
     assert server.engine.base_weights_intact()
 
@@ -157,9 +157,9 @@ def test_adapters_sharing_an_index_set_switch_exactly(tiny_model_dir, tmp_path):
     save_adapter(random_adapter(model, k=3, seed=5, scale=0.3), store / "x.safetensors")
     save_adapter(random_adapter(model, k=3, seed=5, scale=0.6), store / "y.safetensors")  # same indices
     with RunningServer(make_settings(tiny_model_dir, store)) as s, s.client() as c:
-        x, y = s.engine.registry.get("x"), s.engine.registry.get("y")
-        assert x.delta.offsets is y.delta.offsets  # one copy of the shared index set
         for name in ["x", "y", "x", None, "y"]:
             path = store / f"{name}.safetensors" if name else None
             assert generate(c, "hello there", name) == offline_greedy(path, "hello there", 12)
+        x, y = s.engine.catalog.resident("x"), s.engine.catalog.resident("y")
+        assert x.delta.offsets is y.delta.offsets  # one copy of the shared index set
         assert s.engine.base_weights_intact()
