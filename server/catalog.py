@@ -156,21 +156,22 @@ class AdapterCatalog:
             entry = self._entries.get(name)
             return entry is not None and entry.error is None
 
-    def acquire(self, name: str) -> bool:
+    def acquire(self, name: str) -> str | None:
         """A request for `name` was queued: keep the adapter from eviction and load it if it is
-        not resident. Returns False (and holds nothing) if it cannot be served."""
+        not resident. Returns the tier it was in (resident: a hit), or None (holding nothing)
+        if it cannot be served."""
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or entry.error is not None:
-                return False
+                return None
             self._refs[name] += 1
             self._touch(name)
-            hit = entry.resident is not None
-            if not hit and name not in self._pending:
+            tier = entry.tier
+            if tier != "resident" and name not in self._pending:
                 self._pending[name] = None
                 self._loader_wakeup.notify()
-        self.metrics.adapter_lookups.labels(result="hit" if hit else "miss").inc()
-        return True
+        self.metrics.adapter_lookups.labels(result="hit" if tier == "resident" else "miss").inc()
+        return tier
 
     def release(self, name: str) -> None:
         """A request that acquired `name` ended."""
@@ -411,8 +412,9 @@ class AdapterCatalog:
 
     def _insert(self, entry: _Entry, host: SparseAdapter, resident: ResidentAdapter) -> None:
         entry.host, entry.resident = host, resident
-        self._host[entry.name] = entry
-        self._resident[entry.name] = entry
+        for tier in (self._host, self._resident):
+            tier[entry.name] = entry
+            tier.move_to_end(entry.name)
         self._offsets.setdefault(entry.index_hash, resident.delta.offsets)
 
     def _remember_placement(self, entry: _Entry, resident: ResidentAdapter) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.engine import Engine
@@ -29,6 +30,15 @@ class Submitted:
 
     def cancel(self) -> None:
         self.request.cancelled.set()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The adapter's tier when the request was queued: resident (a hit), host or disk (it waited for a load)."""
+        tier = self.request.adapter_tier
+        return {"X-Adapter-Tier": tier} if tier else {}
+
+    def streaming_response(self, render: Callable[[TextDelta | Finished], dict]) -> StreamingResponse:
+        return StreamingResponse(self.sse(render), media_type="text/event-stream", headers=self.headers)
 
     async def stream(self, http: Request | None = None) -> AsyncIterator[Event]:
         """Events until the final one. With `http`, a client that hangs up ends the stream at once

@@ -74,6 +74,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     resident: ResidentAdapter | None = None  # the adapter version it runs with, fixed when it joins a batch
+    adapter_tier: str | None = None  # where its adapter was when it was queued: resident, host or disk
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline

@@ -87,8 +87,10 @@ class Worker:
         """Queue a request (raises QueueFull, or UnknownAdapter when its adapter cannot be served).
         Its adapter is kept from eviction, and loaded if need be, until the request ends."""
         name = request.adapter
-        if name is not None and not self.catalog.acquire(name):
-            raise UnknownAdapter(f"adapter {name!r} not found")
+        if name is not None:
+            request.adapter_tier = self.catalog.acquire(name)
+            if request.adapter_tier is None:
+                raise UnknownAdapter(f"adapter {name!r} not found")
         deliver = request.on_event
         ended = False
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from server.deps import get_engine, require_api_token
 from server.dispatch import submit, tokenize
@@ -19,6 +18,7 @@ router = APIRouter(dependencies=[Depends(require_api_token)])
 async def generate(
     body: GenerateRequest,
     http: Request,
+    response: Response,
     adapter: str | None = Query(None, description="adapter name (or 'adapter' in the body)"),
     engine: Engine = Depends(get_engine),
 ):
@@ -29,6 +29,7 @@ async def generate(
     job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens), body.timeout_s)
     if not body.stream:
         done = await job.result(http)
+        response.headers.update(job.headers)
         return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason, usage=_usage(done))
 
     def render(event: TextDelta | Finished) -> dict:
@@ -36,7 +37,7 @@ async def generate(
             return {"text": event.text}
         return {"text": "", "finish_reason": event.finish_reason, "adapter": name, "usage": _usage(event).model_dump()}
 
-    return StreamingResponse(job.sse(render), media_type="text/event-stream")
+    return job.streaming_response(render)
 
 
 def _usage(done: Finished) -> Usage:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -53,7 +53,9 @@ async def list_models(engine: Engine = Depends(get_engine)):
 
 
 @router.post("/completions", responses=STREAMING_RESPONSE)
-async def completions(body: CompletionRequest, http: Request, engine: Engine = Depends(get_engine)):
+async def completions(
+    body: CompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)
+):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
@@ -69,12 +71,15 @@ async def completions(body: CompletionRequest, http: Request, engine: Engine = D
 
         return _stream(job, chunk)
     done = await job.result(http)
+    response.headers.update(job.headers)
     choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}
     return _envelope(rid, "text_completion", created, body.model, choice, _usage(done))
 
 
 @router.post("/chat/completions", responses=STREAMING_RESPONSE)
-async def chat_completions(body: ChatCompletionRequest, http: Request, engine: Engine = Depends(get_engine)):
+async def chat_completions(
+    body: ChatCompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)
+):
     adapter = _adapter_for(engine, body.model)
     messages = [m.model_dump() for m in body.messages]
     check_prompt_chars(engine, sum(len(m["content"]) for m in messages))
@@ -104,6 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, engine: E
 
         return _stream(job, chunk)
     done = await job.result(http)
+    response.headers.update(job.headers)
     choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": _finish(done)}
     return _envelope(rid, "chat.completion", created, body.model, choice, _usage(done))
 
@@ -120,7 +126,7 @@ def _stream(job: Submitted, chunk) -> StreamingResponse:
     def render(event: TextDelta | Finished) -> dict:
         return chunk(event.text, None) if isinstance(event, TextDelta) else chunk("", _finish(event))
 
-    return StreamingResponse(job.sse(render), media_type="text/event-stream")
+    return job.streaming_response(render)
 
 
 def _finish(done: Finished) -> str:

@@ -16,6 +16,7 @@ from neuroada.format import (
     index_set_hash,
     load_adapter,
     read_adapter,
+    read_adapter_header,
     save_adapter,
 )
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama
@@ -273,3 +274,13 @@ def test_an_adapter_for_another_base_says_so_before_any_shape(spec, tmp_path):
     write_raw(path, {Q: good_layer(d_out=32)}, k=2, spec=other)
     with pytest.raises(errors.FingerprintMismatchError):
         load_adapter(path, spec)
+
+
+def test_header_reading_matches_the_full_read(tmp_path):
+    model = tiny_llama(seed=0)
+    adapter = random_adapter(model, k=3, seed=4)
+    path = save_adapter(adapter, tmp_path / "x.safetensors")
+    header = read_adapter_header(path, BaseModelSpec.from_model(model, TINY_NAME))
+    assert header.metadata == adapter.metadata
+    assert (header.nbytes, header.num_params) == (adapter.nbytes, adapter.num_params)
+    assert header.values_bytes == sum(d.values.nbytes for d in adapter.layers.values())

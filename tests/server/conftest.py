@@ -13,9 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
-from neuroada.format import save_adapter
+from neuroada.format import read_adapter, save_adapter
+from neuroada.inplace import apply_adapter_
 from server.app import create_app
 from server.settings import ServerSettings
 from tests.helpers import random_adapter, tiny_llama, tiny_tokenizer
@@ -142,3 +144,32 @@ def make_settings(model_dir: Path, store: Path, **overrides) -> ServerSettings:
 def server(tiny_model_dir, store):
     with RunningServer(make_settings(tiny_model_dir, store)) as running:
         yield running
+
+
+PROMPTS = ["hello there", "what does the cow say?", "1 + 2 =", "a"]
+
+
+def offline_greedy(adapter_path, prompt: str, max_new_tokens: int) -> str:
+    """A fresh copy of the model, the adapter merged with the per-layer kernels, HF generate()."""
+    model = tiny_llama(seed=0)
+    if adapter_path is not None:
+        apply_adapter_(model, read_adapter(adapter_path))
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def generate(client, prompt: str, adapter: str | None, n: int = 12) -> str:
+    params = {"adapter": adapter} if adapter else {}
+    r = client.post("/generate", params=params, json={"prompt": prompt, "max_new_tokens": n})
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"] == adapter
+    return r.json()["text"]

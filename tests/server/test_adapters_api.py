@@ -11,8 +11,7 @@ import torch
 from neuroada.format import adapter_to_bytes, read_adapter
 from tests.helpers import random_adapter, tiny_llama
 from tests.neuroada.test_format import CASES, _case, write_raw
-from tests.server.conftest import LONG_TOKENS, RunningServer, long_request, make_settings
-from tests.server.test_serving import generate, offline_greedy
+from tests.server.conftest import LONG_TOKENS, RunningServer, generate, long_request, make_settings, offline_greedy
 
 
 def store_state(folder):
@@ -44,7 +43,10 @@ def test_list_and_inspect_adapters(server):
         a = c.get("/adapters/a").json()
         assert a["tier"] == "resident" and a["path"] == "merged" and a["fidelity"]["survived"] == 1.0
         assert listing["total"] == 4
-        assert [x["name"] for x in c.get("/adapters", params={"limit": 2, "offset": 1}).json()["adapters"]] == ["b", "c"]
+        assert [x["name"] for x in c.get("/adapters", params={"limit": 2, "offset": 1}).json()["adapters"]] == [
+            "b",
+            "c",
+        ]
         assert [x["name"] for x in c.get("/adapters", params={"prefix": "d"}).json()["adapters"]] == ["d"]
         assert c.get("/adapters/nope").status_code == 404
         models = [m["id"] for m in c.get("/v1/models").json()["data"]]

@@ -16,8 +16,7 @@ from server.mixed import MixedAdapters
 from server.resident import AdapterLoader
 from server.scheduler import BatchScheduler
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama, tiny_tokenizer
-from tests.server.conftest import RunningServer, long_request, make_settings
-from tests.server.test_serving import PROMPTS, generate, offline_greedy
+from tests.server.conftest import PROMPTS, RunningServer, generate, long_request, make_settings, offline_greedy
 
 
 def _request(prompt: str, n: int, events: dict, adapter: str | None = None) -> GenerationRequest:

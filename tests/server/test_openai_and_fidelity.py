@@ -12,8 +12,7 @@ from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import LayerDelta, build_adapter, save_adapter
 from neuroada.model import attach, bypasses
 from tests.helpers import TINY_NAME, tiny_llama, tiny_tokenizer
-from tests.server.conftest import RunningServer, make_settings
-from tests.server.test_serving import generate, offline_greedy
+from tests.server.conftest import RunningServer, generate, make_settings, offline_greedy
 
 
 def test_openai_client_completion_and_streamed_chat(server, store):

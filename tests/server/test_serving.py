@@ -5,40 +5,8 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-from neuroada.format import read_adapter
-from neuroada.inplace import apply_adapter_
-from tests.helpers import tiny_llama, tiny_tokenizer
-from tests.server.conftest import LONG_TOKENS, long_request
-
-PROMPTS = ["hello there", "what does the cow say?", "1 + 2 =", "a"]
-
-
-def offline_greedy(adapter_path, prompt: str, max_new_tokens: int) -> str:
-    """A fresh copy of the model, the adapter merged with the per-layer kernels, HF generate()."""
-    model = tiny_llama(seed=0)
-    if adapter_path is not None:
-        apply_adapter_(model, read_adapter(adapter_path))
-    tokenizer = tiny_tokenizer()
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def generate(client, prompt: str, adapter: str | None, n: int = 12) -> str:
-    params = {"adapter": adapter} if adapter else {}
-    r = client.post("/generate", params=params, json={"prompt": prompt, "max_new_tokens": n})
-    assert r.status_code == 200, r.text
-    assert r.json()["adapter"] == adapter
-    return r.json()["text"]
+from tests.helpers import tiny_llama
+from tests.server.conftest import LONG_TOKENS, PROMPTS, generate, long_request, offline_greedy
 
 
 def test_greedy_output_equals_offline_merged_generation(server, store):

@@ -1,0 +1,291 @@
+"""Thousands of adapters: serving with tiered residency, against 8 resident adapters.
+
+    python benchmarks/many_adapters.py [--scenarios ref8 zipf1000 cliff uniform10000]
+                                       [--concurrency 16] [--requests 128] [--max-resident 64]
+
+A store of up to 10,000 k=1 magnitude adapters for the embedded SmolLM2-135M (one shared index
+set, random values; written once under `--store-dir` and reused), served by `neuroada serve`
+with at most `--max-resident` adapters resident (other budgets at their defaults). Each scenario
+starts a server on a store of N of them (hard links), warms it with one unrecorded pass, then
+runs closed-loop streamed clients like `serve_load.py`:
+- ref8: 8 adapters, uniform (all resident): the reference;
+- zipf1000: 1,000 adapters, Zipf (s = 1.0);
+- cliff: 2x`--max-resident` hot adapters, uniform: twice as many as the resident slots;
+- uniform10000: 10,000 adapters, uniform: nearly every request a miss.
+Reports req/s, output tok/s, TTFT p50/p99 split by hit and miss (the `X-Adapter-Tier` header
+each response carries), loads/s and evictions/s (from /metrics), start-up time beyond the model
+load (a server on an empty store is the reference) and the server's peak RSS.
+Bounded in count and time; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, print_table, write_json  # noqa: E402
+from serve_load import PROMPT, start_server  # noqa: E402
+
+SCENARIOS = {  # name -> (adapters in the store, traffic, hot adapters: None = all)
+    "ref8": (8, "uniform", None),
+    "zipf1000": (1000, "zipf", None),
+    "cliff": (1000, "uniform", "2x"),
+    "uniform10000": (10_000, "uniform", None),
+}
+
+
+def make_store(folder: Path, count: int) -> list[str]:
+    """`count` adapters sharing one magnitude index set; files already there are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"task{i:05d}" for i in range(count)]
+    missing = [n for n in names if not (folder / f"{n}.safetensors").exists()]
+    if missing:
+        import torch
+        from switch import TARGETS
+
+        from neuroada.base_model import load_base_model
+        from neuroada.fingerprint import BaseModelSpec
+        from neuroada.format import LayerDelta, build_adapter, save_adapter
+        from neuroada.selection import select_topk
+
+        model = load_base_model()
+        base = BaseModelSpec.from_model(model, "SmolLM2-135M-Instruct")
+        indices = {
+            name: select_topk(model.get_submodule(name).weight, 1)
+            for name in base.linear_shapes
+            if name.rsplit(".", 1)[-1] in TARGETS
+        }
+        started = time.perf_counter()
+        for n in missing:
+            g = torch.Generator().manual_seed(int(n[4:]))
+            layers = {
+                name: LayerDelta(idx, torch.randn(idx.shape, generator=g) * 1e-2) for name, idx in indices.items()
+            }
+            save_adapter(build_adapter(layers, base=base, selection="magnitude"), folder / f"{n}.safetensors")
+        print(f"wrote {len(missing)} adapters in {time.perf_counter() - started:.0f} s", flush=True)
+    return names
+
+
+def linked_store(source: Path, names: list[str], into: Path) -> Path:
+    """A store of `names` as hard links (the store serves regular files, never symlinks)."""
+    into.mkdir()
+    for n in names:
+        os.link(source / f"{n}.safetensors", into / f"{n}.safetensors")
+    return into
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    wanted = {
+        "loads": r'^neuroada_adapter_loads_total\{tier="resident"\} (\S+)$',
+        "host_loads": r'^neuroada_adapter_loads_total\{tier="host"\} (\S+)$',
+        "evictions": r'^neuroada_adapter_evictions_total\{tier="resident"\} (\S+)$',
+        "resident": r'^neuroada_adapters\{tier="resident"\} (\S+)$',
+        "host_bytes": r'^neuroada_adapter_bytes\{tier="host"\} (\S+)$',
+    }
+    return {k: float(m.group(1)) if (m := re.search(p, text, re.M)) else 0.0 for k, p in wanted.items()}
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+async def one_request(client: httpx.AsyncClient, adapter: str, new_tokens: int) -> tuple[float, float, str]:
+    body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "stream": True, "ignore_eos": True}
+    started = time.perf_counter()
+    first = None
+    async with client.stream("POST", "/generate", params={"adapter": adapter}, json=body) as r:
+        r.raise_for_status()
+        tier = r.headers["x-adapter-tier"]
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: ") and json.loads(line[6:]).get("text"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - started, end - started, tier
+
+
+async def run_pass(url: str, plan: list[str], concurrency: int, new_tokens: int) -> dict:
+    results = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        queue = list(plan)
+
+        async def worker():
+            while queue:
+                results.append(await one_request(client, queue.pop(), new_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return {"results": results, "seconds": time.perf_counter() - started}
+
+
+def traffic_plan(names: list[str], traffic: str, requests: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    if traffic == "uniform":
+        return [rng.choice(names) for _ in range(requests)]
+    order = names[:]
+    rng.shuffle(order)  # which adapters are hot is arbitrary
+    weights = [1 / (i + 1) for i in range(len(order))]  # Zipf, s = 1.0
+    return rng.choices(order, weights, k=requests)
+
+
+def start(store: Path, args) -> tuple[object, str, float]:
+    env = {"NEUROADA_MAX_RESIDENT_ADAPTERS": str(args.max_resident)}
+    started = time.perf_counter()
+    proc, url = start_server("neuroada", store, args.threads, args.max_batch, env)
+    return proc, url, time.perf_counter() - started
+
+
+def scenario(name: str, source: Path, all_names: list[str], tmp: Path, args, empty_start: float) -> dict:
+    count, traffic, hot = SCENARIOS[name]
+    names = all_names[:count]
+    store = linked_store(source, names, tmp / name)
+    proc, url, startup = start(store, args)
+    try:
+        served = names[: 2 * args.max_resident] if hot == "2x" else names
+        warm = asyncio.run(
+            run_pass(url, traffic_plan(served, traffic, args.requests, 1), args.concurrency, args.new_tokens)
+        )
+        before = metrics(url)
+        plan = traffic_plan(served, traffic, args.requests, 2)
+        measured = asyncio.run(run_pass(url, plan, args.concurrency, args.new_tokens))
+        after = metrics(url)
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    results, seconds = measured["results"], measured["seconds"]
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else None  # noqa: E731
+    hits = [r[0] for r in results if r[2] == "resident"]
+    misses = [r[0] for r in results if r[2] != "resident"]
+    ttft = [r[0] for r in results]
+    del warm
+    return {
+        "scenario": name,
+        "adapters": count,
+        "hot": len(served),
+        "traffic": traffic,
+        "concurrency": args.concurrency,
+        "requests": len(results),
+        "seconds": seconds,
+        "req_per_s": len(results) / seconds,
+        "tokens_per_s": len(results) * args.new_tokens / seconds,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p99": pct(ttft, 0.99),
+        "hit_share": len(hits) / len(results),
+        "ttft_hit_p50": statistics.median(hits) if hits else None,
+        "ttft_hit_p99": pct(hits, 0.99),
+        "ttft_miss_p50": statistics.median(misses) if misses else None,
+        "ttft_miss_p99": pct(misses, 0.99),
+        "loads_per_s": (after["loads"] - before["loads"]) / seconds,
+        "file_reads_per_s": (after["host_loads"] - before["host_loads"]) / seconds,
+        "evictions_per_s": (after["evictions"] - before["evictions"]) / seconds,
+        "resident_at_end": after["resident"],
+        "host_bytes_at_end": after["host_bytes"],
+        "startup_s": startup,
+        "startup_beyond_model_s": startup - empty_start,
+        "peak_rss_mb": rss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--store-dir", type=Path, default=Path(tempfile.gettempdir()) / "neuroada-many-adapters")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--max-resident", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("many_adapters.json"))
+    args = parser.parse_args()
+
+    all_names = make_store(args.store_dir, max(SCENARIOS[s][0] for s in args.scenarios))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty"
+        empty.mkdir()
+        proc, _, empty_start = start(empty, args)  # start-up with no adapters: the model load alone
+        empty_rss = peak_rss_mb(proc.pid)
+        proc.terminate()
+        proc.wait(timeout=60)
+        for name in args.scenarios:
+            row = scenario(name, args.store_dir, all_names, Path(tmp), args, empty_start)
+            rows.append(row)
+            print(
+                f"  {name}: {row['tokens_per_s']:.1f} tok/s, TTFT p99 {row['ttft_p99']:.2f} s, "
+                f"hits {row['hit_share']:.0%}, start-up +{row['startup_beyond_model_s']:.1f} s",
+                flush=True,
+            )
+
+    ref = next((r for r in rows if r["scenario"] == "ref8"), None)
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    print(
+        f"\nmachine: {machine()}; SmolLM2-135M fp32, max batch {args.max_batch}, {args.concurrency} clients, "
+        f"{args.requests} requests of {args.new_tokens} tokens per scenario, at most {args.max_resident} resident; "
+        f"start-up of an empty store {empty_start:.1f} s, its peak RSS {empty_rss:.0f} MB\n"
+    )
+    print_table(
+        [
+            "scenario",
+            "adapters",
+            "hot",
+            "req/s",
+            "out tok/s",
+            "vs ref8",
+            "TTFT p50/p99 s",
+            "hit share",
+            "hit TTFT p50/p99",
+            "miss TTFT p50/p99",
+            "loads/s",
+            "evict/s",
+            "start-up +s",
+            "peak RSS MB",
+        ],
+        [
+            [
+                r["scenario"],
+                r["adapters"],
+                r["hot"],
+                f"{r['req_per_s']:.2f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-",
+                f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f}",
+                f"{r['hit_share']:.0%}",
+                f"{fmt(r['ttft_hit_p50'])}/{fmt(r['ttft_hit_p99'])}",
+                f"{fmt(r['ttft_miss_p50'])}/{fmt(r['ttft_miss_p99'])}",
+                f"{r['loads_per_s']:.1f}",
+                f"{r['evictions_per_s']:.1f}",
+                f"{r['startup_beyond_model_s']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
+    write_json(
+        args.out,
+        {
+            "machine": machine(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "empty_store_startup_s": empty_start,
+            "empty_store_peak_rss_mb": empty_rss,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
