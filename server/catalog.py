@@ -129,6 +129,7 @@ class AdapterCatalog:
             if not self._load(name):
                 raise ValueError(f"the pinned adapters do not fit the resident and host budgets ({self.budgets})")
         invalid = sum(e.error is not None for e in self._entries.values())
+        self.metrics.adapter_scan_seconds.set(time.perf_counter() - started)
         log.info(
             "adapter store %s: %d adapters listed (%d invalid) in %.2f s, %d pinned",
             self.store.folder,

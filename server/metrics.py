@@ -58,6 +58,9 @@ class ServerMetrics:
             buckets=_SWITCH_BUCKETS[4:] + (1, 2.5, 10),
             registry=r,
         )
+        self.adapter_scan_seconds = Gauge(
+            "neuroada_adapter_scan_seconds", "Time to list the adapter store at start-up (headers only)", registry=r
+        )
         self.adapter_lookups = Counter(
             "neuroada_adapter_lookups", "Adapter requests by whether the adapter was resident", ["result"], registry=r
         )

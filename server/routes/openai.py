@@ -53,9 +53,7 @@ async def list_models(engine: Engine = Depends(get_engine)):
 
 
 @router.post("/completions", responses=STREAMING_RESPONSE)
-async def completions(
-    body: CompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)
-):
+async def completions(body: CompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")

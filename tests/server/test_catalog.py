@@ -50,6 +50,7 @@ def test_a_store_of_hundreds_starts_from_headers_without_reading_bodies(tiny_mod
         listing = c.get("/adapters", params={"limit": 1000}).json()
         assert listing["total"] == 300 and not listing["invalid"]
         assert {a["tier"] for a in listing["adapters"]} == {"disk"}
+        assert _metric(c.get("/metrics").text, "neuroada_adapter_scan_seconds") > 0
         # The first request reads the body, finds the damage, and the adapter is listed invalid.
         r = c.post("/generate", params={"adapter": "t007"}, json={"prompt": "hi", "max_new_tokens": 2})
         assert r.status_code == 404 and "invalid" in r.json()["error"]["message"], r.text
