@@ -98,6 +98,8 @@ def metrics(url: str) -> dict[str, float]:
         "resident": r'^neuroada_adapters\{tier="resident"\} (\S+)$',
         "host_bytes": r'^neuroada_adapter_bytes\{tier="host"\} (\S+)$',
         "scan_s": r"^neuroada_adapter_scan_seconds (\S+)$",
+        "load_s_sum": r"^neuroada_adapter_load_seconds_sum (\S+)$",
+        "load_s_count": r"^neuroada_adapter_load_seconds_count (\S+)$",
     }
     return {k: float(m.group(1)) if (m := re.search(p, text, re.M)) else 0.0 for k, p in wanted.items()}
 
@@ -195,6 +197,9 @@ def scenario(name: str, source: Path, all_names: list[str], tmp: Path, args, emp
         "loads_per_s": (after["loads"] - before["loads"]) / seconds,
         "file_reads_per_s": (after["host_loads"] - before["host_loads"]) / seconds,
         "evictions_per_s": (after["evictions"] - before["evictions"]) / seconds,
+        "load_ms_mean": 1e3
+        * (after["load_s_sum"] - before["load_s_sum"])
+        / max(1.0, after["load_s_count"] - before["load_s_count"]),
         "resident_at_end": after["resident"],
         "host_bytes_at_end": after["host_bytes"],
         "startup_s": startup,
@@ -255,6 +260,7 @@ def main() -> None:
             "hit TTFT p50/p99",
             "miss TTFT p50/p99",
             "loads/s",
+            "load ms",
             "evict/s",
             "start-up s",
             "store scan s",
@@ -273,6 +279,7 @@ def main() -> None:
                 f"{fmt(r['ttft_hit_p50'])}/{fmt(r['ttft_hit_p99'])}",
                 f"{fmt(r['ttft_miss_p50'])}/{fmt(r['ttft_miss_p99'])}",
                 f"{r['loads_per_s']:.1f}",
+                f"{r['load_ms_mean']:.0f}",
                 f"{r['evictions_per_s']:.1f}",
                 f"{r['startup_s']:.1f}",
                 f"{r['store_scan_s']:.2f}",

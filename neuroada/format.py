@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import struct
 import tempfile
@@ -50,6 +49,8 @@ VALUES_DTYPE = torch.bfloat16
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_METADATA_CHARS = 1 << 20  # per metadata field (targets lists every layer's name)
 MAX_METADATA_NESTING = 8  # lists and objects inside a JSON metadata field
+_METADATA_FIRST = '{"__metadata__":'
+_DECODER = json.JSONDecoder()
 
 
 class AdapterMetadata(BaseModel):
@@ -276,30 +277,24 @@ class AdapterHeader:
 
 
 def read_adapter_header(path: str | os.PathLike, base: BaseModelSpec) -> AdapterHeader:
-    """Metadata and tensor sizes from a file's header alone, checked against `base`'s fingerprint
-    (cheap: a server lists a large store this way and reads bodies only when it needs them).
-    Raises AdapterError; `load_adapter` still checks everything when the body is read."""
+    """Metadata and sizes from a file's header alone, checked against `base` (fingerprint, target
+    layers). Cheap: a server lists a large store this way and reads a body only when it needs it,
+    and `load_adapter` then checks everything. Sizes follow from the metadata and the base (values
+    are [d_out, k] bf16) and from the file's length (the tensors fill what follows the header).
+    Raises AdapterError."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(8)
         header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         head += f.read(min(header_len, _MAX_HEADER_BYTES))
-    size = path.stat().st_size
-    metadata = AdapterMetadata.from_strings(_safetensors_metadata(head, size))
+        size = os.fstat(f.fileno()).st_size
+    metadata = AdapterMetadata.from_strings(_safetensors_metadata(head, size, metadata_only=True))
     check_fingerprint(metadata, base)
-    tensors = {k: v for k, v in json.loads(head[8 : 8 + header_len]).items() if k != "__metadata__"}
-    nbytes = values_bytes = num_params = 0
-    for key, info in tensors.items():
-        try:
-            start, end = info["data_offsets"]
-            shape = info["shape"]
-        except (TypeError, KeyError, ValueError):
-            raise NotSafetensorsError(f"not a safetensors file: tensor {key!r} has no shape or data_offsets") from None
-        nbytes += end - start
-        if key.endswith(".values"):
-            values_bytes += end - start
-            num_params += math.prod(shape)
-    return AdapterHeader(metadata, nbytes, values_bytes, num_params)
+    for target in metadata.targets:
+        check_target(target, base)
+    num_params = metadata.k * sum(base.linear_shapes[t][0] for t in metadata.targets)
+    values_bytes = num_params * VALUES_DTYPE.itemsize
+    return AdapterHeader(metadata, size - 8 - header_len, values_bytes, num_params)
 
 
 def load_adapter(source: str | os.PathLike | bytes, base: BaseModelSpec) -> SparseAdapter:
@@ -378,15 +373,21 @@ def check_fingerprint(metadata: AdapterMetadata, base: BaseModelSpec) -> None:
         )
 
 
-def _safetensors_metadata(head: bytes, size: int) -> dict[str, str]:
-    """The metadata from a file's first bytes `head` (length prefix and header) and its `size`."""
+def _safetensors_metadata(head: bytes, size: int, metadata_only: bool = False) -> dict[str, str]:
+    """The metadata from a file's first bytes `head` (length prefix and header) and its `size`.
+    `metadata_only`: when the header opens with the metadata (as safetensors writes it), parse
+    that object alone, not the tensors' entries after it."""
     if size < 8:
         raise NotSafetensorsError(f"not a safetensors file: {size} bytes is shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", head[:8])
     if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
         raise NotSafetensorsError(f"not a safetensors file or truncated: header length {header_len}, file {size} bytes")
     try:
-        header = json.loads(head[8 : 8 + header_len])
+        text = head[8 : 8 + header_len].decode()
+        if metadata_only and text.startswith(_METADATA_FIRST):
+            header = {"__metadata__": _DECODER.raw_decode(text, len(_METADATA_FIRST))[0]}
+        else:
+            header = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise NotSafetensorsError("not a safetensors file: the header is not JSON (or is nested too deeply)") from None
     if not isinstance(header, dict):

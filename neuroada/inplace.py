@@ -111,10 +111,12 @@ class PackedWeights:
             parts.append(flat_offsets(d.indices.to(self.device), d_in, start))
         return torch.cat(parts)
 
+    def values(self, adapter: SparseAdapter) -> torch.Tensor:  # [n] bfloat16 on self.device
+        return torch.cat([d.values.reshape(-1) for d in adapter.layers.values()]).to(self.device)
+
     def pack(self, adapter: SparseAdapter, offsets: torch.Tensor | None = None) -> PackedDelta:
         """Lay the adapter out on this buffer; pass `offsets` to share one index set between adapters."""
-        values = torch.cat([d.values.reshape(-1) for d in adapter.layers.values()]).to(self.device)
-        return PackedDelta(self.offsets(adapter) if offsets is None else offsets, values)
+        return PackedDelta(self.offsets(adapter) if offsets is None else offsets, self.values(adapter))
 
     def apply_(self, delta: PackedDelta) -> torch.Tensor:  # saved [n], for restore_
         saved = torch.empty(delta.offsets.shape, dtype=self.dtype, device=self.device)

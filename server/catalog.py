@@ -7,8 +7,9 @@
   used out first past `max_host_bytes`.
 - resident: laid out on the model's device (`ResidentAdapter`), least recently used out first
   past `max_resident_adapters` or `max_resident_bytes`; adapters sharing an index set share one
-  offsets copy. A resident adapter keeps its host copy (the mixed path reads values from it), so
-  every resident adapter is also in the host tier.
+  copy of it (`IndexSetCopy`: offsets, and the base weights there that fidelity is measured on,
+  so a load of a known index set never waits for the weights). A resident adapter keeps its host
+  copy (the mixed path reads values from it), so every resident adapter is also in the host tier.
 
 Requests `acquire` their adapter when they are queued and `release` it when they end: an adapter
 that queued or running requests use, or a pinned one, is never evicted. A request for an adapter
@@ -36,12 +37,10 @@ from neuroada.format import AdapterHeader, SparseAdapter
 from server.batch_adapters import SparseDeltaAdapters
 from server.generation import Failed
 from server.metrics import ServerMetrics
-from server.resident import AdapterLoader, Fidelity, ResidentAdapter, UsageStats
+from server.resident import AdapterLoader, Fidelity, IndexSetCopy, ResidentAdapter, UsageStats
 from server.store import AdapterStore, InvalidAdapterName
 
 log = logging.getLogger(__name__)
-
-OFFSET_BYTES = 8  # int64 flat offsets per parameter, one copy per index set
 
 
 class AdapterTooLarge(AdapterError):
@@ -51,7 +50,7 @@ class AdapterTooLarge(AdapterError):
 @dataclass(frozen=True)
 class TierBudgets:
     max_resident_adapters: int
-    max_resident_bytes: int  # on the model's device: values, plus offsets per index set
+    max_resident_bytes: int  # on the model's device: values, plus one IndexSetCopy per index set
     max_host_bytes: int  # host copies (indices and values) of host and resident adapters
 
 
@@ -78,10 +77,9 @@ class _Entry:
     def index_hash(self) -> str:
         return self.header.metadata.index_hash
 
-    def device_bytes(self, shares_offsets: bool) -> int:
-        """What placing it adds to the resident tier."""
-        extra = 0 if shares_offsets else OFFSET_BYTES * self.header.num_params
-        return self.header.values_bytes + extra
+    def device_bytes(self, index_set_bytes_per_param: int) -> int:
+        """What placing it adds to the resident tier (0 per parameter: its index set is there)."""
+        return self.header.values_bytes + index_set_bytes_per_param * self.header.num_params
 
 
 class AdapterCatalog:
@@ -106,7 +104,9 @@ class AdapterCatalog:
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
-        self._offsets: dict[str, torch.Tensor] = {}  # index_hash -> offsets shared by its resident adapters
+        self._index_sets: dict[str, IndexSetCopy] = {}  # index_hash -> the copy its resident adapters share
+        # int64 offsets plus a base weight, per parameter of an index set on the device
+        self._index_set_bytes_per_param = 8 + loader.packed.dtype.itemsize
         self._refs: Counter[str] = Counter()  # name -> queued and running requests
         self._pending: OrderedDict[str, None] = OrderedDict()  # names to load, oldest first
         self._lock = threading.Lock()  # guards the state above; held briefly, never across I/O
@@ -255,8 +255,8 @@ class AdapterCatalog:
         host = self.loader.read(name, incoming)
         with self._tier_lock:
             with self._lock:
-                offsets = self._offsets.get(host.metadata.index_hash)
-            resident = self.loader.place(name, host, self.loader.new_version(), offsets)
+                index_set = self._index_sets.get(host.metadata.index_hash)
+            resident = self.loader.place(name, host, self.loader.new_version(), index_set)
             header = AdapterHeader(host.metadata, host.nbytes, int(resident.delta.values.nbytes), host.num_params)
             entry = _Entry(name, resident.version, header, stats=resident.stats)
             self._check_fits(entry)
@@ -320,13 +320,13 @@ class AdapterCatalog:
                     return True
                 if not self._make_room(entry):
                     return False
-                host, offsets = entry.host, self._offsets.get(entry.index_hash)
+                host, index_set = entry.host, self._index_sets.get(entry.index_hash)
             started = time.perf_counter()
             try:
                 if host is None:
                     host = self.loader.read(name, self.store.source(name))
                     self.metrics.adapter_loads.labels(tier="host").inc()
-                resident = self.loader.place(name, host, entry.version, offsets, entry.stats)
+                resident = self.loader.place(name, host, entry.version, index_set, entry.stats)
             except (AdapterError, InvalidAdapterName, OSError) as e:
                 log.error("adapter %s could not be loaded: %s", name, e)
                 with self._lock:
@@ -357,7 +357,7 @@ class AdapterCatalog:
         b = self.budgets
         for what, needed, budget in (
             ("host", entry.header.nbytes, b.max_host_bytes),
-            ("resident", entry.device_bytes(shares_offsets=False), b.max_resident_bytes),
+            ("resident", entry.device_bytes(self._index_set_bytes_per_param), b.max_resident_bytes),
         ):
             if needed > budget:
                 flag = f"max_{what}_adapter_bytes"
@@ -394,7 +394,8 @@ class AdapterCatalog:
         victims_resident = []
         for victim in [e for e in kept if e is not entry and self._evictable(e)] + [None]:
             shares = any(e.index_hash == entry.index_hash for e in kept)
-            fits_bytes = _device_bytes(kept) + entry.device_bytes(shares) <= b.max_resident_bytes
+            needed = entry.device_bytes(0 if shares else self._index_set_bytes_per_param)
+            fits_bytes = self._device_bytes(kept) + needed <= b.max_resident_bytes
             if len(kept) + 1 <= b.max_resident_adapters and fits_bytes:
                 break
             if victim is None:
@@ -416,7 +417,7 @@ class AdapterCatalog:
         for tier in (self._host, self._resident):
             tier[entry.name] = entry
             tier.move_to_end(entry.name)
-        self._offsets.setdefault(entry.index_hash, resident.delta.offsets)
+        self._index_sets.setdefault(entry.index_hash, resident.index_set)
 
     def _remember_placement(self, entry: _Entry, resident: ResidentAdapter) -> None:
         entry.fidelity, entry.merged, entry.loaded_at = resident.fidelity, resident.merged, resident.loaded_at
@@ -424,7 +425,7 @@ class AdapterCatalog:
     def _evict_resident(self, entry: _Entry) -> None:
         del self._resident[entry.name]
         entry.resident = None
-        self._drop_unused_offsets()
+        self._drop_unused_index_sets()
         self.metrics.adapter_evictions.labels(tier="resident").inc()
 
     def _drop(self, entry: _Entry) -> None:
@@ -433,16 +434,22 @@ class AdapterCatalog:
         if self._host.get(entry.name) is entry:
             del self._host[entry.name]
         entry.host = entry.resident = None
-        self._drop_unused_offsets()
+        self._drop_unused_index_sets()
 
-    def _drop_unused_offsets(self) -> None:
+    def _drop_unused_index_sets(self) -> None:
         used = {e.index_hash for e in self._resident.values()}
-        for h in list(self._offsets):
+        for h in list(self._index_sets):
             if h not in used:
-                del self._offsets[h]
+                del self._index_sets[h]
 
     def _resident_bytes(self) -> int:
-        return _device_bytes(list(self._resident.values()))
+        return self._device_bytes(list(self._resident.values()))
+
+    def _device_bytes(self, resident: list[_Entry]) -> int:
+        """Values of every resident adapter, plus one copy per index set."""
+        params_per_set = {e.index_hash: e.header.num_params for e in resident}
+        values = sum(e.header.values_bytes for e in resident)
+        return values + self._index_set_bytes_per_param * sum(params_per_set.values())
 
     def _describe(self, entry: _Entry) -> dict:
         meta = entry.header.metadata
@@ -471,9 +478,3 @@ class AdapterCatalog:
             "last_used": entry.stats.last_used,
             "requests_served": entry.stats.requests_served,
         }
-
-
-def _device_bytes(resident: list[_Entry]) -> int:
-    """Values of every resident adapter, plus one offsets copy per index set."""
-    params_per_set = {e.index_hash: e.header.num_params for e in resident}
-    return sum(e.header.values_bytes for e in resident) + OFFSET_BYTES * sum(params_per_set.values())

@@ -18,7 +18,7 @@ import torch
 
 from neuroada.errors import AdapterError, UnreadableAdapterError
 from neuroada.fingerprint import BaseModelSpec
-from neuroada.format import AdapterHeader, SparseAdapter, check_target, load_adapter, read_adapter_header
+from neuroada.format import AdapterHeader, SparseAdapter, load_adapter, read_adapter_header
 from neuroada.inplace import PackedDelta, PackedWeights
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,25 @@ class UsageStats:
     last_used: float | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class IndexSetCopy:
+    """One index set on the device, shared by its resident adapters."""
+
+    offsets: torch.Tensor  # [n] int64, positions in PackedWeights.buffer
+    base: torch.Tensor  # [n] the pristine base weights there (an adapter's fidelity is measured on them)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.base.nbytes
+
+
 @dataclass(frozen=True)
 class ResidentAdapter:
     name: str
     version: int
     adapter: SparseAdapter  # metadata and the host copy of the tensors
-    delta: PackedDelta  # on the device
+    delta: PackedDelta  # on the device; its offsets are index_set.offsets
+    index_set: IndexSetCopy
     fidelity: Fidelity
     merged: bool  # False: always served through the mixed path (fidelity below threshold)
     loaded_at: float
@@ -74,7 +87,6 @@ class AdapterLoader:
         fingerprint, target layers. Raises AdapterError."""
         header = read_adapter_header(path, self.base)
         for target in header.metadata.targets:
-            check_target(target, self.base)
             self.packed.check_target(target)
         return header
 
@@ -87,26 +99,34 @@ class AdapterLoader:
         name: str,
         adapter: SparseAdapter,
         version: int | None = None,
-        offsets: torch.Tensor | None = None,
+        index_set: IndexSetCopy | None = None,
         stats: UsageStats | None = None,
     ) -> ResidentAdapter:
-        """Lay a validated adapter out on the device; `offsets` shares its index set's copy."""
+        """Lay a validated adapter out on the device. `index_set`, the copy already placed for
+        adapters with its index set, is shared; it also spares reading the base weights (which
+        waits for the step running on them)."""
 
-        def place() -> tuple[PackedDelta, Fidelity]:
-            delta = self.packed.pack(adapter, offsets=offsets)
-            return delta, measure_fidelity(self.base_values(delta.offsets), delta.values, self.packed.dtype)
+        def place() -> ResidentAdapter:
+            if index_set is None:
+                offsets = self.packed.offsets(adapter)
+                shared = IndexSetCopy(offsets, self.base_values(offsets))
+            else:
+                shared = index_set
+            delta = PackedDelta(shared.offsets, self.packed.values(adapter))
+            fidelity = measure_fidelity(shared.base, delta.values, self.packed.dtype)
+            return ResidentAdapter(
+                name=name,
+                version=self.new_version() if version is None else version,
+                adapter=adapter,
+                delta=delta,
+                index_set=shared,
+                fidelity=fidelity,
+                merged=fidelity.survived >= self.fidelity_threshold,
+                loaded_at=time.time(),
+                stats=stats or UsageStats(),
+            )
 
-        delta, fidelity = self._as_adapter_error(name, place)
-        return ResidentAdapter(
-            name=name,
-            version=self.new_version() if version is None else version,
-            adapter=adapter,
-            delta=delta,
-            fidelity=fidelity,
-            merged=fidelity.survived >= self.fidelity_threshold,
-            loaded_at=time.time(),
-            stats=stats or UsageStats(),
-        )
+        return self._as_adapter_error(name, place)
 
     def prepare(self, name: str, source: bytes | Path) -> ResidentAdapter:
         """`read` then `place`: a file straight to the device."""

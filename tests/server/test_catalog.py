@@ -17,7 +17,7 @@ from tests.helpers import random_adapter, tiny_llama
 from tests.server.conftest import RunningServer, generate, long_request, make_settings, offline_greedy
 
 ADAPTER_BYTES = 640 * 4  # random_adapter(k=2) on the tiny model: 640 int16 indices and 640 bf16 values
-DEVICE_BYTES = 640 * 2 + 640 * 8  # values, plus the int64 offsets of an index set of its own
+DEVICE_BYTES = 640 * 2 + 640 * (8 + 4)  # values, plus its own index set: int64 offsets, fp32 base weights
 
 
 def _store(folder, n: int, k: int = 2):
