@@ -1,7 +1,7 @@
 """Thousands of adapters: serving with tiered residency, against 8 resident adapters.
 
     python benchmarks/many_adapters.py [--scenarios ref8 zipf1000 cliff uniform10000]
-                                       [--concurrency 16] [--requests 128] [--max-resident 64]
+                                       [--concurrency 16] [--requests 128] [--max-resident 64] [--rounds 1]
 
 A store of up to 10,000 k=1 magnitude adapters for the embedded SmolLM2-135M (one shared index
 set, random values; written once under `--store-dir` and reused), served by `neuroada serve`
@@ -154,25 +154,36 @@ def start(store: Path, args) -> tuple[object, str, float]:
     return proc, url, time.perf_counter() - started
 
 
-def scenario(name: str, source: Path, all_names: list[str], tmp: Path, args, empty_start: float) -> dict:
+def one_pass(name: str, source: Path, all_names: list[str], tmp: Path, args, round_: int) -> dict:
+    """A fresh server on the scenario's store, warmed by one unrecorded pass, then one measured pass."""
     count, traffic, hot = SCENARIOS[name]
     names = all_names[:count]
-    store = linked_store(source, names, tmp / name)
+    store = tmp / f"{name}-{round_}"
+    linked_store(source, names, store)
     proc, url, startup = start(store, args)
     try:
         served = names[: 2 * args.max_resident] if hot == "2x" else names
-        warm = traffic_plan(served, traffic, args.requests, 1)
+        warm = traffic_plan(served, traffic, args.requests, 1 + 2 * round_)
         warm += served if len(served) <= args.max_resident else []  # a reference with every adapter resident
         asyncio.run(run_pass(url, warm, args.concurrency, args.new_tokens))
         before = metrics(url)
-        plan = traffic_plan(served, traffic, args.requests, 2)
+        plan = traffic_plan(served, traffic, args.requests, 2 + 2 * round_)
         measured = asyncio.run(run_pass(url, plan, args.concurrency, args.new_tokens))
         after = metrics(url)
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    results, seconds = measured["results"], measured["seconds"]
+    delta = {k: after[k] - before[k] for k in ("loads", "host_loads", "evictions", "load_s_sum", "load_s_count")}
+    return {**measured, **delta, "hot": len(served), "startup": startup, "scan_s": after["scan_s"], "rss": rss}
+
+
+def summary(name: str, passes: list[dict], args, empty_start: float) -> dict:
+    """A scenario's row over its passes: rates from the summed wall time, percentiles over every request."""
+    count, traffic, _ = SCENARIOS[name]
+    results = [r for p in passes for r in p["results"]]
+    seconds = sum(p["seconds"] for p in passes)
+    total = lambda key: sum(p[key] for p in passes)  # noqa: E731
     pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else None  # noqa: E731
     hits = [r[0] for r in results if r[2] == "resident"]
     misses = [r[0] for r in results if r[2] != "resident"]
@@ -180,13 +191,15 @@ def scenario(name: str, source: Path, all_names: list[str], tmp: Path, args, emp
     return {
         "scenario": name,
         "adapters": count,
-        "hot": len(served),
+        "hot": passes[0]["hot"],
         "traffic": traffic,
         "concurrency": args.concurrency,
+        "passes": len(passes),
         "requests": len(results),
         "seconds": seconds,
         "req_per_s": len(results) / seconds,
         "tokens_per_s": len(results) * args.new_tokens / seconds,
+        "pass_tokens_per_s": [len(p["results"]) * args.new_tokens / p["seconds"] for p in passes],
         "ttft_p50": statistics.median(ttft),
         "ttft_p99": pct(ttft, 0.99),
         "hit_share": len(hits) / len(results),
@@ -194,18 +207,14 @@ def scenario(name: str, source: Path, all_names: list[str], tmp: Path, args, emp
         "ttft_hit_p99": pct(hits, 0.99),
         "ttft_miss_p50": statistics.median(misses) if misses else None,
         "ttft_miss_p99": pct(misses, 0.99),
-        "loads_per_s": (after["loads"] - before["loads"]) / seconds,
-        "file_reads_per_s": (after["host_loads"] - before["host_loads"]) / seconds,
-        "evictions_per_s": (after["evictions"] - before["evictions"]) / seconds,
-        "load_ms_mean": 1e3
-        * (after["load_s_sum"] - before["load_s_sum"])
-        / max(1.0, after["load_s_count"] - before["load_s_count"]),
-        "resident_at_end": after["resident"],
-        "host_bytes_at_end": after["host_bytes"],
-        "startup_s": startup,
-        "startup_beyond_empty_s": startup - empty_start,
-        "store_scan_s": after["scan_s"],
-        "peak_rss_mb": rss,
+        "loads_per_s": total("loads") / seconds,
+        "file_reads_per_s": total("host_loads") / seconds,
+        "evictions_per_s": total("evictions") / seconds,
+        "load_ms_mean": 1e3 * total("load_s_sum") / max(1.0, total("load_s_count")),
+        "startup_s": max(p["startup"] for p in passes),
+        "startup_beyond_empty_s": max(p["startup"] for p in passes) - empty_start,
+        "store_scan_s": max(p["scan_s"] for p in passes),
+        "peak_rss_mb": max(p["rss"] for p in passes),
     }
 
 
@@ -219,11 +228,11 @@ def main() -> None:
     parser.add_argument("--max-resident", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="round-robin passes over the scenarios, pooled")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("many_adapters.json"))
     args = parser.parse_args()
 
     all_names = make_store(args.store_dir, max(SCENARIOS[s][0] for s in args.scenarios))
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         empty = Path(tmp) / "empty"
         empty.mkdir()
@@ -231,20 +240,22 @@ def main() -> None:
         empty_rss = peak_rss_mb(proc.pid)
         proc.terminate()
         proc.wait(timeout=60)
-        for name in args.scenarios:
-            row = scenario(name, args.store_dir, all_names, Path(tmp), args, empty_start)
-            rows.append(row)
-            print(
-                f"  {name}: {row['tokens_per_s']:.1f} tok/s, TTFT p99 {row['ttft_p99']:.2f} s, "
-                f"hits {row['hit_share']:.0%}, store listed in {row['store_scan_s']:.2f} s",
-                flush=True,
-            )
+        passes = {name: [] for name in args.scenarios}
+        # Round-robin: a machine whose speed drifts over minutes moves every scenario alike.
+        for round_ in range(args.rounds):
+            for name in args.scenarios:
+                p = one_pass(name, args.store_dir, all_names, Path(tmp), args, round_)
+                passes[name].append(p)
+                tokens = len(p["results"]) * args.new_tokens / p["seconds"]
+                print(f"  round {round_}, {name}: {tokens:.1f} tok/s, store listed in {p['scan_s']:.2f} s", flush=True)
+        rows = [summary(name, runs, args, empty_start) for name, runs in passes.items()]
 
     ref = next((r for r in rows if r["scenario"] == "ref8"), None)
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     print(
         f"\nmachine: {machine()}; SmolLM2-135M fp32, max batch {args.max_batch}, {args.concurrency} clients, "
-        f"{args.requests} requests of {args.new_tokens} tokens per scenario, at most {args.max_resident} resident; "
+        f"{args.rounds} x {args.requests} requests of {args.new_tokens} tokens per scenario, "
+        f"at most {args.max_resident} resident; "
         f"start-up of an empty store {empty_start:.1f} s, its peak RSS {empty_rss:.0f} MB\n"
     )
     print_table(
