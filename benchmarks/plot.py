@@ -109,8 +109,37 @@ def plot_serve(data: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def plot_many_adapters(data: dict, out: Path) -> None:
+    rows = data["rows"]
+    labels = [f"{r['scenario']}\n{r['hot']} hot / {r['adapters']}" for r in rows]
+    xs = range(len(rows))
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(11, 4.5))
+    tput.bar(xs, [r["tokens_per_s"] for r in rows], color="tab:blue")
+    tput.set_ylabel("output tokens/s")
+    width = 0.38
+    for offset, key, label, color in (
+        (-width / 2, "hit", "resident (hit)", "tab:green"),
+        (width / 2, "miss", "loaded (miss)", "tab:red"),
+    ):
+        ttft.bar(
+            [x + offset for x in xs],
+            [r[f"ttft_{key}_p99"] or 0 for r in rows],
+            width,
+            color=color,
+            label=f"p99 TTFT, adapter {label}",
+        )
+    ttft.set_ylabel("p99 time to first token, s")
+    ttft.legend(fontsize=7)
+    for ax in (tput, ttft):
+        ax.set_xticks(list(xs), labels, fontsize=7)
+    fig.suptitle(f"thousands of adapters, tiered residency\n{data['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
-    for name, fn in (("switch", plot_switch), ("serve_load", plot_serve)):
+    for name, fn in (("switch", plot_switch), ("serve_load", plot_serve), ("many_adapters", plot_many_adapters)):
         path = HERE / f"{name}.json"
         if path.exists():
             fn(json.loads(path.read_text()), HERE / f"{name}.png")
