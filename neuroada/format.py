@@ -27,6 +27,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from neuroada.errors import (
+    AdapterError,
     DOutMismatchError,
     DtypeError,
     DuplicateIndexError,
@@ -50,6 +51,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_METADATA_CHARS = 1 << 20  # per metadata field (targets lists every layer's name)
 MAX_METADATA_NESTING = 8  # lists and objects inside a JSON metadata field
 _METADATA_FIRST = '{"__metadata__":'
+_FIRST_HEADER_READ = 16 * 1024
 _DECODER = json.JSONDecoder()
 
 
@@ -284,11 +286,19 @@ def read_adapter_header(path: str | os.PathLike, base: BaseModelSpec) -> Adapter
     Raises AdapterError."""
     path = Path(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        head += f.read(min(header_len, _MAX_HEADER_BYTES))
+        if hasattr(os, "posix_fadvise"):  # read the header's first pages only, no readahead into the tensors
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        head = f.read(8 + _FIRST_HEADER_READ)  # the metadata, which safetensors writes first, fits in most
         size = os.fstat(f.fileno()).st_size
-    metadata = AdapterMetadata.from_strings(_safetensors_metadata(head, size, metadata_only=True))
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        try:
+            raw_metadata = _safetensors_metadata(head, size, metadata_only=True)
+        except AdapterError:
+            if len(head) >= 8 + header_len:
+                raise
+            head += f.read(min(header_len, _MAX_HEADER_BYTES) - (len(head) - 8))  # the rest of the header
+            raw_metadata = _safetensors_metadata(head, size, metadata_only=True)
+    metadata = AdapterMetadata.from_strings(raw_metadata)
     check_fingerprint(metadata, base)
     for target in metadata.targets:
         check_target(target, base)

@@ -191,8 +191,19 @@ class AdapterCatalog:
             if entry is None:
                 return Failed(404, f"adapter {name!r} was deleted before the request ran", "adapter_not_found")
             if entry.error is not None:
-                return Failed(404, f"adapter {name!r} is in the store but invalid: {entry.error}", "adapter_invalid")
+                return self._unavailable(name, entry)
             return entry.resident is not None
+
+    def unavailable(self, name: str) -> Failed:
+        """Why `name` cannot be served, for its client: unknown, or invalid (and why)."""
+        with self._lock:
+            return self._unavailable(name, self._entries.get(name))
+
+    @staticmethod
+    def _unavailable(name: str, entry: _Entry | None) -> Failed:
+        if entry is not None and entry.error is not None:
+            return Failed(404, f"adapter {name!r} is in the store but invalid: {entry.error}", "adapter_invalid")
+        return Failed(404, f"adapter {name!r} not found", "adapter_not_found")
 
     def resident(self, name: str) -> ResidentAdapter | None:
         with self._lock:
@@ -205,11 +216,6 @@ class AdapterCatalog:
         with self._lock:
             entry = self._entries.get(name)
             return self._describe(entry) if entry is not None and entry.error is None else None
-
-    def error(self, name: str) -> str | None:
-        with self._lock:
-            entry = self._entries.get(name)
-            return entry.error if entry is not None else None
 
     def page(self, prefix: str = "", offset: int = 0, limit: int | None = None) -> tuple[int, list[dict]]:
         """Servable adapters whose names start with `prefix`, sorted by name: (how many, one page)."""

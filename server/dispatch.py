@@ -175,7 +175,5 @@ def submit(
 def _unknown_adapter(engine: Engine, adapter: str) -> NoReturn:
     # Label "unknown", not the name: clients must not be able to grow the metric's label set.
     engine.metrics.requests.labels(adapter="unknown", status="404").inc()
-    error = engine.catalog.error(adapter)
-    if error is not None:
-        raise ApiError(404, f"adapter {adapter!r} is in the store but invalid: {error}", "adapter_invalid")
-    raise ApiError(404, f"adapter {adapter!r} not found", "adapter_not_found")
+    why = engine.catalog.unavailable(adapter)
+    raise ApiError(why.status, why.message, why.code)

@@ -45,10 +45,6 @@ class IndexSetCopy:
     offsets: torch.Tensor  # [n] int64, positions in PackedWeights.buffer
     base: torch.Tensor  # [n] the pristine base weights there (an adapter's fidelity is measured on them)
 
-    @property
-    def nbytes(self) -> int:
-        return self.offsets.nbytes + self.base.nbytes
-
 
 @dataclass(frozen=True)
 class ResidentAdapter:

@@ -42,10 +42,8 @@ async def list_adapters(
 async def get_adapter(name: str, engine: Engine = Depends(get_engine)):
     described = engine.catalog.describe(_valid(name))
     if described is None:
-        error = engine.catalog.error(name)
-        if error is not None:
-            raise ApiError(404, f"adapter {name!r} is in the store but invalid: {error}", "adapter_invalid")
-        raise ApiError(404, f"adapter {name!r} not found", "adapter_not_found")
+        why = engine.catalog.unavailable(name)
+        raise ApiError(why.status, why.message, why.code)
     return described
 
 

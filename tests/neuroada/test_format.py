@@ -13,6 +13,7 @@ from neuroada.fingerprint import BaseModelSpec, fingerprint
 from neuroada.format import (
     AdapterMetadata,
     adapter_to_bytes,
+    build_adapter,
     index_set_hash,
     load_adapter,
     read_adapter,
@@ -276,11 +277,26 @@ def test_an_adapter_for_another_base_says_so_before_any_shape(spec, tmp_path):
         load_adapter(path, spec)
 
 
-def test_header_reading_matches_the_full_read(tmp_path):
+@pytest.mark.parametrize("notes", [0, 40_000])  # metadata within the first read, and past it
+def test_header_reading_matches_the_full_read(notes, tmp_path):
     model = tiny_llama(seed=0)
+    base = BaseModelSpec.from_model(model, TINY_NAME)
     adapter = random_adapter(model, k=3, seed=4)
+    adapter = build_adapter(adapter.layers, base=base, selection="random", training={"notes": "n" * notes})
     path = save_adapter(adapter, tmp_path / "x.safetensors")
-    header = read_adapter_header(path, BaseModelSpec.from_model(model, TINY_NAME))
+    header = read_adapter_header(path, base)
     assert header.metadata == adapter.metadata
     assert (header.nbytes, header.num_params) == (adapter.nbytes, adapter.num_params)
     assert header.values_bytes == sum(d.values.nbytes for d in adapter.layers.values())
+
+
+def test_header_reading_refuses_what_the_full_read_refuses(tmp_path):
+    model = tiny_llama(seed=0)
+    base = BaseModelSpec.from_model(model, TINY_NAME)
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**6) + b"{}")  # a header longer than the file
+    with pytest.raises(errors.NotSafetensorsError):
+        read_adapter_header(path, base)
+    other = save_adapter(random_adapter(tiny_llama(seed=1, vocab_size=300)), tmp_path / "other.safetensors")
+    with pytest.raises(errors.FingerprintMismatchError):
+        read_adapter_header(other, base)
