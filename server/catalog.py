@@ -18,6 +18,13 @@ validates and places it; requests for one cold adapter share one load. Loads, up
 and evictions are serialised (`_tier_lock`), so what a load made room for is still free when it
 lands. An upload or delete replaces the name's entry: no tier keeps the old version, though
 requests already running finish on the version they started with.
+
+A store shared with other servers (`follow_store`: Ray Serve replicas) may change under any
+name at any time. Every lookup a request makes (listing, queueing, and the admission check each
+step) first compares the file under the name with the entry's (`_follow`: one `lstat`), and
+replaces or drops the entry when they differ, so a request joins a batch on the version the
+store holds at that moment, and no server serves a replaced or deleted version once the write
+that replaced it has returned.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from server.batch_adapters import SparseDeltaAdapters
 from server.generation import Failed
 from server.metrics import ServerMetrics
 from server.resident import AdapterLoader, Fidelity, IndexSetCopy, ResidentAdapter, UsageStats
-from server.store import AdapterStore, InvalidAdapterName
+from server.store import AdapterStore, FileIdentity, InvalidAdapterName, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ class _Entry:
     name: str
     version: int
     header: AdapterHeader | None  # None when the header could not be read (see error)
+    identity: FileIdentity | None = None  # the file the entry was made from
+    sha256: str | None = None  # the file's content hash, known once its body has been read
     error: str | None = None  # why it cannot be served
     host: SparseAdapter | None = None
     resident: ResidentAdapter | None = None
@@ -92,8 +101,10 @@ class AdapterCatalog:
         budgets: TierBudgets,
         max_concurrent_uploads: int,
         pinned: tuple[str, ...] = (),
+        follow_store: bool = False,
     ):
         self.store = store
+        self.follow_store = follow_store
         self.loader = loader
         self.adapters = adapters
         self.metrics = metrics
@@ -153,6 +164,7 @@ class AdapterCatalog:
 
     def servable(self, name: str) -> bool:
         """In the store and not known to be invalid."""
+        self._follow(name)
         with self._lock:
             entry = self._entries.get(name)
             return entry is not None and entry.error is None
@@ -161,6 +173,7 @@ class AdapterCatalog:
         """A request for `name` was queued: keep the adapter from eviction and load it if it is
         not resident. Returns the tier it was in (resident: a hit), or None (holding nothing)
         if it cannot be served."""
+        self._follow(name)
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or entry.error is not None:
@@ -186,6 +199,7 @@ class AdapterCatalog:
     def gate(self, name: str) -> bool | Failed:
         """May a queued request for `name` join a batch now (True), not yet (False), or never
         (why, for its client)?"""
+        self._follow(name)
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
@@ -196,6 +210,7 @@ class AdapterCatalog:
 
     def unavailable(self, name: str) -> Failed:
         """Why `name` cannot be served, for its client: unknown, or invalid (and why)."""
+        self._follow(name)
         with self._lock:
             return self._unavailable(name, self._entries.get(name))
 
@@ -213,18 +228,21 @@ class AdapterCatalog:
     # --- what the routes show ----------------------------------------------------------------
 
     def describe(self, name: str) -> dict | None:
+        self._follow(name)
         with self._lock:
             entry = self._entries.get(name)
             return self._describe(entry) if entry is not None and entry.error is None else None
 
     def page(self, prefix: str = "", offset: int = 0, limit: int | None = None) -> tuple[int, list[dict]]:
         """Servable adapters whose names start with `prefix`, sorted by name: (how many, one page)."""
+        self._follow_all()
         with self._lock:
             names = sorted(n for n, e in self._entries.items() if e.error is None and n.startswith(prefix))
             chosen = names[offset:] if limit is None else names[offset : offset + limit]
             return len(names), [self._describe(self._entries[n]) for n in chosen]
 
     def invalid(self, prefix: str = "") -> list[dict]:
+        self._follow_all()
         with self._lock:
             return [
                 {"name": n, "error": e.error}
@@ -233,6 +251,7 @@ class AdapterCatalog:
             ]
 
     def count(self) -> int:
+        self._follow_all()
         with self._lock:
             return sum(e.error is None for e in self._entries.values())
 
@@ -259,12 +278,13 @@ class AdapterCatalog:
         once (resident if there is room). Raises AdapterError and changes nothing (the caller
         removes `incoming`)."""
         host = self.loader.read(name, incoming)
+        identity, sha256 = FileIdentity.of(incoming.stat()), sha256_of(incoming)  # a rename keeps both
         with self._tier_lock:
             with self._lock:
                 index_set = self._index_sets.get(host.metadata.index_hash)
             resident = self.loader.place(name, host, self.loader.new_version(), index_set)
             header = AdapterHeader(host.metadata, host.nbytes, int(resident.delta.values.nbytes), host.num_params)
-            entry = _Entry(name, resident.version, header, stats=resident.stats)
+            entry = _Entry(name, resident.version, header, identity, sha256, stats=resident.stats)
             self._check_fits(entry)
             replaced = self.store.commit(incoming, name)
             with self._lock:
@@ -330,27 +350,82 @@ class AdapterCatalog:
             started = time.perf_counter()
             try:
                 if host is None:
-                    host = self.loader.read(name, self.store.source(name))
+                    stored = self.store.read(name)
+                    if self.follow_store and stored.identity != entry.identity:
+                        # Replaced since its header was read: the entry makes way for the new file.
+                        self._follow(name)
+                        return True
+                    host = self.loader.read(name, stored.data)
+                    entry.identity, entry.sha256 = stored.identity, stored.sha256
                     self.metrics.adapter_loads.labels(tier="host").inc()
                 resident = self.loader.place(name, host, entry.version, index_set, entry.stats)
             except (AdapterError, InvalidAdapterName, OSError) as e:
+                if self.follow_store and isinstance(e, FileNotFoundError):  # deleted by another server
+                    self._follow(name)
+                    return True
                 log.error("adapter %s could not be loaded: %s", name, e)
                 with self._lock:
                     entry.error = str(e)
                     self._drop(entry)
                 return True
             with self._lock:
+                if self._entries.get(name) is not entry:  # replaced or deleted meanwhile (shared store)
+                    return True
                 self._remember_placement(entry, resident)
                 self._insert(entry, host, resident)
             self.metrics.adapter_loads.labels(tier="resident").inc()
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
             return True
 
+    # --- a shared store ------------------------------------------------------------------------
+
+    def _follow(self, name: str) -> None:
+        """With `follow_store`: make `name`'s entry match the file under the name now. A new file
+        (written by another server) replaces the entry, and is queued for loading if requests
+        wait for it; no file drops the entry. The entry's own file costs one `lstat`."""
+        if not self.follow_store:
+            return
+        try:
+            identity = self.store.identity(name)
+        except InvalidAdapterName:
+            return
+        with self._lock:
+            seen = self._entries.get(name)
+            if (seen.identity if seen is not None else None) == identity:
+                return
+        fresh = None if identity is None else self._entry_from_header(name)
+        with self._lock:
+            if self._entries.get(name) is not seen:  # another thread followed it first
+                return
+            if seen is not None:
+                self._drop(seen)
+            if fresh is None:
+                del self._entries[name]
+                self._pending.pop(name, None)
+            else:
+                self._entries[name] = fresh
+                if self._refs[name] > 0 and fresh.error is None:
+                    self._pending[name] = None
+                    self._loader_wakeup.notify()
+        if fresh is None:
+            self.metrics.forget_adapter(name)
+        self.on_ready()  # requests waiting for the old version go on the new one, or fail
+
+    def _follow_all(self) -> None:
+        """With `follow_store`: every name in the store or in the catalog (a listing)."""
+        if not self.follow_store:
+            return
+        with self._lock:
+            known = set(self._entries)
+        for name in sorted(known | set(self.store.names())):
+            self._follow(name)
+
     # --- tiers (callers hold _lock) ------------------------------------------------------------
 
     def _entry_from_header(self, name: str) -> _Entry:
         entry = _Entry(name, self.loader.new_version(), None)
         try:
+            entry.identity = self.store.identity(name)
             entry.header = self.loader.read_header(self.store.source(name))
             self._check_fits(entry)
         except (AdapterError, InvalidAdapterName, OSError) as e:
@@ -463,6 +538,7 @@ class AdapterCatalog:
         return {
             "name": entry.name,
             "version": entry.version,
+            "sha256": entry.sha256,
             "tier": entry.tier,
             "pinned": entry.name in self.pinned,
             "k": meta.k,

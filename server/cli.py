@@ -34,6 +34,10 @@ def serve(args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in err["loc"])
             print(f"error: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
+    if settings.replicas is not None:
+        from server.ray_serve import serve_on_ray  # Ray only where asked for: it is an optional extra
+
+        return serve_on_ray(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

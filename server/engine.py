@@ -75,13 +75,14 @@ class Engine:
         self.adapters = SparseDeltaAdapters(self.packed, MixedAdapters(self.model, device), self.metrics)
         loader = AdapterLoader(self.packed, self.base, settings.fidelity_threshold, self.adapters.base_values)
         self.catalog = AdapterCatalog(
-            AdapterStore(settings.adapter_dir),
+            AdapterStore(settings.adapter_dir, shared=settings.shared_store),
             loader,
             self.adapters,
             self.metrics,
             tier_budgets(settings, device),
             settings.max_concurrent_uploads,
             settings.pinned,
+            follow_store=settings.shared_store,
         )
         log.info("adapter budgets: %s", self.catalog.budgets)
         self.scheduler = BatchScheduler(

@@ -26,6 +26,26 @@ class ServerSettings(BaseSettings):
     adapter_dir: Path = Field(
         Path("adapters"), description="adapter store folder, read at start-up, written by uploads"
     )
+    shared_store: bool = Field(
+        False,
+        description="other servers (replicas) write adapter_dir too: check each request's adapter against its "
+        "file (one stat) and follow their uploads, replacements and deletes; set by --replicas",
+    )
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        description="serve through Ray Serve with this many engine replicas (needs the [ray] extra); unset: one "
+        "process, no Ray",
+    )
+    ray_address: str | None = Field(
+        None, description="with replicas: join this Ray cluster (e.g. auto, ray://head:10001); unset: a local Ray"
+    )
+    replica_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="with replicas: CPUs per replica (its torch threads); default on a local Ray: the "
+        "machine's CPUs shared out, else 1",
+    )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")
     max_batch_size: int = Field(16, ge=1, description="requests decoding together in the running batch")

@@ -4,13 +4,22 @@ Names are checked against a strict pattern before any path is built, so no reque
 file outside the folder. Uploads stream into a temp file in the folder and are renamed into place
 once validated (fsync, rename, fsync the folder): a crash leaves either the old file or the new
 one under the final name, never half of one.
+
+A store may be shared by several servers (replicas, on one machine or on a mount every node
+sees). Each rename makes a new file, so a file's identity (inode, size, modification time: one
+`stat`) tells a server whether the adapter it holds is still the one under the name, and its
+content hash (SHA-256) is the adapter's version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import stat
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from neuroada.format import replace_durably
@@ -23,6 +32,33 @@ class InvalidAdapterName(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file is under a name: a replacement (a rename onto the name) changes it."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One adapter file's bytes, read through one open file, with what identifies them."""
+
+    data: bytes
+    identity: FileIdentity
+    sha256: str
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidAdapterName(
@@ -32,12 +68,21 @@ def check_name(name: str) -> str:
 
 
 class AdapterStore:
-    def __init__(self, folder: Path):
+    # In a shared store another server may be writing a temp file right now: only old ones are
+    # left over from a crash (an upload is bounded in size, so none takes this long).
+    SHARED_STALE_TEMP_S = 3600
+
+    def __init__(self, folder: Path, shared: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         # Temp files of writes a crash interrupted: never under a final name, safe to drop.
+        cutoff = time.time() - self.SHARED_STALE_TEMP_S if shared else float("inf")
         for stale in self.folder.glob(f".*{SUFFIX}.*.tmp"):
-            stale.unlink(missing_ok=True)
+            try:
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+            except FileNotFoundError:  # another server committed or dropped it meanwhile
+                pass
 
     def path(self, name: str) -> Path:
         return self.folder / f"{check_name(name)}{SUFFIX}"
@@ -57,6 +102,24 @@ class AdapterStore:
         if path.is_symlink():
             raise InvalidAdapterName(f"adapter {name!r} is a symlink; the store serves regular files only")
         return path
+
+    def identity(self, name: str) -> FileIdentity | None:
+        """The file under `name` now (one `lstat`), or None if there is none (or not a regular file)."""
+        try:
+            st = os.lstat(self.path(name))
+        except FileNotFoundError:
+            return None
+        return FileIdentity.of(st) if stat.S_ISREG(st.st_mode) else None
+
+    def read(self, name: str) -> StoredFile:
+        """The whole file under `name`, its identity and hash taken from the same open file, so a
+        replacement racing the read cannot mix two versions. Raises OSError (FileNotFoundError
+        once deleted) or InvalidAdapterName."""
+        fd = os.open(self.source(name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            identity = FileIdentity.of(os.fstat(fd))
+            data = f.read()
+        return StoredFile(data, identity, hashlib.sha256(data).hexdigest())
 
     def incoming(self, name: str) -> Path:
         """A new empty temp file in the store for an upload to stream into; `commit` or unlink it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -227,3 +228,41 @@ def test_responses_say_which_tier_their_adapter_was_in_when_queued(tiny_model_di
         stream = {"model": "t000", "prompt": "hi", "max_tokens": 2, "stream": True}
         with c.stream("POST", "/v1/completions", json=stream) as r:
             assert r.status_code == 200 and r.headers["x-adapter-tier"] == "resident"
+
+
+def test_servers_sharing_a_store_serve_each_others_uploads_replacements_and_deletes(tiny_model_dir, tmp_path):
+    store = _store(tmp_path / "shared", 1)
+    model = tiny_llama(seed=0)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"v{i}.safetensors")
+        save_adapter(random_adapter(model, k=2, seed=300 + i, scale=0.3), files[-1])
+    expected = [offline_greedy(f, "hello there", 8) for f in files]
+    shared = dict(shared_store=True)
+    with (
+        RunningServer(make_settings(tiny_model_dir, store, **shared)) as a,
+        RunningServer(make_settings(tiny_model_dir, store, **shared)) as b,
+        a.client() as ca,
+        b.client() as cb,
+    ):
+        # Uploaded through one: listed and served by the other, which had never seen it.
+        assert ca.put("/adapters/new", content=files[0].read_bytes()).status_code == 201
+        assert {x["name"] for x in cb.get("/adapters").json()["adapters"]} == {"t000", "new"}
+        assert generate(cb, "hello there", "new", 8) == expected[0]
+        assert cb.get("/adapters/new").json()["sha256"] == hashlib.sha256(files[0].read_bytes()).hexdigest()
+        # Once a replacement through either has returned, both serve it, while a request that
+        # started on the old version finishes on it.
+        with long_request(cb, "new") as running:
+            for i in (1, 2, 0, 1):
+                writer = ca if i % 2 else cb
+                assert writer.put("/adapters/new", content=files[i].read_bytes()).status_code == 200
+                assert generate(ca, "hello there", "new", 8) == expected[i]
+                assert generate(cb, "hello there", "new", 8) == expected[i]
+            assert json.loads(next(line for line in running if line.startswith("data: "))[6:])["text"] is not None
+        # Deleted through one: 404 on the other.
+        assert ca.delete("/adapters/new").status_code == 200
+        r = cb.post("/generate", params={"adapter": "new"}, json={"prompt": "hi", "max_new_tokens": 2})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
+        assert cb.get("/adapters/new").status_code == 404
+        assert [x["name"] for x in cb.get("/adapters").json()["adapters"]] == ["t000"]
+        assert a.engine.base_weights_intact() and b.engine.base_weights_intact()
