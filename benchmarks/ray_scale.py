@@ -1,7 +1,7 @@
 """Ray Serve against the plain server: the Ray path's overhead, adapter affinity, Ray's memory.
 
     python benchmarks/ray_scale.py [--replicas 1 2] [--adapters 64] [--max-resident 32]
-                                   [--concurrency 8] [--requests 48] [--rounds 2]
+                                   [--concurrency 8] [--requests 96] [--rounds 2]
 
 Engines: `direct` (`neuroada serve`), and `ray-N` (`neuroada serve --replicas N` on a local Ray
 instance). In each round every engine is started alone, warmed up, measured and stopped, in
@@ -12,7 +12,8 @@ turn, so no engine runs beside another's idle processes. Per engine and round:
   `serve_load.py` workload), base-only and over `--adapters` k=1 adapters by Zipf (s = 1.1),
   each replica keeping at most `--max-resident` adapters resident (Ray's multiplexing LRU too);
 - affinity hit rate: the share of adapter requests whose adapter was already resident on the
-  replica that served them (`X-Adapter-Tier: resident`), after the warm-up pass;
+  replica that served them (`X-Adapter-Tier: resident`), after a warm-up that sent every adapter
+  once and then a Zipf pass;
 - memory: the resident set of the server's whole process tree once warm, and for Ray the part
   that is not the replicas (controller, proxy, ingress, raylet, GCS).
 Loopback only; bounded in count and time.
@@ -117,8 +118,10 @@ def run_engine(engine: str, store: Path, names: list[str], args, round_: int) ->
     proc, url = start_server("neuroada", store, args.threads, args.max_batch, extra)
     startup = time.perf_counter() - started
     try:
-        # Warm-up, not recorded: every path once, and the adapters to their replicas.
+        # Warm-up, not recorded: the base path, then every adapter once (each finds its replica),
+        # then a Zipf pass (the hot ones stay resident), so that hits measure affinity, not first uses.
         asyncio.run(closed_loop(url, [None] * 8, args.concurrency, args.new_tokens))
+        asyncio.run(closed_loop(url, names, args.concurrency, 4))
         asyncio.run(closed_loop(url, zipf_plan(names, args.requests, 1000 + round_), args.concurrency, 8))
         time.sleep(1)
         latency = sequential_latency(url)
@@ -155,7 +158,7 @@ def summary(engine: str, runs: list[dict], new_tokens: int) -> dict:
         "zipf_ttft_p50": statistics.median(ttft),
         "zipf_ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
         "hit_rate": sum(x["tier"] == "resident" for x in zipf) / len(zipf),
-        "replicas_seen": len({x["replica"] for x in zipf if x["replica"]}),
+        "replica_ids_over_rounds": len({x["replica"] for x in zipf if x["replica"]}),  # new ids each round
         "rss_mb": statistics.median(r["rss_mb"] for r in runs),
         "ray_own_rss_mb": statistics.median(r["rss_mb"] - r["replica_rss_mb"] for r in runs)
         if engine != "direct"
@@ -170,7 +173,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--max-resident", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=16)

@@ -326,10 +326,13 @@ class AdapterCatalog:
                 pending = list(self._pending)
             progressed = False
             for name in pending:
+                with self._lock:
+                    entry = self._entries.get(name)
                 if self._load(name):
                     progressed = True
-                    with self._lock:
-                        self._pending.pop(name, None)
+                    with self._lock:  # an entry replaced meanwhile (a shared store) stays pending
+                        if self._entries.get(name) is entry:
+                            self._pending.pop(name, None)
                     self.on_ready()
             if not progressed:
                 with self._lock:  # everything pending waits for room: sleep until a release or a delete
@@ -382,7 +385,7 @@ class AdapterCatalog:
     def _follow(self, name: str) -> None:
         """With `follow_store`: make `name`'s entry match the file under the name now. A new file
         (written by another server) replaces the entry, and is queued for loading if requests
-        wait for it; no file drops the entry. The entry's own file costs one `lstat`."""
+        wait for it or it is pinned; no file drops the entry. The entry's own file costs one `lstat`."""
         if not self.follow_store:
             return
         try:
@@ -404,7 +407,7 @@ class AdapterCatalog:
                 self._pending.pop(name, None)
             else:
                 self._entries[name] = fresh
-                if self._refs[name] > 0 and fresh.error is None:
+                if (self._refs[name] > 0 or name in self.pinned) and fresh.error is None:
                     self._pending[name] = None
                     self._loader_wakeup.notify()
         if fresh is None:

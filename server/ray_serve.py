@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
 
 import ray
+import torch
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -53,7 +54,7 @@ METRICS_PUSH_S = 2.0
 METRICS_STALE_S = 30.0  # a replica silent this long is gone (Ray replaced it)
 # Routes whose JSON body names the adapter (`adapter`, or OpenAI's `model`).
 _GENERATION_PATHS = {"/generate": "adapter", "/v1/completions": "model", "/v1/chat/completions": "model"}
-# Ray's proxy answers these itself or they describe the whole deployment: kept from the replicas.
+# Framing headers of the replica's response: the ingress streams it anew, with its own.
 _HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 
 
@@ -79,14 +80,14 @@ def requested_adapter(path: str, query_string: bytes, body: bytes, base_model: s
 
 
 class AdapterVersions:
-    """`name@version` for the router, from the shared store: one `lstat` a request, a read and a
-    hash only when the file under the name changed."""
+    """`name@version` for the router, from the shared store: one `lstat` a request; the file is
+    read and hashed (off the event loop) only when the file under the name changed."""
 
     def __init__(self, store: AdapterStore):
         self.store = store
         self._known: dict[str, tuple[FileIdentity, str]] = {}
 
-    def model_id(self, name: str) -> str | None:
+    async def model_id(self, name: str) -> str | None:
         """None when there is no such adapter (the replica answers the 404)."""
         try:
             identity = self.store.identity(name)
@@ -95,7 +96,7 @@ class AdapterVersions:
                 return None
             known = self._known.get(name)
             if known is None or known[0] != identity:
-                stored = self.store.read(name)
+                stored = await asyncio.to_thread(self.store.read, name)
                 known = self._known[name] = (stored.identity, stored.sha256)
         except (InvalidAdapterName, OSError):
             return None
@@ -117,11 +118,8 @@ class AdapterModel:
 class Replica:
     def __init__(self, settings_json: str):
         settings = ServerSettings.model_validate_json(settings_json)
-        if settings.replica_cpus:
-            torch_threads = max(1, int(settings.replica_cpus))
-            import torch
-
-            torch.set_num_threads(torch_threads)
+        if settings.replica_cpus:  # Ray reserves the CPUs; torch must not use more threads than that
+            torch.set_num_threads(max(1, int(settings.replica_cpus)))
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app = create_app(settings)
@@ -218,7 +216,7 @@ async def call_asgi(app, request: dict) -> AsyncIterator[dict | bytes]:
         if not task.done():
             try:
                 await asyncio.wait_for(task, timeout=5)
-            except (asyncio.TimeoutError, Exception):
+            except Exception:  # it would not end (TimeoutError) or failed: it is done with either way
                 task.cancel()
 
 
@@ -255,7 +253,7 @@ def merge_metrics(pages: dict[str, str]) -> str:
         for line in text.splitlines():
             if line.startswith(("# HELP ", "# TYPE ")):
                 lines = families.setdefault(line.split()[2], [])
-                if line not in lines:
+                if line not in lines[:2]:  # a family's HELP and TYPE come first, once
                     lines.append(line)
             elif line and not line.startswith("#") and lines is not None:
                 lines.append(_labelled(line, replica))
@@ -303,7 +301,7 @@ class Ingress:
         }
         handle = self.replicas.options(stream=True)
         adapter = requested_adapter(request["path"], request["query_string"], body, self.base_model)
-        model_id = self.versions.model_id(adapter) if adapter is not None else None
+        model_id = await self.versions.model_id(adapter) if adapter is not None else None
         if model_id is not None:
             handle = handle.options(multiplexed_model_id=model_id)
         parts = handle.forward.remote(request)
@@ -362,7 +360,9 @@ def _error(status: int, message: str, code: str) -> Response:
 
 def build_app(settings: ServerSettings):
     """The Ray Serve application: `settings.replicas` engines behind one ingress."""
-    settings = with_admin_token(settings).model_copy(update={"shared_store": True})
+    # Replicas may start in another working directory (or on another node): an absolute store path.
+    update = {"shared_store": True, "adapter_dir": settings.adapter_dir.resolve()}
+    settings = with_admin_token(settings).model_copy(update=update)
     cpus = settings.replica_cpus or 1
     replica = Replica.options(
         num_replicas=settings.replicas or 1,

@@ -7,6 +7,7 @@ instance: through HTTP, Ray's router decides which replica answers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 import subprocess
@@ -18,10 +19,12 @@ import pytest
 from neuroada.format import save_adapter
 from server.ray_serve import APP_NAME, merge_metrics, requested_adapter
 from tests.helpers import random_adapter, tiny_llama
-from tests.server.conftest import PROMPTS, generate, offline_greedy, spawn_serve
+from tests.server.conftest import PROMPTS, ROOT, generate, offline_greedy, spawn_serve
 
 ray = pytest.importorskip("ray")
+import yaml  # noqa: E402
 from ray import serve  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -150,6 +153,23 @@ def test_metrics_of_every_replica_in_one_page(cluster):
         assert "# TYPE neuroada_requests_total counter" in text
 
 
+def test_a_client_that_hangs_up_stops_its_generation_on_its_replica(cluster):
+    with httpx.Client(base_url=cluster, timeout=120) as c:
+        body = {"prompt": "abc", "max_new_tokens": 20000, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/generate", json=body) as r:
+            replica = r.headers["x-replica"]
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        # Hung up: the replica's batch empties (its metrics reach the ingress every 2 s).
+        series = f'neuroada_running_requests{{replica="{replica}"}}'
+        deadline = time.monotonic() + 60
+        while True:
+            running = [line for line in c.get("/metrics").text.splitlines() if line.startswith(series)]
+            if running == [f"{series} 0.0"]:
+                break
+            assert time.monotonic() < deadline, running
+            time.sleep(1)
+
+
 def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster):
     with httpx.Client(base_url=cluster, timeout=120) as c:
         body = {"prompt": "abc", "max_new_tokens": 20000, "ignore_eos": True, "stream": True}
@@ -176,6 +196,16 @@ def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster):
                 assert time.monotonic() < deadline, "no replica replaced the killed one"
             time.sleep(2)
         assert len(replicas) == 2
+
+
+def test_the_serve_config_file_builds_the_application(tmp_path):
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "ray_serve.yaml").read_text()))
+    [app] = config.applications
+    module, builder = app.import_path.split(":")
+    application = getattr(importlib.import_module(module), builder)({**app.args, "adapter_dir": str(tmp_path)})
+    assert isinstance(application, serve.Application)
+    with pytest.raises(ValueError, match="replicas"):
+        getattr(importlib.import_module(module), builder)({"replicas": 0})
 
 
 def test_the_router_reads_the_adapter_where_each_route_names_it():
