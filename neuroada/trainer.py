@@ -1,7 +1,9 @@
 """Training the sparse deltas: AdamW over the bypass values only, linear warmup/decay, grad accumulation.
 
 The base model is frozen; only `NeuroAdaLinear.values` receive gradients. Checkpoints hold the
-values, optimizer and scheduler state and the step, so a run resumes where it stopped.
+values, optimizer and scheduler state and the step, so a run resumes where it stopped. The loop
+trains any named set of parameters (`trainable`): a quality comparison runs PEFT's LoRA factors
+through the very same loop, data order, loss masking and schedule.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from neuroada.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_example
-from neuroada.model import bypasses, trainable_parameters
+from neuroada.model import bypasses
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,13 @@ def train(
     examples: list[dict],
     config: TrainConfig,
     progress: bool = True,
+    trainable: dict[str, nn.Parameter] | None = None,
 ) -> TrainResult:
-    """Train the attached bypasses of `model` on instruction examples; returns a summary."""
-    if not bypasses(model):
+    """Train the attached bypasses of `model` (or the named `trainable` parameters) on
+    instruction examples; returns a summary."""
+    if trainable is None:
+        trainable = {name: m.values for name, m in bypasses(model).items()}
+    if not trainable:
         raise ValueError("attach NeuroAda bypasses before training (neuroada.attach)")
     device = next(model.parameters()).device
     data = [tokenize_example(e, tokenizer, config.max_length) for e in examples]
@@ -72,7 +78,7 @@ def train(
     steps_per_epoch = max(1, len(data) // (config.batch_size * config.grad_accum))
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
-    params = trainable_parameters(model)
+    params = list(trainable.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = int(total_steps * config.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
@@ -87,7 +93,7 @@ def train(
         "warmup_ratio": config.warmup_ratio,
         "seed": config.seed,
     }
-    step = _resume(config.checkpoint, run, model, optimizer, scheduler)
+    step = _resume(config.checkpoint, run, trainable, optimizer, scheduler)
 
     micro_batches = _micro_batches(data, config, start=step * config.grad_accum)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -120,7 +126,7 @@ def train(
             loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens / elapsed:.0f}"
         )
         if config.checkpoint and (step % config.checkpoint_every == 0 or step == total_steps):
-            _save_checkpoint(config.checkpoint, run, model, optimizer, scheduler, step)
+            _save_checkpoint(config.checkpoint, run, trainable, optimizer, scheduler, step)
     bar.close()
     model.eval()
     window = losses[-max(1, min(20, len(losses) // 5)) :] or [math.nan]
@@ -169,10 +175,10 @@ def _micro_batches(data: list[TokenizedExample], config: TrainConfig, start: int
         index += 1
 
 
-def _save_checkpoint(path: Path, run: dict, model, optimizer, scheduler, step: int) -> None:
+def _save_checkpoint(path: Path, run: dict, trainable: dict[str, nn.Parameter], optimizer, scheduler, step: int):
     state = {
         "run": run,
-        "values": {name: m.values.detach().cpu() for name, m in bypasses(model).items()},
+        "values": {name: p.detach().cpu() for name, p in trainable.items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
@@ -183,7 +189,7 @@ def _save_checkpoint(path: Path, run: dict, model, optimizer, scheduler, step: i
     tmp.replace(path)
 
 
-def _resume(path: Path | None, run: dict, model, optimizer, scheduler) -> int:
+def _resume(path: Path | None, run: dict, trainable: dict[str, nn.Parameter], optimizer, scheduler) -> int:
     if path is None or not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,11 +198,10 @@ def _resume(path: Path | None, run: dict, model, optimizer, scheduler) -> int:
             f"checkpoint {path} belongs to another run ({state.get('run')}, this run: {run}); "
             "delete it or choose another checkpoint path"
         )
-    found = bypasses(model)
-    if {n: tuple(v.shape) for n, v in state["values"].items()} != {n: tuple(m.values.shape) for n, m in found.items()}:
+    if {n: tuple(v.shape) for n, v in state["values"].items()} != {n: tuple(p.shape) for n, p in trainable.items()}:
         raise ValueError(f"checkpoint {path} was made for other target layers or another k")
     for name, values in state["values"].items():
-        found[name].values.data.copy_(values)
+        trainable[name].data.copy_(values)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     log.info("resumed from %s at step %d", path, state["step"])

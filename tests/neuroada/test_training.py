@@ -202,3 +202,21 @@ def test_inspect_rejects_an_adapter_for_another_base(tiny_folder, tmp_path, caps
     assert "fingerprint" in capsys.readouterr().err
     path.write_bytes(path.read_bytes()[:50])
     assert main(["inspect", str(path), "--model", str(tiny_folder)]) == 1
+
+
+def test_the_loop_trains_any_named_parameters_and_resumes_them(tmp_path):
+    """What a LoRA comparison relies on: only `trainable` moves, and its checkpoint restores it."""
+    tokenizer, examples = tiny_tokenizer(), synthetic_examples(32)
+
+    def run(checkpoint):
+        model = tiny_llama(seed=0).requires_grad_(False)
+        norm = model.model.norm.weight.requires_grad_(True)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        config = TrainConfig(lr=1e-2, max_steps=4, batch_size=8, max_length=200, checkpoint=checkpoint)
+        train(model, tokenizer, examples, config, progress=False, trainable={"final_norm": norm})
+        return norm, {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+    trained, moved = run(tmp_path / "ckpt")
+    assert moved == {"model.norm.weight"}
+    resumed, _ = run(tmp_path / "ckpt")  # finds the finished run: no step, the values restored
+    assert torch.equal(resumed, trained)

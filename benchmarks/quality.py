@@ -1,0 +1,288 @@
+"""Adaptation quality on the embedded SmolLM2-135M: NeuroAda against PEFT LoRA, same loop and data.
+
+    python benchmarks/quality.py run --task commonsense --method neuroada --k 1 --lr 3e-3 --steps 300
+    python benchmarks/quality.py run --task commonsense --method lora --rank 8 --lr 3e-4 --steps 300
+    python benchmarks/quality.py run --task arithmetic --method base --eval dev
+    python benchmarks/quality.py table
+
+A run trains once (resumable: `neuroada.trainer` checkpoints every 25 steps) and evaluates on
+the validation split (`--eval val`: 500 examples of `commonsense_15k_validation.json`, or the
+last 300 examples of `math_10k.json`, which arithmetic training never sees) and/or the dev sets
+(`--eval dev`: ARC-Easy; AddSub, SingleEq, MultiArith), `--eval-limit` examples each. Every
+method trains with the same seed, data order, template, loss masking (response tokens only),
+AdamW (weight decay 0), linear schedule with warmup 0.06, batch and max length; LoRA trains its
+factors through that very loop (`benchmarks/peers/lora_train.py`). Evaluation is greedy, through
+`neuroada serve` (16 concurrent requests into its continuous batch): NeuroAda adapters from a
+store, LoRA merged into the weights and served as the base model. Scoring: `neuroada.evaluate`
+(last number for arithmetic, first `answerN` for multiple choice), with a 95% Wilson interval.
+
+Each run's config, training summary and results go to `benchmarks/quality/<run id>.json`
+(committed); checkpoints, adapters and merged models to `benchmarks/quality/work/` (not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_load import start_server  # noqa: E402
+
+from neuroada.data import build_prompt, load_examples  # noqa: E402
+from neuroada.evaluate import is_correct  # noqa: E402
+
+RESULTS = Path(__file__).with_name("quality")
+WORK = RESULTS / "work"
+HELD_BACK = 300  # the last examples of math_10k.json: arithmetic's validation split
+
+
+@dataclass(frozen=True)
+class Task:
+    train: str
+    val: str
+    val_size: int
+    dev: tuple[str, ...]
+    max_new_tokens: int
+
+
+TASKS = {
+    "commonsense": Task("commonsense_15k_train.json", "commonsense_15k_validation.json", 500, ("arc_easy_test",), 16),
+    "arithmetic": Task(
+        "math_10k.json", "math_10k.json", HELD_BACK, ("addsub_test", "singleeq_test", "multiarith_test"), 160
+    ),
+}
+
+
+def run_id(args) -> str:
+    if args.method == "base":
+        return f"{args.task}-base"
+    method = f"neuroada-k{args.k}-{args.selection}" if args.method == "neuroada" else f"lora-r{args.rank}"
+    return f"{args.task}-{method}-lr{args.lr:g}-steps{args.steps}-b{args.batch_size}"
+
+
+def training_examples(task: str, data_dir: Path) -> list[dict]:
+    examples = load_examples(data_dir / TASKS[task].train)
+    return examples[:-HELD_BACK] if task == "arithmetic" else examples
+
+
+def eval_examples(task: str, split: str, data_dir: Path) -> list[dict]:
+    t = TASKS[task]
+    if split == "val":
+        examples = load_examples(data_dir / t.val)
+        return examples[-HELD_BACK:] if task == "arithmetic" else examples[: t.val_size]
+    return load_examples(data_dir / f"{split}.json")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def train_run(args, work: Path) -> dict:
+    """Train (or resume) the run; returns its training summary. NeuroAda writes an adapter into
+    work/store, LoRA a merged model folder into work/merged."""
+    import torch
+
+    from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
+    from neuroada.config import NeuroAdaConfig, default_targets
+    from neuroada.fingerprint import BaseModelSpec
+    from neuroada.format import save_adapter
+    from neuroada.model import attach, export
+    from neuroada.trainer import TrainConfig, train, training_summary
+
+    torch.set_num_threads(args.threads)
+    model = load_base_model(None)
+    total = sum(p.numel() for p in model.parameters())  # the base's own, before any bypass or factor
+    base = BaseModelSpec.from_model(model, resolve_model_name(None))
+    tokenizer = load_tokenizer(None)
+    examples = training_examples(args.task, args.data_dir)
+    config = TrainConfig(
+        lr=args.lr,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        warmup_ratio=0.06,
+        seed=0,
+        checkpoint=work / "train.ckpt",
+        checkpoint_every=25,
+    )
+    if args.method == "neuroada":
+        na_config = NeuroAdaConfig(k=args.k, targets=default_targets(model.config.model_type), selection=args.selection)
+        attach(model, na_config)
+        result = train(model, tokenizer, examples, config)
+        summary = training_summary(result, config, "", args.task)
+        adapter = export(model, base, selection=args.selection, training=summary)
+        (work / "store").mkdir(parents=True, exist_ok=True)
+        save_adapter(adapter, work / "store" / f"{run_id(args)}.safetensors")
+        trainable = adapter.num_params
+    else:
+        from peers.lora_train import train_lora
+
+        result, trainable = train_lora(model, tokenizer, examples, config, args.rank, work / "merged")
+        summary = training_summary(result, config, "", args.task)
+    summary.update(
+        trainable=trainable,
+        trainable_percent=round(100 * trainable / total, 4),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
+    return summary
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+async def generate_all(url: str, prompts: list[str], adapter: str | None, max_new_tokens: int, clients: int):
+    texts: list[str | None] = [None] * len(prompts)
+    todo = list(reversed(range(len(prompts))))
+    params = {"adapter": adapter} if adapter else {}
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+
+        async def worker():
+            while todo:
+                i = todo.pop()
+                body = {"prompt": prompts[i], "max_new_tokens": max_new_tokens, "temperature": 0}
+                r = await client.post("/generate", params=params, json=body)
+                r.raise_for_status()
+                texts[i] = r.json()["text"]
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return texts
+
+
+def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]]) -> dict:
+    """Every (name, examples) through one `neuroada serve` of the run's model; per set: correct,
+    total, accuracy, interval, seconds, and every generation in work/."""
+    adapter = None if args.method != "neuroada" else run_id(args)
+    store = work / "store" if args.method == "neuroada" else work / "empty-store"
+    store.mkdir(parents=True, exist_ok=True)
+    env = {"NEUROADA_MAX_NEW_TOKENS": "512", "NEUROADA_REQUEST_TIMEOUT_S": "3600"}
+    if args.method == "lora":
+        env["NEUROADA_MODEL"] = str(work / "merged")
+    proc, url = start_server("neuroada", store, args.threads, 16, env)
+    results = {}
+    try:
+        for name, examples in sets:
+            started = time.perf_counter()
+            prompts = [build_prompt(e) for e in examples]
+            texts = asyncio.run(generate_all(url, prompts, adapter, TASKS[args.task].max_new_tokens, 16))
+            correct = [is_correct(t, str(e["answer"])) for t, e in zip(texts, examples)]
+            lo, hi = wilson(sum(correct), len(correct))
+            results[name] = {
+                "correct": sum(correct),
+                "total": len(correct),
+                "accuracy": sum(correct) / len(correct),
+                "ci95": [round(lo, 4), round(hi, 4)],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            records = [
+                {"answer": e["answer"], "generation": t, "correct": c} for e, t, c in zip(examples, texts, correct)
+            ]
+            (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            print(f"  {name}: {sum(correct)}/{len(correct)} = {results[name]['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    return results
+
+
+# --- the commands ------------------------------------------------------------------------------------
+
+
+def run(args) -> None:
+    rid = run_id(args)
+    work = WORK / rid
+    work.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{rid}.json"
+    record = json.loads(path.read_text()) if path.exists() else {"run": rid, "config": {}, "eval": {}}
+    kept = ("task", "method", "k", "selection", "rank", "lr", "steps", "batch_size", "max_length")
+    record["config"] = {k: v for k, v in vars(args).items() if k in kept}
+    if args.method != "base" and "train" not in record:
+        print(f"{rid}: training")
+        record["train"] = train_run(args, work)
+        write(path, record)
+    wanted = []
+    for split in args.eval:
+        names = ["val"] if split == "val" else list(TASKS[args.task].dev)
+        for name in names:
+            key = f"{name}:{args.eval_limit or 'all'}"
+            if key not in record["eval"]:
+                examples = eval_examples(args.task, name, args.data_dir)[: args.eval_limit]
+                wanted.append((key, examples))
+    if wanted:
+        print(f"{rid}: evaluating {', '.join(k for k, _ in wanted)}")
+        record["eval"].update(evaluate_run(args, work, wanted))
+        write(path, record)
+
+
+def write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def table(args) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    for r in rows:
+        c, t = r["config"], r.get("train", {})
+        what = {"neuroada": f"NeuroAda k={c.get('k')} {c.get('selection')}", "lora": f"LoRA r={c.get('rank')}"}
+        cells = [
+            f"{k}: {v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] (n={v['total']})"
+            for k, v in sorted(r["eval"].items())
+        ]
+        train = (
+            f"lr {c['lr']:g}, {t.get('steps')} steps, {t.get('trainable', 0):,} params "
+            f"({t.get('trainable_percent')}%), loss {t.get('first_loss')} -> {t.get('final_loss')}, "
+            f"{t.get('seconds')} s, peak RSS {t.get('peak_rss_mb')} MB"
+            if t
+            else "no training"
+        )
+        print(f"{r['run']}: {what.get(c['method'], 'base')}; {train}\n    " + "\n    ".join(cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(required=True)
+    p = sub.add_parser("run", help="train (or resume) one run and evaluate it")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--method", choices=["neuroada", "lora", "base"], required=True)
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--selection", choices=["magnitude", "random", "reverse"], default="magnitude")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--eval", nargs="+", choices=["val", "dev"], default=["val"])
+    p.add_argument("--eval-limit", type=int, default=None, help="first N examples of each set")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.set_defaults(func=run)
+    t = sub.add_parser("table", help="every run's results")
+    t.set_defaults(func=table)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
