@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -379,6 +380,15 @@ def app_builder(args: dict):
     return build_app(ServerSettings(**args))
 
 
+def _serve_http_address() -> tuple[str, int] | None:
+    """Where Serve's proxies listen on this cluster (None if Ray no longer tells: a private API)."""
+    try:
+        config = serve.context._get_global_client().http_config
+        return config.host, config.port
+    except Exception:
+        return None
+
+
 def serve_on_ray(settings: ServerSettings) -> int:
     """`neuroada serve --replicas N`: start (or join) Ray, deploy, and serve until SIGINT/SIGTERM."""
     if settings.ray_address:
@@ -394,8 +404,20 @@ def serve_on_ray(settings: ServerSettings) -> int:
             object_store_memory=2 * settings.max_upload_bytes + 64 * 1024 * 1024,
         )
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    running_at = _serve_http_address()
+    if running_at is not None and running_at != (settings.host, settings.port):
+        host, port = running_at
+        print(
+            f"error: Ray Serve already runs on this cluster at {host}:{port}, and its HTTP address is fixed when it "
+            f"first starts: pass --host {host} --port {port}, or run `serve shutdown` first",
+            file=sys.stderr,
+        )
+        ray.shutdown()
+        return 2
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    print(f"neuroada: {settings.replicas} replicas on Ray Serve at http://{settings.host}:{settings.port}", flush=True)
+    print(
+        f"neuroada: {settings.replicas} replica(s) on Ray Serve at http://{settings.host}:{settings.port}", flush=True
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
