@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -24,6 +25,24 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+async def closed_loop(url: str, plan: list, concurrency: int, request) -> dict:
+    """`plan`'s items, in order, through `concurrency` closed-loop clients, each awaiting
+    `request(client, item)` before its next: the results (in completion order) and the wall time."""
+    import httpx
+
+    results = []
+    todo = list(reversed(plan))
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def worker():
+            while todo:
+                results.append(await request(client, todo.pop()))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return {"results": results, "seconds": time.perf_counter() - started}
 
 
 def summarize(samples: list[float]) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import closed_loop, machine, print_table, write_json  # noqa: E402
 from serve_load import PROMPT, start_server  # noqa: E402
 
 SCENARIOS = {  # name -> (adapters in the store, traffic, hot adapters: None = all)
@@ -124,17 +124,7 @@ async def one_request(client: httpx.AsyncClient, adapter: str, new_tokens: int) 
 
 
 async def run_pass(url: str, plan: list[str], concurrency: int, new_tokens: int) -> dict:
-    results = []
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        queue = list(plan)
-
-        async def worker():
-            while queue:
-                results.append(await one_request(client, queue.pop(), new_tokens))
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return {"results": results, "seconds": time.perf_counter() - started}
+    return await closed_loop(url, plan, concurrency, lambda client, name: one_request(client, name, new_tokens))
 
 
 def traffic_plan(names: list[str], traffic: str, requests: int, seed: int) -> list[str]:

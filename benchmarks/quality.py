@@ -38,6 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import closed_loop  # noqa: E402
 from serve_load import start_server  # noqa: E402
 
 from neuroada.data import build_prompt, load_examples  # noqa: E402
@@ -95,6 +96,7 @@ def train_run(args, work: Path) -> dict:
 
     from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
     from neuroada.config import NeuroAdaConfig, default_targets
+    from neuroada.data import file_sha256
     from neuroada.fingerprint import BaseModelSpec
     from neuroada.format import save_adapter
     from neuroada.model import attach, export
@@ -106,6 +108,7 @@ def train_run(args, work: Path) -> dict:
     base = BaseModelSpec.from_model(model, resolve_model_name(None))
     tokenizer = load_tokenizer(None)
     examples = training_examples(args.task, args.data_dir)
+    data_hash = file_sha256(args.data_dir / TASKS[args.task].train)
     config = TrainConfig(
         lr=args.lr,
         max_steps=args.steps,
@@ -120,7 +123,7 @@ def train_run(args, work: Path) -> dict:
         na_config = NeuroAdaConfig(k=args.k, targets=default_targets(model.config.model_type), selection=args.selection)
         attach(model, na_config)
         result = train(model, tokenizer, examples, config)
-        summary = training_summary(result, config, "", args.task)
+        summary = training_summary(result, config, data_hash, TASKS[args.task].train)
         adapter = export(model, base, selection=args.selection, training=summary)
         (work / "store").mkdir(parents=True, exist_ok=True)
         save_adapter(adapter, work / "store" / f"{run_id(args)}.safetensors")
@@ -129,7 +132,7 @@ def train_run(args, work: Path) -> dict:
         from peers.lora_train import train_lora
 
         result, trainable = train_lora(model, tokenizer, examples, config, args.rank, work / "merged")
-        summary = training_summary(result, config, "", args.task)
+        summary = training_summary(result, config, data_hash, TASKS[args.task].train)
     summary.update(
         trainable=trainable,
         trainable_percent=round(100 * trainable / total, 4),
@@ -152,21 +155,16 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
 
 
 async def generate_all(url: str, prompts: list[str], adapter: str | None, max_new_tokens: int, clients: int):
-    texts: list[str | None] = [None] * len(prompts)
-    todo = list(reversed(range(len(prompts))))
     params = {"adapter": adapter} if adapter else {}
-    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
 
-        async def worker():
-            while todo:
-                i = todo.pop()
-                body = {"prompt": prompts[i], "max_new_tokens": max_new_tokens, "temperature": 0}
-                r = await client.post("/generate", params=params, json=body)
-                r.raise_for_status()
-                texts[i] = r.json()["text"]
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str]:
+        body = {"prompt": prompts[i], "max_new_tokens": max_new_tokens, "temperature": 0}
+        r = await client.post("/generate", params=params, json=body, timeout=900)
+        r.raise_for_status()
+        return i, r.json()["text"]
 
-        await asyncio.gather(*(worker() for _ in range(clients)))
-    return texts
+    done = await closed_loop(url, list(range(len(prompts))), clients, one)
+    return [text for _, text in sorted(done["results"])]
 
 
 def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]]) -> dict:

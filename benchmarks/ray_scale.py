@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import closed_loop, machine, print_table, write_json  # noqa: E402
 from serve_load import PROMPT, make_store, pick, start_server  # noqa: E402
 
 
@@ -53,18 +53,8 @@ async def one_request(client: httpx.AsyncClient, adapter: str | None, new_tokens
     return {"ttft": (first or end) - started, "e2e": end - started, "tier": tier, "replica": r.headers.get("x-replica")}
 
 
-async def closed_loop(url: str, plan: list[str | None], concurrency: int, new_tokens: int) -> dict:
-    results = []
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        queue = list(reversed(plan))
-
-        async def worker():
-            while queue:
-                results.append(await one_request(client, queue.pop(), new_tokens))
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return {"results": results, "seconds": time.perf_counter() - started}
+async def requests_pass(url: str, plan: list[str | None], concurrency: int, new_tokens: int) -> dict:
+    return await closed_loop(url, plan, concurrency, lambda client, adapter: one_request(client, adapter, new_tokens))
 
 
 def sequential_latency(url: str, count: int = 20) -> list[float]:
@@ -120,13 +110,15 @@ def run_engine(engine: str, store: Path, names: list[str], args, round_: int) ->
     try:
         # Warm-up, not recorded: the base path, then every adapter once (each finds its replica),
         # then a Zipf pass (the hot ones stay resident), so that hits measure affinity, not first uses.
-        asyncio.run(closed_loop(url, [None] * 8, args.concurrency, args.new_tokens))
-        asyncio.run(closed_loop(url, names, args.concurrency, 4))
-        asyncio.run(closed_loop(url, zipf_plan(names, args.requests, 1000 + round_), args.concurrency, 8))
+        asyncio.run(requests_pass(url, [None] * 8, args.concurrency, args.new_tokens))
+        asyncio.run(requests_pass(url, names, args.concurrency, 4))
+        asyncio.run(requests_pass(url, zipf_plan(names, args.requests, 1000 + round_), args.concurrency, 8))
         time.sleep(1)
         latency = sequential_latency(url)
-        base = asyncio.run(closed_loop(url, [None] * args.requests, args.concurrency, args.new_tokens))
-        zipf = asyncio.run(closed_loop(url, zipf_plan(names, args.requests, round_), args.concurrency, args.new_tokens))
+        base = asyncio.run(requests_pass(url, [None] * args.requests, args.concurrency, args.new_tokens))
+        zipf = asyncio.run(
+            requests_pass(url, zipf_plan(names, args.requests, round_), args.concurrency, args.new_tokens)
+        )
         rss, replica_rss = tree_rss_mb(proc.pid)
     finally:
         proc.terminate()
