@@ -81,7 +81,9 @@ def test_a_family_trains_with_its_default_targets_and_serves_merged_and_mixed(fa
     # The adapter changes the model (random tiny Gemmas repeat one token whatever the weights,
     # so the check is on the logits).
     assert not torch.allclose(adapted, base, rtol=1e-3, atol=1e-3)
-    settings = make_settings(folder, store)
+    # Pinned: resident from start-up, so `_serve`'s requests are all ready when the worker starts
+    # (a lazily loaded adapter could land after the base request has finished alone).
+    settings = make_settings(folder, store, pin="task")
     engine = Engine(settings)
     assert _serve(engine, [("task", ids)]) == [expected]
     assert engine.metrics.steps.labels(path="merged")._value.get() > 0
