@@ -1,15 +1,16 @@
 """Kernels for sparse NeuroAda deltas: in-place apply/restore, the sparse gather
-product, and the mixed-adapter product; and a decode step's dense linear and RMSNorm.
+product, and the mixed-adapter product; and a decode step's dense linear, RMSNorm and attention.
 
 Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
 `kernels.reference`, which is the test oracle and the CPU path where the C++ CPU kernels
 (`kernels.cpu`, built on first use) are not available; the decode step's linear and RMSNorm
-have torch's own `F.linear` and `F.rms_norm` for that.
+have torch's own `F.linear` and `F.rms_norm` for that, its attention a twin beside it.
 """
 
 from kernels._triton import triton_available
 from kernels.cpu import cpu_kernels
-from kernels.decode_linear import DecodeLinear, linear, use_decode_linears
+from kernels.decode_attention import decode_attention
+from kernels.decode_linear import DecodeLinear, gated_silu, linear, use_decode_linears
 from kernels.mixed_delta import add_delta_, add_mixed_delta_, mixed_delta
 from kernels.rms_norm import rms_norm
 from kernels.scatter import (
@@ -31,9 +32,11 @@ __all__ = [
     "apply_delta_flat_",
     "cpu_kernels",
     "csr_layout",
+    "decode_attention",
     "CsrLayout",
     "DecodeLinear",
     "flat_offsets",
+    "gated_silu",
     "linear",
     "mixed_delta",
     "reapply_delta_flat_",

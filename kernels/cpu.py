@@ -22,7 +22,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_cpu.cpp", "decode_linear.cpp", "rms_norm.cpp")]
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("sparse_cpu.cpp", "decode_linear.cpp", "rms_norm.cpp", "decode_attention.cpp")
+]
 _NAME = "neuroada_sparse_cpu"
 # torch's build lock is a file that a killed build leaves behind, and every later process would
 # wait on it forever; a build takes about 30 s, so a lock this old is stale.

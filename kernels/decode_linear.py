@@ -20,20 +20,37 @@ DECODE_MAX_ROWS = 32
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; x [..., K], weight [N, K] -> [..., N]."""
+    kernels = _decode_kernels(x, weight, bias)
+    if kernels is not None:
+        K = x.shape[-1]
+        out = kernels.decode_linear(x.reshape(-1, K).contiguous(), weight.contiguous(), bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def gated_silu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`F.silu(F.linear(x, gate)) * F.linear(x, up)` (a gated MLP before its down projection), in
+    one call on the CPU kernel; x [..., K], gate and up [N, K] -> [..., N]."""
+    kernels = _decode_kernels(x, gate, None, up)
+    if kernels is not None:
+        K = x.shape[-1]
+        out = kernels.decode_gated_silu(x.reshape(-1, K).contiguous(), gate.contiguous(), up.contiguous())
+        return out.view(*x.shape[:-1], gate.shape[0])
+    return F.silu(F.linear(x, gate)) * F.linear(x, up)
+
+
+def _decode_kernels(x: torch.Tensor, *weights: torch.Tensor | None):
+    """The C++ module where a product of x with these weights is a decode step's: a few float32 rows
+    on the CPU, no gradient wanted; None otherwise."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
-    if (
-        0 < rows <= DECODE_MAX_ROWS
-        and x.is_cpu
-        and x.dtype == weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
-        kernels = cpu_kernels()
-        if kernels is not None:
-            out = kernels.decode_linear(x.reshape(rows, K).contiguous(), weight.contiguous(), bias)
-            return out.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    if not (0 < rows <= DECODE_MAX_ROWS and x.is_cpu and x.dtype == torch.float32):
+        return None
+    if any(w is not None and w.dtype != torch.float32 for w in weights):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights)):
+        return None
+    return cpu_kernels()
 
 
 class DecodeLinear(nn.Linear):

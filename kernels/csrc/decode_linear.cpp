@@ -11,7 +11,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <cstring>
 
 namespace {
@@ -28,7 +30,8 @@ constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 1; }
 typedef float vec __attribute__((vector_size(VL * 4)));
 constexpr int64_t TOKENS_PER_PASS = 8;  // token rows whose sums one pass keeps in registers
 constexpr int64_t BLOCK_BYTES = 16 * 1024;  // weight bytes a group of passes shares from cache
-constexpr int64_t MIN_WORK = 1 << 16;  // weights per thread below which waking another is not worth it
+constexpr int64_t MIN_WORK = 1 << 16;
+constexpr int64_t PREFETCH_PASSES = 2;  // how far ahead weight rows are prefetched, in passes  // weights per thread below which waking another is not worth it
 
 inline vec load(const float* p) {
   vec v;
@@ -51,12 +54,20 @@ void rows_pass(const float* x, const float* w, const float* bias, float* out, in
     vec acc[R][M];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = vec{};
+    // The rows PREFETCH_PASSES passes on start loading now: without it the core stalls on each new
+    // row's first lines while its FMAs wait, and memory idles while they run.
+    const float* ahead[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = n + r + PREFETCH_PASSES * R;
+      ahead[r] = w + (row < N ? row : n + r) * K;
+    }
     int64_t k = 0;
     for (; k + VL <= K; k += VL) {
       vec xv[M];
       for (int m = 0; m < M; ++m) xv[m] = load(x + m * K + k);
       for (int r = 0; r < R; ++r) {
         const vec wv = load(w + (n + r) * K + k);
+        __builtin_prefetch(ahead[r] + k);
         for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
       }
     }
@@ -86,19 +97,19 @@ void rows_pass_any(int64_t M, const float* x, const float* w, const float* bias,
   }
 }
 
-// More than 8 token rows: a block of weight rows is read from memory once, then stays in L1/L2
-// while each group of 8 tokens passes over it.
-void decode_linear_impl(int64_t M, const float* x, const float* w, const float* bias, float* out, int64_t N, int64_t K) {
-  const int64_t grain = std::max<int64_t>(4, MIN_WORK / std::max<int64_t>(K, 1));
+// Output features [begin, end) of x @ w.T (+ bias). More than 8 token rows: a block of weight rows
+// is read from memory once, then stays in L1/L2 while each group of 8 tokens passes over it.
+void linear_rows(int64_t M, const float* x, const float* w, const float* bias, float* out, int64_t begin, int64_t end,
+                 int64_t N, int64_t K) {
   const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (K * int64_t(sizeof(float))));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; b += block) {
-      for (int64_t m = 0; m < M; m += TOKENS_PER_PASS) {
-        rows_pass_any(std::min(TOKENS_PER_PASS, M - m), x + m * K, w, bias, out + m * N, b, std::min(end, b + block), N, K);
-      }
+  for (int64_t b = begin; b < end; b += block) {
+    for (int64_t m = 0; m < M; m += TOKENS_PER_PASS) {
+      rows_pass_any(std::min(TOKENS_PER_PASS, M - m), x + m * K, w, bias, out + m * N, b, std::min(end, b + block), N, K);
     }
-  });
+  }
 }
+
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(4, MIN_WORK / std::max<int64_t>(K, 1)); }
 
 }  // namespace
 
@@ -116,6 +127,35 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
     b = bias->data_ptr<float>();
   }
   auto out = torch::empty({M, N}, x.options());
-  if (M > 0) decode_linear_impl(M, x.data_ptr<float>(), weight.data_ptr<float>(), b, out.data_ptr<float>(), N, K);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (M > 0)
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) { linear_rows(M, xp, wp, b, op, begin, end, N, K); });
+  return out;
+}
+
+// silu(x @ gate.T) * (x @ up.T): a gated MLP's first half in one call, x [M, K], gate and up [N, K].
+// Each thread's output features come from both weights while the gate's sums are still in cache.
+torch::Tensor decode_gated_silu(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up) {
+  TORCH_CHECK(x.dim() == 2 && gate.dim() == 2 && gate.sizes() == up.sizes() && x.size(1) == gate.size(1),
+              "decode_gated_silu: x [M, K], gate and up [N, K]");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &gate, &up})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "decode_gated_silu: contiguous float32 only");
+  const int64_t M = x.size(0), N = gate.size(0), K = x.size(1);
+  auto out = torch::empty({M, N}, x.options());
+  auto gated = torch::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *gp = gate.data_ptr<float>(), *up_p = up.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *gv = gated.data_ptr<float>();
+  if (M > 0)
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      linear_rows(M, xp, gp, nullptr, gv, begin, end, N, K);
+      linear_rows(M, xp, up_p, nullptr, op, begin, end, N, K);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = begin; n < end; ++n) {
+          const float g = gv[m * N + n];
+          op[m * N + n] *= g / (1.f + std::exp(-g));
+        }
+    });
   return out;
 }

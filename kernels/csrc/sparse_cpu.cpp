@@ -533,7 +533,13 @@ void unmerge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const to
 
 torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias);  // decode_linear.cpp
+torch::Tensor decode_gated_silu(const torch::Tensor& x, const torch::Tensor& gate,
+                                const torch::Tensor& up);  // decode_linear.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);  // rms_norm.cpp
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
+                               torch::Tensor& values, int64_t first, const torch::Tensor& positions,
+                               double scale);  // decode_attention.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd_add_", &sparse_fwd_add_, "out += the sparse gather product of x");
@@ -545,6 +551,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL: the server's event loop streams tokens while a decode step reads weights.
   m.def("decode_linear", &decode_linear, "x @ weight.T + bias for a few rows of x (a decode step)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("decode_gated_silu", &decode_gated_silu, "silu(x @ gate.T) * (x @ up.T) for a few rows of x",
+        py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2, -1) + eps) * weight, one pass per row");
+  m.def("decode_attention", &decode_attention, "rotary, cache write and attention of a decode step, per row");
   m.def("mixed_delta_add_", &mixed_delta_add_, "adds each token's own adapter delta (one shared index set) to out");
 }

@@ -9,7 +9,8 @@ as much again on a CPU. This forward keeps only the model's arithmetic:
   a previous occupant left past the prompt) and leave (the rows after them move down) without
   rebuilding the cache, and no row is padded;
 - a prefill per joining group, right-padded (causal attention keeps padding out of real tokens);
-- a decode step whose attention reads each row's keys up to the longest row, masked per row.
+- a decode step whose attention (`kernels.decode_attention`: rotary, the cache write and the
+  attention of every row in one call per layer) reads each row's own keys.
 
 It calls the model's own embedding, linear, MLP and rotary modules (and RMSNorm's weights), so
 switched weights and the mixed path's per-row deltas apply here as in the HF forward. A failed
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import rms_norm
+from kernels import decode_attention, gated_silu, rms_norm
+from kernels.decode_attention import rotate_half
 
 LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")
 CAPACITY_STEP = 64  # cache positions are reserved in multiples of this
@@ -117,10 +119,13 @@ class _Layer:
     scale: float
     post_norm: nn.Module
     mlp: nn.Module
+    gated_silu: bool  # the MLP is down(silu(gate(x)) * up(x)) over plain linears: one kernel call may do its first half
 
     @classmethod
-    def of(cls, layer: nn.Module) -> _Layer:
-        attn = layer.self_attn
+    def of(cls, layer: nn.Module, act: str) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        gated = act in ("silu", "swish") and all(isinstance(m, nn.Linear) for m in linears)
         return cls(
             layer.input_layernorm,
             attn.q_proj,
@@ -131,7 +136,8 @@ class _Layer:
             getattr(attn, "k_norm", None),
             attn.scaling,
             layer.post_attention_layernorm,
-            layer.mlp,
+            mlp,
+            gated and linears[0].bias is None and linears[1].bias is None,
         )
 
 
@@ -144,7 +150,10 @@ class LlamaForward:
     def __init__(self, model: nn.Module, cache: SlotCache | None = None, first: int = 0):
         self.model = model
         config = model.config
-        self.embed, self.layers = model.model.embed_tokens, [_Layer.of(layer) for layer in model.model.layers]
+        self.embed, self.layers = (
+            model.model.embed_tokens,
+            [_Layer.of(layer, config.hidden_act) for layer in model.model.layers],
+        )
         self.norm, self.rotary, self.lm_head = model.model.norm, model.model.rotary_emb, model.lm_head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -164,7 +173,7 @@ class LlamaForward:
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = torch.tensor(prompt)
         positions = torch.arange(T, device=self.device).expand(n, T)  # [n, T]
-        hidden = self._layers(ids.to(self.device), positions, slots=slice(start, start + n), length=None)
+        hidden = self._layers(ids.to(self.device), positions, slots=slice(start, start + n), decoding=False)
         self.cache.clear_tails(start, [len(p) for p in prompts])
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         hidden = hidden[torch.arange(n, device=self.device), last]  # [n, hidden]
@@ -175,11 +184,10 @@ class LlamaForward:
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         B = len(tokens)
-        length = max(self.lengths) + 1
-        self.cache.reserve(self.first + B, length)
+        self.cache.reserve(self.first + B, max(self.lengths) + 1)
         positions = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
         ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
-        hidden = self._layers(ids, positions, slots=slice(self.first, self.first + B), length=length)
+        hidden = self._layers(ids, positions, slots=slice(self.first, self.first + B), decoding=True)
         self.lengths = [n + 1 for n in self.lengths]
         return self._logits(hidden[:, -1])
 
@@ -213,17 +221,12 @@ class LlamaForward:
 
     # --- the model ----------------------------------------------------------------------------
 
-    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: slice, length: int | None) -> torch.Tensor:
-        """Hidden states [B, T, hidden] after the last layer. A prefill (`length` None) attends
-        causally within its own tokens; a decode step (T = 1) attends to each row's cache."""
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: slice, decoding: bool) -> torch.Tensor:
+        """Hidden states [B, T, hidden] after the last layer. A prefill attends causally within its
+        own tokens; a decode step (T = 1) attends to each row's cache."""
         B, T = ids.shape
         x = self.embed(ids)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
-        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-        if length is not None:
-            visible = torch.arange(length, device=self.device) <= positions  # [B, length]
-            bias = torch.zeros(B, 1, 1, length, dtype=x.dtype, device=self.device)
-            bias.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [B, 1, 1, length]
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
@@ -232,11 +235,24 @@ class LlamaForward:
             v = layer.v(h).view(B, T, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             keys, values = self.cache.keys[i], self.cache.values[i]
-            keys[rows, :, positions] = k  # [B, T, kv_heads, head_dim] into each row's positions
-            values[rows, :, positions] = v
-            if length is None:
+            if decoding:  # one token per row: its rotary, cache write and attention in one call
+                o = decode_attention(
+                    q[:, 0],
+                    k[:, 0],
+                    v[:, 0],
+                    cos[:, 0],
+                    sin[:, 0],
+                    keys,
+                    values,
+                    slots.start,
+                    positions[:, 0],
+                    layer.scale,
+                )
+            else:
+                q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+                keys[rows, :, positions] = k  # [B, T, kv_heads, head_dim] into each row's positions
+                values[rows, :, positions] = v
                 o = F.scaled_dot_product_attention(
                     q.transpose(1, 2),
                     k.transpose(1, 2),
@@ -245,27 +261,32 @@ class LlamaForward:
                     enable_gqa=True,
                     scale=layer.scale,
                 ).transpose(1, 2)  # [B, T, heads, head_dim]
-            else:
-                o = self._attend(q, keys[slots, :, :length], values[slots, :, :length], bias, layer.scale)
             x = x + layer.o(o.reshape(B, T, -1))
-            x = x + layer.mlp(_rms_norm(x, layer.post_norm))
+            x = x + _mlp(layer, _rms_norm(x, layer.post_norm))
         return x
-
-    def _attend(self, q, keys, values, bias, scale) -> torch.Tensor:
-        """One new token per row against its cache: q [B, 1, heads, d], keys/values [B, kv, L, d]."""
-        B = q.shape[0]
-        q = q.view(B, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # head h reads kv head h // G
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale + bias  # [B, kv, G, L]
-        return torch.matmul(scores.softmax(-1), values).view(B, 1, self.heads, self.head_dim)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, V] float32
         return self.lm_head(_rms_norm(hidden, self.norm)).float()
+
+
+def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+    mlp = layer.mlp
+    if layer.gated_silu and _unwrapped(mlp) and _unwrapped(mlp.gate_proj) and _unwrapped(mlp.up_proj):
+        return mlp.down_proj(gated_silu(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+    return mlp(x)
+
+
+def _unwrapped(module: nn.Module) -> bool:
+    """Whether calling the module is its own forward alone: none put in its place (the mixed path's
+    per-row deltas) and no hooks on it, so our kernel may compute it instead."""
+    return "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, head_dim] rotated by cos/sin [B, T, head_dim] (broadcast over heads)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return x * cos + rotate_half(x) * sin

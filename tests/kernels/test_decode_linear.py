@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cpu_kernels
-from kernels.decode_linear import DECODE_MAX_ROWS, DecodeLinear, linear, use_decode_linears
+from kernels.decode_linear import DECODE_MAX_ROWS, DecodeLinear, gated_silu, linear, use_decode_linears
 
 needs_cpu_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
 
@@ -26,11 +26,27 @@ def test_the_kernel_equals_f_linear(rows, shape, bias):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("rows", [1, 4, 9, DECODE_MAX_ROWS])
+@pytest.mark.parametrize("shape", [(64, 48), (13, 7), (250, 577)])
+def test_the_gated_kernel_equals_silu_of_gate_times_up(rows, shape):
+    g = torch.Generator().manual_seed(rows)
+    d_out, d_in = shape
+    x = torch.randn(rows, d_in, generator=g)
+    gate, up = torch.randn(2, d_out, d_in, generator=g)
+    expected = F.silu(F.linear(x, gate)) * F.linear(x, up)
+    # a product of two sums that each match F.linear to 1e-4, and are each up to ~sqrt(d_in) in size
+    atol = 1e-4 * 2 * d_in**0.5
+    torch.testing.assert_close(cpu_kernels().decode_gated_silu(x, gate, up), expected, rtol=1e-5, atol=atol)
+
+
+@needs_cpu_kernels
 def test_the_kernel_refuses_what_it_cannot_compute():
     with pytest.raises(RuntimeError, match="float32"):
         cpu_kernels().decode_linear(torch.randn(2, 8), torch.randn(4, 8).bfloat16(), None)
     with pytest.raises(RuntimeError, match="K"):
         cpu_kernels().decode_linear(torch.randn(2, 8), torch.randn(4, 9), None)
+    with pytest.raises(RuntimeError, match="gate and up"):
+        cpu_kernels().decode_gated_silu(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5, 8))
 
 
 @pytest.mark.parametrize("lead", [(3,), (2, 1), (1, 40)])  # decode rows, [B, 1], and a prefill past the kernel
@@ -39,6 +55,14 @@ def test_linear_keeps_leading_dims_whichever_path_it_takes(lead):
     out = linear(x, w, b)
     assert out.shape == (*lead, 10)
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 1), (1, 40)])
+def test_gated_silu_keeps_leading_dims_whichever_path_it_takes(lead):
+    x, gate, up = torch.randn(*lead, 24), torch.randn(10, 24), torch.randn(10, 24)
+    out = gated_silu(x, gate, up)
+    assert out.shape == (*lead, 10)
+    torch.testing.assert_close(out, F.silu(F.linear(x, gate)) * F.linear(x, up), rtol=1e-5, atol=1e-4)
 
 
 def test_gradients_still_flow_through_f_linear():

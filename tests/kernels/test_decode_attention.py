@@ -1,0 +1,82 @@
+"""A decode step's attention: the C++ pass against its torch twin, the cache writes, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_kernels, decode_attention
+from kernels.decode_attention import decode_attention_ref
+
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
+
+
+def case(B: int, heads: int, kv_heads: int, head_dim: int, positions: list[int], slots: int = 8, capacity: int = 64):
+    g = torch.Generator().manual_seed(B * 100 + heads * 10 + head_dim)
+    q = torch.randn(B, heads, head_dim, generator=g)
+    k, v = torch.randn(2, B, kv_heads, head_dim, generator=g)
+    angles = torch.randn(B, head_dim // 2, generator=g).repeat(1, 2)  # rotary's halves share angles
+    keys, values = torch.randn(2, slots, kv_heads, capacity, head_dim, generator=g)
+    return q, k, v, angles.cos(), angles.sin(), keys, values, torch.tensor(positions)
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,positions", [(1, [0]), (1, [37]), (3, [5, 0, 20]), (4, [63, 1, 9, 30])])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 6)])
+def test_the_kernel_equals_the_torch_twin(B, positions, heads, kv_heads, head_dim):
+    q, k, v, cos, sin, keys, values, at = case(B, heads, kv_heads, head_dim, positions)
+    first = 2
+    keys_ref, values_ref = keys.clone(), values.clone()
+    out = cpu_kernels().decode_attention(q, k, v, cos, sin, keys, values, first, at, 0.125)
+    expected = decode_attention_ref(q, k, v, cos, sin, keys_ref, values_ref, first, at, 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys, keys_ref, rtol=1e-6, atol=1e-6)  # the rotated keys, where the twin put them
+    torch.testing.assert_close(values, values_ref, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_the_kernel_writes_only_each_rows_new_position():
+    q, k, v, cos, sin, keys, values, at = case(2, 4, 2, 8, [3, 10])
+    before_keys, before_values = keys.clone(), values.clone()
+    cpu_kernels().decode_attention(q, k, v, cos, sin, keys, values, 5, at, 1.0)
+    changed = (keys != before_keys).any(-1) | (values != before_values).any(-1)  # [slots, kv, capacity]
+    expected = torch.zeros_like(changed)
+    expected[5, :, 3] = expected[6, :, 10] = True
+    assert torch.equal(changed, expected)
+
+
+@needs_kernels
+def test_the_kernel_never_reads_past_a_rows_position():
+    q, k, v, cos, sin, keys, values, at = case(2, 4, 2, 8, [3, 10])
+    clean = cpu_kernels().decode_attention(q, k, v, cos, sin, keys.clone(), values.clone(), 0, at, 1.0)
+    keys[0, :, 4:], values[0, :, 4:] = float("nan"), float("nan")  # what a failed request may leave
+    out = cpu_kernels().decode_attention(q, k, v, cos, sin, keys, values, 0, at, 1.0)
+    assert torch.equal(out, clean)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(first=7), "outside the cache"),
+        (lambda a: a.update(positions=torch.tensor([3, 64])), "capacity"),
+        (lambda a: a.update(positions=torch.tensor([3, 1], dtype=torch.int32)), "int64"),
+        (lambda a: a.update(k=a["k"][:, :1].contiguous(), v=a["v"][:, :1].contiguous()), "keys and values"),
+        (lambda a: a.update(cos=a["cos"][:, :4].contiguous()), "cos"),
+    ],
+)
+def test_the_kernel_refuses_inconsistent_arguments(change, message):
+    q, k, v, cos, sin, keys, values, at = case(2, 4, 2, 8, [3, 10])
+    args = dict(q=q, k=k, v=v, cos=cos, sin=sin, keys=keys, values=values, first=0, positions=at, scale=1.0)
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels().decode_attention(*args.values())
+
+
+def test_other_dtypes_run_the_twin():
+    q, k, v, cos, sin, keys, values, at = case(2, 4, 2, 8, [3, 10])
+    expected = decode_attention_ref(q, k, v, cos, sin, keys.clone(), values.clone(), 0, at, 0.5)
+    bf16 = [t.bfloat16() for t in (q, k, v, cos, sin, keys, values)]
+    out = decode_attention(*bf16[:5], bf16[5], bf16[6], 0, at, 0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
