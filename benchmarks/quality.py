@@ -8,7 +8,9 @@
 A run trains once (resumable: `neuroada.trainer` checkpoints every 25 steps) and evaluates on
 the validation split (`--eval val`: 500 examples of `commonsense_15k_validation.json`, or the
 last 300 examples of `math_10k.json`, which arithmetic training never sees) and/or the dev sets
-(`--eval dev`: ARC-Easy; AddSub, SingleEq, MultiArith), `--eval-limit` examples each. Every
+(`--eval dev`: ARC-Easy; AddSub, SingleEq, MultiArith), `--eval-limit` examples each. `--eval
+loglik` (commonsense) also scores ARC-Easy in this process by log-likelihood, two ways that need no
+generated format (`arc_loglik`): a diagnostic of why generation sits at chance there. Every
 method trains with the same seed, data order, template, loss masking (response tokens only),
 AdamW (weight decay 0), linear schedule with warmup 0.06, batch and max length; LoRA trains its
 factors through that very loop (`benchmarks/peers/lora_train.py`). Evaluation is greedy, through
@@ -27,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -203,6 +206,72 @@ def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]]) -> dict:
     return results
 
 
+# --- ARC-Easy by log-likelihood (a diagnostic) ---------------------------------------------------------
+
+ARC_QUESTION = re.compile(r"question: (?P<question>.*?)\n\nAnswer1: ", re.S)
+ARC_OPTION = re.compile(r"Answer(?P<n>\d): (?P<text>.*?)(?= Answer\d: |\n\nAnswer format)", re.S)
+
+
+def load_run_model(args, work: Path):
+    """The run's model in this process: the base, the base with the NeuroAda adapter merged, or LoRA's
+    merged folder."""
+    from neuroada.base_model import load_base_model, resolve_model_name
+    from neuroada.fingerprint import BaseModelSpec
+    from neuroada.format import load_adapter
+    from neuroada.inplace import apply_adapter_
+
+    model = load_base_model(str(work / "merged") if args.method == "lora" else None)
+    if args.method == "neuroada":
+        base = BaseModelSpec.from_model(model, resolve_model_name(None))
+        apply_adapter_(model, load_adapter(work / "store" / f"{run_id(args)}.safetensors", base))
+    return model.eval()
+
+
+def arc_loglik(args, work: Path, examples: list[dict]) -> dict:
+    """ARC-Easy scored two ways that need no generated format:
+    - choice: the trained template up to "the correct answer is answer", then the option digit with
+      the highest probability (what greedy decoding picks, were it forced into the format);
+    - cloze: each option's text after "Question: ...\nAnswer:", by log-likelihood per character
+      (lighteval's normalised accuracy), which reads knowledge rather than the answerN convention."""
+    import torch
+
+    from neuroada.base_model import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_run_model(args, work), load_tokenizer(None)
+    digits = [tokenizer(str(n), add_special_tokens=False).input_ids[-1] for n in range(1, 10)]
+    correct = {"choice": 0, "cloze": 0}
+    with torch.inference_mode():
+        for e in examples:
+            options = {int(m["n"]): m["text"].strip() for m in ARC_OPTION.finditer(e["instruction"])}
+            answer = int(str(e["answer"]).removeprefix("answer"))
+            prompt = tokenizer(build_prompt(e) + "the correct answer is answer", add_special_tokens=False).input_ids
+            logits = model(torch.tensor([prompt])).logits[0, -1]  # [V]
+            choice = max(options, key=lambda n: logits[digits[n - 1]].item())
+            correct["choice"] += choice == answer
+            question = ARC_QUESTION.search(e["instruction"])["question"].strip()
+            context = tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=False).input_ids
+            scores = {}
+            for n, text in options.items():
+                continuation = tokenizer(" " + text, add_special_tokens=False).input_ids
+                ids = torch.tensor([context + continuation])
+                logprobs = model(ids).logits[0, len(context) - 1 : -1].log_softmax(-1)  # [len(continuation), V]
+                total = logprobs.gather(1, ids[0, len(context) :, None]).sum().item()
+                scores[n] = total / len(text)
+            correct["cloze"] += max(scores, key=scores.get) == answer
+    result = {}
+    for name, c in correct.items():
+        lo, hi = wilson(c, len(examples))
+        result[f"arc_easy_test:{name}:{len(examples)}"] = {
+            "correct": c,
+            "total": len(examples),
+            "accuracy": c / len(examples),
+            "ci95": [round(lo, 4), round(hi, 4)],
+        }
+        print(f"  arc_easy {name}: {c}/{len(examples)} = {c / len(examples):.3f} [{lo:.3f}, {hi:.3f}]")
+    return result
+
+
 # --- the commands ------------------------------------------------------------------------------------
 
 
@@ -220,6 +289,8 @@ def run(args) -> None:
         write(path, record)
     wanted = []
     for split in args.eval:
+        if split == "loglik":
+            continue
         names = ["val"] if split == "val" else list(TASKS[args.task].dev)
         for name in names:
             key = f"{name}:{args.eval_limit or 'all'}"
@@ -230,6 +301,12 @@ def run(args) -> None:
         print(f"{rid}: evaluating {', '.join(k for k, _ in wanted)}")
         record["eval"].update(evaluate_run(args, work, wanted))
         write(path, record)
+    if "loglik" in args.eval and args.task == "commonsense":
+        arc = eval_examples(args.task, "arc_easy_test", args.data_dir)[: args.eval_limit]
+        if f"arc_easy_test:cloze:{len(arc)}" not in record["eval"]:
+            print(f"{rid}: ARC-Easy by log-likelihood")
+            record["eval"].update(arc_loglik(args, work, arc))
+            write(path, record)
 
 
 def write(path: Path, record: dict) -> None:
@@ -271,7 +348,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--eval", nargs="+", choices=["val", "dev"], default=["val"])
+    p.add_argument("--eval", nargs="+", choices=["val", "dev", "loglik"], default=["val"])
     p.add_argument("--eval-limit", type=int, default=None, help="first N examples of each set")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
