@@ -162,7 +162,7 @@ async def generate_all(url: str, prompts: list[str], adapter: str | None, max_ne
 
     async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str]:
         body = {"prompt": prompts[i], "max_new_tokens": max_new_tokens, "temperature": 0}
-        r = await client.post("/generate", params=params, json=body, timeout=900)
+        r = await client.post("/generate", params=params, json=body, timeout=3600)
         r.raise_for_status()
         return i, r.json()["text"]
 
@@ -170,9 +170,9 @@ async def generate_all(url: str, prompts: list[str], adapter: str | None, max_ne
     return [text for _, text in sorted(done["results"])]
 
 
-def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]]) -> dict:
-    """Every (name, examples) through one `neuroada serve` of the run's model; per set: correct,
-    total, accuracy, interval, seconds, and every generation in work/."""
+def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]], done) -> None:
+    """Every (name, examples) through one `neuroada serve` of the run's model; `done(name, result)`
+    after each set (correct, total, accuracy, interval, seconds); every generation in work/."""
     adapter = None if args.method != "neuroada" else run_id(args)
     store = work / "store" if args.method == "neuroada" else work / "empty-store"
     store.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,6 @@ def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]]) -> dict:
     if args.method == "lora":
         env["NEUROADA_MODEL"] = str(work / "merged")
     proc, url = start_server("neuroada", store, args.threads, 16, env)
-    results = {}
     try:
         for name, examples in sets:
             started = time.perf_counter()
@@ -188,7 +187,7 @@ def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]]) -> dict:
             texts = asyncio.run(generate_all(url, prompts, adapter, TASKS[args.task].max_new_tokens, 16))
             correct = [is_correct(t, str(e["answer"])) for t, e in zip(texts, examples)]
             lo, hi = wilson(sum(correct), len(correct))
-            results[name] = {
+            result = {
                 "correct": sum(correct),
                 "total": len(correct),
                 "accuracy": sum(correct) / len(correct),
@@ -199,11 +198,11 @@ def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]]) -> dict:
                 {"answer": e["answer"], "generation": t, "correct": c} for e, t, c in zip(examples, texts, correct)
             ]
             (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-            print(f"  {name}: {sum(correct)}/{len(correct)} = {results[name]['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]")
+            print(f"  {name}: {sum(correct)}/{len(correct)} = {result['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]")
+            done(name, result)
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    return results
 
 
 # --- ARC-Easy by log-likelihood (a diagnostic) ---------------------------------------------------------
@@ -299,8 +298,12 @@ def run(args) -> None:
                 wanted.append((key, examples))
     if wanted:
         print(f"{rid}: evaluating {', '.join(k for k, _ in wanted)}")
-        record["eval"].update(evaluate_run(args, work, wanted))
-        write(path, record)
+
+        def done(name: str, result: dict) -> None:  # each set's result kept as soon as it is in
+            record["eval"][name] = result
+            write(path, record)
+
+        evaluate_run(args, work, wanted, done)
     if "loglik" in args.eval and args.task == "commonsense":
         arc = eval_examples(args.task, "arc_easy_test", args.data_dir)[: args.eval_limit]
         if f"arc_easy_test:cloze:{len(arc)}" not in record["eval"]:
