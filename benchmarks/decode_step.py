@@ -8,7 +8,9 @@ On the embedded SmolLM2-135M (fp32), a `RunningBatch` of B requests decodes `--s
 - hf: Hugging Face's forward, linears on `kernels.decode_linear`;
 - ours: `server.forward.llama` with `kernels.decode_linear`.
 The floor is what a step must read, the weights once, over the copy bandwidth measured here
-(read + write bytes of a 256 MiB copy per second), as issue 15 defines it. Prints the median
+(read + write bytes of a 256 MiB copy per second), as issue 15 defines it. A second table times
+the linears alone: one pass over every linear weight of the model (each read from memory, not
+cache) at 1, 4, 8 and 16 rows, `kernels.decode_linear` against `F.linear`. Prints the median
 step time per engine and batch, and writes JSON beside this file.
 """
 
@@ -21,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, print_table, set_threads, write_json  # noqa: E402
 
-from kernels import DecodeLinear, use_decode_linears  # noqa: E402
+from kernels import DecodeLinear, linear, use_decode_linears  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from server.generation import GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
 
@@ -50,6 +53,18 @@ def step_times(model, tokenizer, runner: str, batch_size: int, steps: int) -> li
         batch.step()
         times.append(time.perf_counter() - started)
     return times
+
+
+LINEAR_ROWS = (1, 4, 8, 16)
+
+
+def linears_pass(weights: list[torch.Tensor], rows: int, fn) -> float:
+    """Seconds for one product of `rows` token rows with every weight in turn."""
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    started = time.perf_counter()
+    for w in weights:
+        fn(inputs[w.shape[1]], w)
+    return time.perf_counter() - started
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -77,9 +92,16 @@ def main() -> None:
     model, tokenizer = load_base_model(), load_tokenizer()
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
     samples = {(e, b): [] for e in ENGINES for b in args.batch}
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
+    linear_fns = {"decode_linear": linear, "F.linear": F.linear}
+    linear_samples = {(name, rows): [] for name in linear_fns for rows in LINEAR_ROWS}
     bandwidths = []
     for round_ in range(args.rounds):
         bandwidths.append(copy_bandwidth())
+        with torch.inference_mode():
+            for rows in LINEAR_ROWS:
+                for name, fn in linear_fns.items():
+                    linear_samples[name, rows] += [linears_pass(weights, rows, fn) for _ in range(3)]
         for b in args.batch:
             for engine in ENGINES:
                 if engine == "hf+F.linear":
@@ -114,6 +136,20 @@ def main() -> None:
             for r in rows
         ],
     )
+    linear_rows = [
+        {
+            "kernel": name,
+            "rows": r,
+            "ms": statistics.median(linear_samples[name, r]) * 1e3,
+            "gb_per_s": weight_bytes / statistics.median(linear_samples[name, r]) / 1e9,
+        }
+        for (name, r) in linear_samples
+    ]
+    print()
+    print_table(
+        ["linears", "rows", "ms a pass", "GB/s"],
+        [[r["kernel"], r["rows"], f"{r['ms']:.1f}", f"{r['gb_per_s']:.1f}"] for r in linear_rows],
+    )
     write_json(
         args.out,
         {
@@ -121,6 +157,7 @@ def main() -> None:
             "weight_bytes": weight_bytes,
             "copy_bytes_per_s": bandwidth,
             "rows": rows,
+            "linears": linear_rows,
         },
     )
 
