@@ -31,7 +31,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def gated_silu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`F.silu(F.linear(x, gate)) * F.linear(x, up)` (a gated MLP before its down projection), in
     one call on the CPU kernel; x [..., K], gate and up [N, K] -> [..., N]."""
-    kernels = _decode_kernels(x, gate, None, up)
+    kernels = _decode_kernels(x, gate, up)
     if kernels is not None:
         K = x.shape[-1]
         out = kernels.decode_gated_silu(x.reshape(-1, K).contiguous(), gate.contiguous(), up.contiguous())

@@ -5,16 +5,16 @@
 // on one thread; here every weight row is read once for all M tokens, their sums held in
 // registers (8 tokens a pass; more tokens pass again over a block of rows still in cache), and
 // the rows split across threads.
-// Everything is float32. (bf16 weights widened as they load read half the bytes, but on an AVX2
-// CPU the widening costs what the bytes save: benchmarks/RESULTS.md.)
+// Everything is float32. (bf16 weights widened as they load would read half the bytes; what that
+// gains differs by CPU kind, nothing on AVX2: benchmarks/RESULTS.md.)
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
-#include <initializer_list>
 #include <cstring>
+#include <initializer_list>
 
 namespace {
 
@@ -30,8 +30,8 @@ constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 1; }
 typedef float vec __attribute__((vector_size(VL * 4)));
 constexpr int64_t TOKENS_PER_PASS = 8;  // token rows whose sums one pass keeps in registers
 constexpr int64_t BLOCK_BYTES = 16 * 1024;  // weight bytes a group of passes shares from cache
-constexpr int64_t MIN_WORK = 1 << 16;
-constexpr int64_t PREFETCH_PASSES = 2;  // how far ahead weight rows are prefetched, in passes  // weights per thread below which waking another is not worth it
+constexpr int64_t MIN_WORK = 1 << 16;  // weights per thread below which waking another is not worth it
+constexpr int64_t PREFETCH_PASSES = 2;  // how far ahead weight rows are prefetched, in passes
 
 inline vec load(const float* p) {
   vec v;

@@ -119,7 +119,7 @@ class _Layer:
     scale: float
     post_norm: nn.Module
     mlp: nn.Module
-    gated_silu: bool  # the MLP is down(silu(gate(x)) * up(x)) over plain linears: one kernel call may do its first half
+    gated_mlp: bool  # down(silu(gate(x)) * up(x)) over plain linears: one kernel call may do its first half
 
     @classmethod
     def of(cls, layer: nn.Module, act: str) -> _Layer:
@@ -150,10 +150,8 @@ class LlamaForward:
     def __init__(self, model: nn.Module, cache: SlotCache | None = None, first: int = 0):
         self.model = model
         config = model.config
-        self.embed, self.layers = (
-            model.model.embed_tokens,
-            [_Layer.of(layer, config.hidden_act) for layer in model.model.layers],
-        )
+        self.embed = model.model.embed_tokens
+        self.layers = [_Layer.of(layer, config.hidden_act) for layer in model.model.layers]
         self.norm, self.rotary, self.lm_head = model.model.norm, model.model.rotary_emb, model.lm_head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -271,7 +269,7 @@ class LlamaForward:
 
 def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
     mlp = layer.mlp
-    if layer.gated_silu and _unwrapped(mlp) and _unwrapped(mlp.gate_proj) and _unwrapped(mlp.up_proj):
+    if layer.gated_mlp and _unwrapped(mlp) and _unwrapped(mlp.gate_proj) and _unwrapped(mlp.up_proj):
         return mlp.down_proj(gated_silu(x, mlp.gate_proj.weight, mlp.up_proj.weight))
     return mlp(x)
 
