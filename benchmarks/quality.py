@@ -3,6 +3,7 @@
     python benchmarks/quality.py run --task commonsense --method neuroada --k 1 --lr 3e-3 --steps 300
     python benchmarks/quality.py run --task commonsense --method lora --rank 8 --lr 3e-4 --steps 300
     python benchmarks/quality.py run --task arithmetic --method base --eval dev
+    python benchmarks/quality.py run --task arithmetic --method neuroada --adapter adapters/gsm8k.safetensors --eval dev
     python benchmarks/quality.py table
 
 A run trains once (resumable: `neuroada.trainer` checkpoints every 25 steps) and evaluates on
@@ -31,12 +32,14 @@ import math
 import os
 import re
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,6 +75,8 @@ TASKS = {
 def run_id(args) -> str:
     if args.method == "base":
         return f"{args.task}-base"
+    if args.adapter is not None:
+        return f"{args.task}-file-{args.adapter.stem}"
     method = f"neuroada-k{args.k}-{args.selection}" if args.method == "neuroada" else f"lora-r{args.rank}"
     return f"{args.task}-{method}-lr{args.lr:g}-steps{args.steps}-b{args.batch_size}"
 
@@ -282,7 +287,21 @@ def run(args) -> None:
     record = json.loads(path.read_text()) if path.exists() else {"run": rid, "config": {}, "eval": {}}
     kept = ("task", "method", "k", "selection", "rank", "lr", "steps", "batch_size", "max_length")
     record["config"] = {k: v for k, v in vars(args).items() if k in kept}
-    if args.method != "base" and "train" not in record:
+    if args.adapter is not None:  # an adapter someone trained before: evaluated as it is
+        store = work / "store"
+        store.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.adapter, store / f"{rid}.safetensors")
+        with safe_open(args.adapter, "pt") as f:
+            metadata = f.metadata()
+        record["config"] = {
+            "task": args.task,
+            "method": "neuroada",
+            "adapter": str(args.adapter),
+            "k": int(metadata["k"]),
+            "selection": metadata["selection"],
+            "training": json.loads(metadata["training"]),
+        }
+    elif args.method != "base" and "train" not in record:
         print(f"{rid}: training")
         record["train"] = train_run(args, work)
         write(path, record)
@@ -333,6 +352,8 @@ def table(args) -> None:
             f"({t.get('trainable_percent')}%), loss {t.get('first_loss')} -> {t.get('final_loss')}, "
             f"{t.get('seconds')} s, peak RSS {t.get('peak_rss_mb')} MB"
             if t
+            else f"the adapter file {c['adapter']}, as trained before"
+            if "adapter" in c
             else "no training"
         )
         print(f"{r['run']}: {what.get(c['method'], 'base')}; {train}\n    " + "\n    ".join(cells))
@@ -344,6 +365,7 @@ def main() -> None:
     p = sub.add_parser("run", help="train (or resume) one run and evaluate it")
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--method", choices=["neuroada", "lora", "base"], required=True)
+    p.add_argument("--adapter", type=Path, help="evaluate this NeuroAda adapter file instead of training one")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--selection", choices=["magnitude", "random", "reverse"], default="magnitude")
     p.add_argument("--rank", type=int, default=8)
@@ -359,6 +381,8 @@ def main() -> None:
     t = sub.add_parser("table", help="every run's results")
     t.set_defaults(func=table)
     args = parser.parse_args()
+    if getattr(args, "adapter", None) is not None and args.method != "neuroada":
+        parser.error("--adapter needs --method neuroada")
     args.func(args)
 
 
