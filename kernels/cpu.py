@@ -8,13 +8,15 @@ be built, or NEUROADA_CPU_KERNELS=0, the CPU runs the torch twins in `kernels.re
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -27,9 +29,6 @@ _SOURCES = [
     for name in ("sparse_cpu.cpp", "decode_linear.cpp", "rms_norm.cpp", "decode_attention.cpp")
 ]
 _NAME = "neuroada_sparse_cpu"
-# torch's build lock is a file that a killed build leaves behind, and every later process would
-# wait on it forever; a build takes about 30 s, so a lock this old is stale.
-STALE_LOCK_S = 600
 
 
 @functools.cache
@@ -41,18 +40,17 @@ def cpu_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         build_dir = build_directory()
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_lock(build_dir / "lock")
         log.info("loading the C++ CPU kernels (the first time builds them, about 30 s)")
-        # -march=native: the module is built where it runs, so it may use that CPU's vector width.
-        # GCC's -O3 unroll-and-jam turned a vectorised token loop scalar (5x slower): off.
-        return load(
-            name=_NAME,
-            sources=[str(p) for p in _SOURCES],
-            build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-loop-unroll-and-jam", "-fno-loop-interchange"],
-            extra_ldflags=["-fopenmp"],
-        )
+        with build_lock(build_dir):
+            # -march=native: the module is built where it runs, so it may use that CPU's vector width.
+            # GCC's -O3 unroll-and-jam turned a vectorised token loop scalar (5x slower): off.
+            return load(
+                name=_NAME,
+                sources=[str(p) for p in _SOURCES],
+                build_directory=str(build_dir),
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-loop-unroll-and-jam", "-fno-loop-interchange"],
+                extra_ldflags=["-fopenmp"],
+            )
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch path still works
         log.warning("C++ CPU kernels unavailable, using the torch path: %s", exc)
         return None
@@ -81,14 +79,26 @@ def cpu_tag() -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def _remove_stale_lock(lock: Path) -> None:
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning("removing a stale build lock left by an interrupted build (%.0f s old): %s", age, lock)
-        lock.unlink(missing_ok=True)
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Held around torch's build and load of `build_dir`; one process at a time, waiting for a live one.
+
+    torch's own lock is a file (`lock`) created for a build and deleted after it: a process killed
+    in between leaves it behind, and every later process would wait on it forever. This lock is an
+    flock, which the OS drops when its holder dies; torch's file is only ever made under it, so one
+    found while holding it was left by a dead build, and is removed.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "build.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        left_behind = build_dir / "lock"
+        if left_behind.exists():
+            log.warning("removing the build lock of an interrupted build: %s", left_behind)
+            left_behind.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def use_cpu_kernels(t: torch.Tensor) -> bool:
