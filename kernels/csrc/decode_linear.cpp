@@ -101,7 +101,7 @@ void rows_pass_any(int64_t M, const float* x, const float* w, const float* bias,
 // is read from memory once, then stays in L1/L2 while each group of 8 tokens passes over it.
 void linear_rows(int64_t M, const float* x, const float* w, const float* bias, float* out, int64_t begin, int64_t end,
                  int64_t N, int64_t K) {
-  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (K * int64_t(sizeof(float))));
+  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (std::max<int64_t>(K, 1) * int64_t(sizeof(float))));
   for (int64_t b = begin; b < end; b += block) {
     for (int64_t m = 0; m < M; m += TOKENS_PER_PASS) {
       rows_pass_any(std::min(TOKENS_PER_PASS, M - m), x + m * K, w, bias, out + m * N, b, std::min(end, b + block), N, K);

@@ -15,7 +15,7 @@ needs_cpu_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CP
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, DECODE_MAX_ROWS])
-@pytest.mark.parametrize("shape", [(64, 48), (13, 7), (250, 577), (1, 16)])  # odd sizes: vector tails
+@pytest.mark.parametrize("shape", [(64, 48), (13, 7), (250, 577), (1, 16), (5, 0)])  # odd sizes: vector tails; no inputs
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_kernel_equals_f_linear(rows, shape, bias):
     g = torch.Generator().manual_seed(rows)
