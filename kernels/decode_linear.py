@@ -4,6 +4,9 @@ A decode step multiplies a handful of token rows by each weight: a pass over the
 On the CPU, `F.linear` (MKL's sgemm) reads the weight at a fraction of the memory bandwidth for
 such a skinny product; `kernels/csrc/decode_linear.cpp` reads every weight row once for all the
 rows. Larger products (a prefill) and everything off the CPU go to `F.linear`.
+
+A float32 input may meet bfloat16 weights (a server's `weight_dtype`): the kernel widens them as it
+reads, and `F.linear` gets them widened first, so either way the arithmetic is float32's.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ DECODE_MAX_ROWS = 32
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; x [..., K], weight [N, K] -> [..., N]."""
-    kernels = _decode_kernels(x, weight, bias)
+    kernels = _decode_kernels(x, weight, bias=bias)
     if kernels is not None:
         K = x.shape[-1]
         out = kernels.decode_linear(x.reshape(-1, K).contiguous(), weight.contiguous(), bias)
         return out.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    return F.linear(x, _widened(weight, x), bias)
 
 
 def gated_silu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -36,19 +39,25 @@ def gated_silu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.T
         K = x.shape[-1]
         out = kernels.decode_gated_silu(x.reshape(-1, K).contiguous(), gate.contiguous(), up.contiguous())
         return out.view(*x.shape[:-1], gate.shape[0])
-    return F.silu(F.linear(x, gate)) * F.linear(x, up)
+    return F.silu(F.linear(x, _widened(gate, x))) * F.linear(x, _widened(up, x))
 
 
-def _decode_kernels(x: torch.Tensor, *weights: torch.Tensor | None):
-    """The C++ module where a product of x with these weights is a decode step's: a few float32 rows
-    on the CPU, no gradient wanted; None otherwise."""
+def _widened(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
+def _decode_kernels(x: torch.Tensor, *weights: torch.Tensor, bias: torch.Tensor | None = None):
+    """The C++ module where a product of x with these weights (+ bias) is a decode step's: a few
+    float32 rows on the CPU, float32 or bf16 weights of one dtype, no gradient wanted; None otherwise."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     if not (0 < rows <= DECODE_MAX_ROWS and x.is_cpu and x.dtype == torch.float32):
         return None
-    if any(w is not None and w.dtype != torch.float32 for w in weights):
+    if {w.dtype for w in weights} not in ({torch.float32}, {torch.bfloat16}):
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights)):
+    if bias is not None and bias.dtype != torch.float32:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, bias)):
         return None
     return cpu_kernels()
 

@@ -18,11 +18,12 @@ import os
 import threading
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kernels import use_decode_linears
 from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
-from neuroada.fingerprint import BaseModelSpec
+from neuroada.fingerprint import BaseModelSpec, linear_layers
 from neuroada.inplace import PackedWeights
 from server.batch_adapters import SparseDeltaAdapters
 from server.catalog import AdapterCatalog, TierBudgets
@@ -52,20 +53,31 @@ def resolve_device_dtype(settings: ServerSettings) -> tuple[torch.device, torch.
     return device, _DTYPES[settings.dtype]
 
 
+def round_linear_weights_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every linear layer's weight in `dtype`, in place (a tied embedding with its lm_head); norms,
+    biases and the rest keep theirs."""
+    for weight in {id(m.weight): m.weight for m in linear_layers(model).values()}.values():
+        weight.data = weight.data.to(dtype)
+
+
 class Engine:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.metrics = ServerMetrics()
         self.model_name = resolve_model_name(settings.model)
-        device, dtype = resolve_device_dtype(settings)
-        self.model: PreTrainedModel = load_base_model(settings.model, dtype=dtype, device="cpu")
+        device, self.dtype = resolve_device_dtype(settings)
+        self.model: PreTrainedModel = load_base_model(settings.model, dtype=self.dtype, device="cpu")
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(settings.model)
         self.base = BaseModelSpec.from_model(self.model, self.model_name)
+        unsupported = llama_unsupported(self.model) if settings.runner == "auto" else "--runner hf"
+        log.info("forward: %s", "ours (Llama-shaped)" if unsupported is None else f"Hugging Face's ({unsupported})")
+        if settings.weight_dtype == "bfloat16" and self.dtype != torch.bfloat16:
+            if unsupported is not None or self.dtype != torch.float32:
+                raise ValueError(f"weight_dtype bfloat16 needs our decoder and float32 activations: {unsupported}")
+            round_linear_weights_(self.model, torch.bfloat16)
         self.packed = PackedWeights(self.model, device=device)
         self.model.to(device)
         use_decode_linears(self.model)
-        unsupported = llama_unsupported(self.model) if settings.runner == "auto" else "--runner hf"
-        log.info("forward: %s", "ours (Llama-shaped)" if unsupported is None else f"Hugging Face's ({unsupported})")
         self.base_checksum = self.packed.checksum()
         # Limits a request is checked against before it is tokenized or queued.
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)

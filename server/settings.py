@@ -23,6 +23,12 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
     )
+    weight_dtype: Literal["same", "bfloat16"] = Field(
+        "same",
+        description="same: linear weights in dtype; bfloat16 (with dtype float32, our decoder only): linear weights "
+        "rounded to bf16 and widened as they are read, activations and arithmetic in float32. A decode step reads "
+        "half the bytes; outputs are those of the model with bf16-rounded weights",
+    )
     adapter_dir: Path = Field(
         Path("adapters"), description="adapter store folder, read at start-up, written by uploads"
     )
@@ -118,6 +124,15 @@ class ServerSettings(BaseSettings):
     @property
     def pinned(self) -> tuple[str, ...]:
         return tuple(sorted({n for n in self.pin.split(",") if n}))
+
+    @model_validator(mode="after")
+    def _bf16_weights_beside_float32_activations(self) -> ServerSettings:
+        if self.weight_dtype == "bfloat16" and (self.dtype not in ("auto", "float32") or self.runner == "hf"):
+            raise ValueError(
+                "weight_dtype bfloat16 widens bf16 weights into float32 arithmetic in our decoder: it needs dtype "
+                f"float32 (or auto on the CPU) and runner auto, got dtype {self.dtype} and runner {self.runner}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _admin_api_not_open_to_the_network(self) -> ServerSettings:

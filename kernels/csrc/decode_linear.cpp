@@ -5,8 +5,9 @@
 // on one thread; here every weight row is read once for all M tokens, their sums held in
 // registers (8 tokens a pass; more tokens pass again over a block of rows still in cache), and
 // the rows split across threads.
-// Everything is float32. (bf16 weights widened as they load would read half the bytes; what that
-// gains differs by CPU kind, nothing on AVX2: benchmarks/RESULTS.md.)
+// x, bias and the output are float32; the weight is float32 or bfloat16. A bf16 weight is widened in
+// registers as it loads (bf16 is float32's top half): half the bytes read, float32 arithmetic. What
+// that gains depends on the CPU kind (benchmarks/RESULTS.md).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 namespace {
 
@@ -33,9 +35,21 @@ constexpr int64_t BLOCK_BYTES = 16 * 1024;  // weight bytes a group of passes sh
 constexpr int64_t MIN_WORK = 1 << 16;  // weights per thread below which waking another is not worth it
 constexpr int64_t PREFETCH_PASSES = 2;  // how far ahead weight rows are prefetched, in passes
 
+typedef uint16_t half_vec __attribute__((vector_size(VL * 2)));
+typedef uint32_t bits_vec __attribute__((vector_size(VL * 4)));
+
 inline vec load(const float* p) {
   vec v;
   std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vec load(const c10::BFloat16* p) {
+  half_vec h;
+  std::memcpy(&h, p, sizeof h);
+  const bits_vec bits = __builtin_convertvector(h, bits_vec) << 16;
+  vec v;
+  std::memcpy(&v, &bits, sizeof v);
   return v;
 }
 
@@ -46,8 +60,8 @@ inline float hsum(vec v) {
 }
 
 // out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for rows n in [begin, end), R weight rows at a time.
-template <int M, int R>
-void rows_pass(const float* x, const float* w, const float* bias, float* out, int64_t begin, int64_t end, int64_t N,
+template <int M, int R, typename W>
+void rows_pass(const float* x, const W* w, const float* bias, float* out, int64_t begin, int64_t end, int64_t N,
                int64_t K) {
   int64_t n = begin;
   for (; n + R <= end; n += R) {
@@ -56,7 +70,7 @@ void rows_pass(const float* x, const float* w, const float* bias, float* out, in
       for (int m = 0; m < M; ++m) acc[r][m] = vec{};
     // The rows PREFETCH_PASSES passes on start loading now: without it the core stalls on each new
     // row's first lines while its FMAs wait, and memory idles while they run.
-    const float* ahead[R];
+    const W* ahead[R];
     for (int r = 0; r < R; ++r) {
       const int64_t row = n + r + PREFETCH_PASSES * R;
       ahead[r] = w + (row < N ? row : n + r) * K;
@@ -72,10 +86,10 @@ void rows_pass(const float* x, const float* w, const float* bias, float* out, in
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float* row = w + (n + r) * K;
+      const W* row = w + (n + r) * K;
       for (int m = 0; m < M; ++m) {
         float s = hsum(acc[r][m]);
-        for (int64_t kk = k; kk < K; ++kk) s += row[kk] * x[m * K + kk];
+        for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(row[kk]) * x[m * K + kk];
         out[m * N + n + r] = bias != nullptr ? s + bias[n + r] : s;
       }
     }
@@ -83,7 +97,8 @@ void rows_pass(const float* x, const float* w, const float* bias, float* out, in
   if (n < end) rows_pass<M, 1>(x, w, bias, out, n, end, N, K);
 }
 
-void rows_pass_any(int64_t M, const float* x, const float* w, const float* bias, float* out, int64_t begin, int64_t end,
+template <typename W>
+void rows_pass_any(int64_t M, const float* x, const W* w, const float* bias, float* out, int64_t begin, int64_t end,
                    int64_t N, int64_t K) {
   switch (M) {
     case 1: return rows_pass<1, rows_per_pass(1)>(x, w, bias, out, begin, end, N, K);
@@ -99,9 +114,10 @@ void rows_pass_any(int64_t M, const float* x, const float* w, const float* bias,
 
 // Output features [begin, end) of x @ w.T (+ bias). More than 8 token rows: a block of weight rows
 // is read from memory once, then stays in L1/L2 while each group of 8 tokens passes over it.
-void linear_rows(int64_t M, const float* x, const float* w, const float* bias, float* out, int64_t begin, int64_t end,
+template <typename W>
+void linear_rows(int64_t M, const float* x, const W* w, const float* bias, float* out, int64_t begin, int64_t end,
                  int64_t N, int64_t K) {
-  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (std::max<int64_t>(K, 1) * int64_t(sizeof(float))));
+  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (std::max<int64_t>(K, 1) * int64_t(sizeof(W))));
   for (int64_t b = begin; b < end; b += block) {
     for (int64_t m = 0; m < M; m += TOKENS_PER_PASS) {
       rows_pass_any(std::min(TOKENS_PER_PASS, M - m), x + m * K, w, bias, out + m * N, b, std::min(end, b + block), N, K);
@@ -113,12 +129,19 @@ int64_t grain_rows(int64_t K) { return std::max<int64_t>(4, MIN_WORK / std::max<
 
 }  // namespace
 
-// x [M, K], weight [N, K], bias [N] or None -> [M, N], all float32.
+// The weight's element type as a C++ type: float32 or bfloat16, anything else refused.
+template <typename F>
+void with_weight_type(const char* op, const torch::Tensor& w, F&& f) {
+  if (w.scalar_type() == torch::kFloat32) return f(w.data_ptr<float>());
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, op, ": weights must be float32 or bfloat16");
+  return f(w.data_ptr<c10::BFloat16>());
+}
+
+// x [M, K] float32, weight [N, K] float32 or bfloat16, bias [N] float32 or None -> [M, N] float32.
 torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: x [M, K], weight [N, K]");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "decode_linear: x must be contiguous float32");
-  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
-              "decode_linear: weight must be contiguous float32");
+  TORCH_CHECK(weight.is_contiguous(), "decode_linear: weight must be contiguous");
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -128,34 +151,41 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
   }
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  if (M > 0)
-    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) { linear_rows(M, xp, wp, b, op, begin, end, N, K); });
+  with_weight_type("decode_linear", weight, [&](const auto* wp) {
+    if (M > 0)
+      at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) { linear_rows(M, xp, wp, b, op, begin, end, N, K); });
+  });
   return out;
 }
 
-// silu(x @ gate.T) * (x @ up.T): a gated MLP's first half in one call, x [M, K], gate and up [N, K].
-// Each thread's output features come from both weights while the gate's sums are still in cache.
+// silu(x @ gate.T) * (x @ up.T): a gated MLP's first half in one call, x [M, K] float32, gate and up
+// [N, K] (float32 or bfloat16, the same). Each thread's output features come from both weights while
+// the gate's sums are still in cache.
 torch::Tensor decode_gated_silu(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up) {
   TORCH_CHECK(x.dim() == 2 && gate.dim() == 2 && gate.sizes() == up.sizes() && x.size(1) == gate.size(1),
               "decode_gated_silu: x [M, K], gate and up [N, K]");
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &gate, &up})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "decode_gated_silu: contiguous float32 only");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "decode_gated_silu: x must be contiguous float32");
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type() && gate.is_contiguous() && up.is_contiguous(),
+              "decode_gated_silu: gate and up must be contiguous, of one dtype");
   const int64_t M = x.size(0), N = gate.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
   auto gated = torch::empty({M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *gp = gate.data_ptr<float>(), *up_p = up.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   float *op = out.data_ptr<float>(), *gv = gated.data_ptr<float>();
-  if (M > 0)
-    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
-      linear_rows(M, xp, gp, nullptr, gv, begin, end, N, K);
-      linear_rows(M, xp, up_p, nullptr, op, begin, end, N, K);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = begin; n < end; ++n) {
-          const float g = gv[m * N + n];
-          op[m * N + n] *= g / (1.f + std::exp(-g));
-        }
-    });
+  with_weight_type("decode_gated_silu", gate, [&](const auto* gp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(gp)>>;
+    const W* up_p = up.data_ptr<W>();
+    if (M > 0)
+      at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+        linear_rows(M, xp, gp, nullptr, gv, begin, end, N, K);
+        linear_rows(M, xp, up_p, nullptr, op, begin, end, N, K);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = begin; n < end; ++n) {
+            const float g = gv[m * N + n];
+            op[m * N + n] *= g / (1.f + std::exp(-g));
+          }
+      });
+  });
   return out;
 }

@@ -155,9 +155,10 @@ class LlamaForward:
         self.norm, self.rotary, self.lm_head = model.model.norm, model.model.rotary_emb, model.lm_head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        weight = self.embed.weight
-        self.device = weight.device
-        self.cache = cache or SlotCache(len(self.layers), self.kv_heads, self.head_dim, weight.dtype, weight.device)
+        # The activations' dtype is the norms': linear weights (and a tied embedding) may be stored
+        # narrower (`weight_dtype`) and are widened as they are read.
+        self.dtype, self.device = self.norm.weight.dtype, self.norm.weight.device
+        self.cache = cache or SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self.first = first  # our rows are slots [first, first + len(lengths))
         self.lengths: list[int] = []  # tokens in each row's cache
 
@@ -223,7 +224,7 @@ class LlamaForward:
         """Hidden states [B, T, hidden] after the last layer. A prefill attends causally within its
         own tokens; a decode step (T = 1) attends to each row's cache."""
         B, T = ids.shape
-        x = self.embed(ids)  # [B, T, hidden]
+        x = self.embed(ids).to(self.dtype)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
         for i, layer in enumerate(self.layers):

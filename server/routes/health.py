@@ -27,7 +27,8 @@ async def health(request: Request, deep: bool = Query(False, description="also v
         "base_model": engine.model_name,
         "base_fingerprint": engine.base.fingerprint,
         "device": str(engine.packed.device),
-        "dtype": str(engine.packed.dtype).removeprefix("torch."),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "weight_dtype": str(engine.packed.dtype).removeprefix("torch."),
         "adapters": engine.catalog.count(),
         "queue_depth": engine.scheduler.depth(),
     }

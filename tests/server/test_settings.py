@@ -1,4 +1,4 @@
-"""Safe defaults: a server reachable from the network never has an open admin API."""
+"""Settings that refuse to start: an open admin API on the network, contradictory dtypes."""
 
 from __future__ import annotations
 
@@ -52,3 +52,10 @@ def test_the_docker_image_never_starts_with_an_open_admin_api(monkeypatch):
 
     settings = with_admin_token(ServerSettings())
     assert settings.admin_token and len(settings.admin_token) >= 32
+
+
+@pytest.mark.parametrize("conflict", [{"dtype": "bfloat16"}, {"dtype": "float16"}, {"runner": "hf"}])
+def test_bf16_weights_need_float32_activations_and_our_decoder(conflict):
+    with pytest.raises(ValidationError, match="weight_dtype bfloat16"):
+        ServerSettings(weight_dtype="bfloat16", **conflict)
+    assert ServerSettings(weight_dtype="bfloat16", dtype="float32").weight_dtype == "bfloat16"
