@@ -3,15 +3,19 @@
     python benchmarks/decode_step.py [--batch 1 4 16] [--steps 40] [--rounds 3] [--threads 2]
 
 On the embedded SmolLM2-135M (fp32), a `RunningBatch` of B requests decodes `--steps` tokens
-(ignore_eos) and each step is timed; three engines take turns, round after round:
+(ignore_eos) and each step is timed, and the prefill of its prompts; four engines take turns,
+round after round:
 - hf+F.linear: Hugging Face's forward with torch's own linear (the engine before our decoder);
 - hf: Hugging Face's forward, linears on `kernels.decode_linear`;
-- ours: `server.forward.llama` with `kernels.decode_linear`.
+- ours: `server.forward.llama` with `kernels.decode_linear`;
+- ours bf16w: the same over the model with its linear weights in bf16 (`--weight-dtype bfloat16`:
+  float32 activations, the kernel widening the weights as it reads them).
 The floor is what a step must read, the weights once, over the copy bandwidth measured here
-(read + write bytes of a 256 MiB copy per second), as issue 15 defines it. A second table times
-the linears alone: one pass over every linear weight of the model (each read from memory, not
-cache) at 1, 4, 8 and 16 rows, `kernels.decode_linear` against `F.linear`. Prints the median
-step time per engine and batch, and writes JSON beside this file.
+(read + write bytes of a 256 MiB copy per second), as issue 15 defines it: the fp32 weights' bytes,
+and for bf16w also its own (half). A second table times the linears alone: one pass over every
+linear weight of the model (each read from memory, not cache) at 1, 4, 8 and 16 rows,
+`kernels.decode_linear` (fp32 and bf16 weights) against `F.linear`. Prints the median step time
+per engine and batch, and writes JSON beside this file.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from common import machine, print_table, set_threads, write_json  # noqa: E402
 
 from kernels import DecodeLinear, linear, use_decode_linears  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
+from server.engine import round_linear_weights_  # noqa: E402
 from server.generation import GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
 
-ENGINES = ("hf+F.linear", "hf", "ours")
+ENGINES = ("hf+F.linear", "hf", "ours", "ours bf16w")
 
 
 def use_torch_linears(model: nn.Module) -> None:
@@ -42,17 +47,20 @@ def use_torch_linears(model: nn.Module) -> None:
             module.__class__ = nn.Linear
 
 
-def step_times(model, tokenizer, runner: str, batch_size: int, steps: int) -> list[float]:
+def step_times(model, tokenizer, runner: str, batch_size: int, steps: int) -> tuple[float, list[float]]:
+    """Seconds of the prompts' prefill, and of each decode step."""
     batch = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.pad_token_id, runner)
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
     prompts = [tokenizer(f"Write a short story about robot number {i}.").input_ids for i in range(batch_size)]
+    started = time.perf_counter()
     batch.join([GenerationRequest(p, None, params, lambda event: None) for p in prompts])
+    prefill = time.perf_counter() - started
     times = []
     while batch:
         started = time.perf_counter()
         batch.step()
         times.append(time.perf_counter() - started)
-    return times
+    return prefill, times
 
 
 LINEAR_ROWS = (1, 4, 8, 16)
@@ -65,6 +73,12 @@ def linears_pass(weights: list[torch.Tensor], rows: int, fn) -> float:
     for w in weights:
         fn(inputs[w.shape[1]], w)
     return time.perf_counter() - started
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of the model's distinct linear weights (a tied lm_head is the embedding, counted once)."""
+    found = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    return sum(w.numel() * w.element_size() for w in found.values())
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -90,10 +104,18 @@ def main() -> None:
     set_threads(args.threads)
 
     model, tokenizer = load_base_model(), load_tokenizer()
-    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+    bf16w = load_base_model()
+    round_linear_weights_(bf16w, torch.bfloat16)
+    use_decode_linears(bf16w)
+    weight_bytes = linear_bytes(model)
     samples = {(e, b): [] for e in ENGINES for b in args.batch}
-    weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
-    linear_fns = {"decode_linear": linear, "F.linear": F.linear}
+    prefills = {(e, b): [] for e in ENGINES for b in args.batch}
+    weights = {
+        "decode_linear": [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)],
+        "decode_linear bf16": [m.weight.detach() for m in bf16w.modules() if isinstance(m, nn.Linear)],
+    }
+    weights["F.linear"] = weights["decode_linear"]
+    linear_fns = {"decode_linear": linear, "decode_linear bf16": linear, "F.linear": F.linear}
     linear_samples = {(name, rows): [] for name in linear_fns for rows in LINEAR_ROWS}
     bandwidths = []
     for round_ in range(args.rounds):
@@ -101,15 +123,19 @@ def main() -> None:
         with torch.inference_mode():
             for rows in LINEAR_ROWS:
                 for name, fn in linear_fns.items():
-                    linear_samples[name, rows] += [linears_pass(weights, rows, fn) for _ in range(3)]
+                    linear_samples[name, rows] += [linears_pass(weights[name], rows, fn) for _ in range(3)]
         for b in args.batch:
             for engine in ENGINES:
                 if engine == "hf+F.linear":
                     use_torch_linears(model)
                 else:
                     use_decode_linears(model)
-                runner = "auto" if engine == "ours" else "hf"
-                samples[engine, b] += step_times(model, tokenizer, runner, b, args.steps)
+                runner = "hf" if engine.startswith("hf") else "auto"
+                prefill, times = step_times(
+                    bf16w if engine == "ours bf16w" else model, tokenizer, runner, b, args.steps
+                )
+                prefills[engine, b].append(prefill)
+                samples[engine, b] += times
                 print(f"  round {round_}, batch {b}, {engine}: {statistics.median(samples[engine, b]) * 1e3:.1f} ms")
 
     bandwidth = statistics.median(bandwidths)
@@ -121,6 +147,9 @@ def main() -> None:
             "step_ms": statistics.median(samples[e, b]) * 1e3,
             "tokens_per_s": b / statistics.median(samples[e, b]),
             "vs_floor": statistics.median(samples[e, b]) / floor,
+            "vs_own_floor": statistics.median(samples[e, b])
+            / (linear_bytes(bf16w if e == "ours bf16w" else model) / bandwidth),
+            "prefill_ms": statistics.median(prefills[e, b]) * 1e3,
             "steps": len(samples[e, b]),
         }
         for (e, b) in samples
@@ -130,9 +159,17 @@ def main() -> None:
         f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor * 1e3:.1f} ms\n"
     )
     print_table(
-        ["engine", "batch", "step ms", "tok/s", "x floor"],
+        ["engine", "batch", "step ms", "tok/s", "x floor", "x own floor", "prefill ms"],
         [
-            [r["engine"], r["batch"], f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['vs_floor']:.2f}"]
+            [
+                r["engine"],
+                r["batch"],
+                f"{r['step_ms']:.1f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['vs_floor']:.2f}",
+                f"{r['vs_own_floor']:.2f}",
+                f"{r['prefill_ms']:.0f}",
+            ]
             for r in rows
         ],
     )
@@ -141,7 +178,9 @@ def main() -> None:
             "kernel": name,
             "rows": r,
             "ms": statistics.median(linear_samples[name, r]) * 1e3,
-            "gb_per_s": weight_bytes / statistics.median(linear_samples[name, r]) / 1e9,
+            "gb_per_s": sum(w.numel() * w.element_size() for w in weights[name])
+            / statistics.median(linear_samples[name, r])
+            / 1e9,
         }
         for (name, r) in linear_samples
     ]
