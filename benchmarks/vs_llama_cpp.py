@@ -1,10 +1,12 @@
 """Base-model serving against llama.cpp's `llama-server`, same F32 weights, one client, interleaved.
 
-    python benchmarks/vs_llama_cpp.py --llama-server PATH [--concurrency 4 16] [--requests 48] [--rounds 2]
+    python benchmarks/vs_llama_cpp.py --llama-server PATH [--engines ...] [--concurrency 4 16] [--rounds 2]
 
 Starts `neuroada serve` (embedded SmolLM2-135M, fp32) with our decoder (`--runner auto`) and with
 Hugging Face's forward (`--runner hf`), and `llama-server` on the same weights dequantised to an
-F32 GGUF (`benchmarks/peers/llama_cpp.py`), all with the same threads and batch size. Each
+F32 GGUF (`benchmarks/peers/llama_cpp.py`), all with the same threads and batch size. Two more
+engines pair up on bf16 weights: ours with `--weight-dtype bfloat16` (float32 activations) and
+`llama-server` on a BF16 GGUF of the same rounded weights (norms F32). Each
 scenario (concurrency c: c closed-loop clients, `--requests` streamed requests of the same prompt,
 `--new-tokens` tokens each with ignore_eos, greedy) runs on each engine in turn, round after round,
 so that a machine whose speed drifts moves every engine alike; llama.cpp's prompt cache is off
@@ -25,7 +27,13 @@ from common import machine, print_table, write_json
 from peers import llama_cpp
 from serve_load import PROMPT, free_port, one_request, start_server, summary, timed_stream
 
-ENGINES = ("neuroada", "neuroada-hf", "llama.cpp")
+ENGINES = ("neuroada", "neuroada-hf", "llama.cpp", "neuroada-bf16w", "llama.cpp-bf16")
+PEERS = {"llama.cpp": "f32", "llama.cpp-bf16": "bf16"}  # llama-server engines: their GGUF's weights
+OURS_ENV = {
+    "neuroada": {"NEUROADA_RUNNER": "auto"},
+    "neuroada-hf": {"NEUROADA_RUNNER": "hf"},
+    "neuroada-bf16w": {"NEUROADA_RUNNER": "auto", "NEUROADA_WEIGHT_DTYPE": "bfloat16"},
+}
 
 
 async def llama_cpp_request(client: httpx.AsyncClient, adapter: str | None, new_tokens: int) -> tuple[float, float]:
@@ -34,7 +42,7 @@ async def llama_cpp_request(client: httpx.AsyncClient, adapter: str | None, new_
 
 
 async def run_scenario(url: str, engine: str, concurrency: int, requests: int, new_tokens: int) -> dict:
-    send = llama_cpp_request if engine == "llama.cpp" else one_request
+    send = llama_cpp_request if engine in PEERS else one_request
     results: list[tuple[float, float]] = []
     # A connection per request: llama-server may close a kept-alive connection just as the next
     # request goes out on it ("server disconnected"); every engine is driven the same way.
@@ -54,7 +62,7 @@ async def run_scenario(url: str, engine: str, concurrency: int, requests: int, n
 
 
 def greedy_text(url: str, engine: str, tokens: int = 24) -> str:
-    if engine == "llama.cpp":
+    if engine in PEERS:
         body = {"prompt": PROMPT, "n_predict": tokens, "temperature": 0, "cache_prompt": False}
         return httpx.post(f"{url}/completion", json=body, timeout=120).json()["content"]
     body = {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0}
@@ -64,8 +72,7 @@ def greedy_text(url: str, engine: str, tokens: int = 24) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-server", type=Path, required=True, help="the llama-server binary")
-    parser.add_argument("--gguf", type=Path, help="the F32 GGUF (default: written to a temporary folder)")
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES[:3]), choices=ENGINES)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -79,13 +86,14 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        gguf = args.gguf or llama_cpp.f32_gguf(Path(tmp) / "model-f32.gguf")
         store = Path(tmp) / "adapters"
         store.mkdir()
         servers = {}
         try:
             for engine in args.engines:
-                if engine == "llama.cpp":
+                if engine in PEERS:
+                    weights = PEERS[engine]
+                    gguf = llama_cpp.dequantized_gguf(Path(tmp) / f"model-{weights}.gguf", weights)
                     port = free_port()
                     context = 512  # per slot: prompt + output fit many times over
                     servers[engine] = (
@@ -95,10 +103,7 @@ def main() -> None:
                         f"http://127.0.0.1:{port}",
                     )
                 else:
-                    runner = "hf" if engine == "neuroada-hf" else "auto"
-                    servers[engine] = start_server(
-                        "neuroada", store, args.threads, args.max_batch, {"NEUROADA_RUNNER": runner}
-                    )
+                    servers[engine] = start_server("neuroada", store, args.threads, args.max_batch, OURS_ENV[engine])
             texts = {engine: greedy_text(url, engine) for engine, (_, url) in servers.items()}
             for engine, text in texts.items():
                 print(f"  greedy, {engine}: {text!r}", flush=True)
@@ -118,20 +123,35 @@ def main() -> None:
                 proc.wait(timeout=60)
 
     rows = [{"engine": e, **summary(runs, [], "base", c, args.new_tokens)} for (e, c), runs in passes.items()]
-    peer = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["engine"] == "llama.cpp"}
+    peers = {p: {r["concurrency"]: r["tokens_per_s"] for r in rows if r["engine"] == p} for p in PEERS}
     print(
-        f"\nmachine: {machine()}; SmolLM2-135M F32 on every engine, max batch {args.max_batch}, "
+        f"\nmachine: {machine()}; SmolLM2-135M (F32 weights, or BF16 where named), max batch {args.max_batch}, "
         f"{args.threads} threads; {args.requests} requests x {args.new_tokens} tokens, {args.rounds} rounds\n"
     )
+
+    def ratio(r: dict, peer: str) -> str:
+        tok_s = peers[peer].get(r["concurrency"])
+        return f"{r['tokens_per_s'] / tok_s:.2f}x" if tok_s else "-"
+
     print_table(
-        ["engine", "conc", "req/s", "out tok/s", "vs llama.cpp", "TTFT p50/p99 s", "e2e p50/p99 s"],
+        [
+            "engine",
+            "conc",
+            "req/s",
+            "out tok/s",
+            "vs llama.cpp",
+            "vs llama.cpp-bf16",
+            "TTFT p50/p99 s",
+            "e2e p50/p99 s",
+        ],
         [
             [
                 r["engine"],
                 r["concurrency"],
                 f"{r['req_per_s']:.2f}",
                 f"{r['tokens_per_s']:.1f}",
-                f"{r['tokens_per_s'] / peer[r['concurrency']]:.2f}x" if peer else "-",
+                ratio(r, "llama.cpp"),
+                ratio(r, "llama.cpp-bf16"),
                 f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f}",
                 f"{r['e2e_p50']:.2f}/{r['e2e_p99']:.2f}",
             ]

