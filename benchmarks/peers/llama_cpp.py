@@ -59,12 +59,52 @@ def dequantized_gguf(out: Path, weights: str = "f32") -> Path:
     return out
 
 
-def start(binary: Path, model: Path, port: int, slots: int, threads: int, context: int, log: Path) -> subprocess.Popen:
+def lora_ggufs(folder: Path, count: int, converter: Path, rank: int = 8) -> list[Path]:
+    """`count` PEFT LoRA adapters for the embedded model (r = rank, alpha 2r, random non-zero
+    factors on the seven projections, as `peers/lora_server.py` makes them), each converted to an
+    F32 GGUF by llama.cpp's own `convert_lora_to_gguf.py` (the llama.cpp tree's copy)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from neuroada.base_model import load_base_model, load_tokenizer
+    from peers.lora_train import TARGETS
+
+    base = folder / "base"  # the converter reads the base model's config (and tokenizer) from here
+    load_base_model().config.save_pretrained(base)
+    load_tokenizer().save_pretrained(base)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), init_lora_weights=False)
+    files = []
+    for i in range(count):
+        torch.manual_seed(i)
+        peft_dir, out = folder / f"lora{i:02d}", folder / f"lora{i:02d}.gguf"
+        get_peft_model(load_base_model(), config).save_pretrained(peft_dir)
+        command = [sys.executable, str(converter), "--base", str(base), "--outtype", "f32", "--outfile", str(out)]
+        subprocess.run([*command, str(peft_dir)], check=True, capture_output=True)
+        files.append(out)
+    return files
+
+
+def start(
+    binary: Path,
+    model: Path,
+    port: int,
+    slots: int,
+    threads: int,
+    context: int,
+    log: Path,
+    loras: list[Path] = (),
+) -> subprocess.Popen:
     """`llama-server` on loopback with `slots` parallel sequences of `context` tokens each,
-    continuous batching on, its output to `log`; returns once it answers /health."""
+    continuous batching on, its output to `log`; returns once it answers /health. LoRA adapters
+    (id = their index in `loras`) are loaded unapplied and their global scales set to 0: requests
+    choose theirs with the `lora` field (`lora_field`)."""
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
     command += ["-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * context)]
     command += ["-cb", "--no-webui"]
+    for lora in loras:
+        command += ["--lora", str(lora)]
+    if loras:
+        command += ["--lora-init-without-apply"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -73,12 +113,20 @@ def start(binary: Path, model: Path, port: int, slots: int, threads: int, contex
             raise RuntimeError(f"llama-server exited with {proc.returncode}: {' '.join(command)}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if loras:  # this build's --lora-init-without-apply leaves every scale at 1.0
+                    scales = [{"id": i, "scale": 0.0} for i in range(len(loras))]
+                    httpx.post(f"http://127.0.0.1:{port}/lora-adapters", json=scales, timeout=30).raise_for_status()
                 return proc
         except httpx.TransportError:
             pass
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("llama-server did not start")
+
+
+def lora_field(count: int, chosen: int | None) -> list[dict]:
+    """A request's `lora` field: every loaded adapter's scale explicit, 1.0 for the chosen one only."""
+    return [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in range(count)]
 
 
 if __name__ == "__main__":
