@@ -15,6 +15,7 @@ from server.errors import BodyLimit, install_error_handlers
 from server.routes import adapters, generate, health, openai
 from server.schemas import ERROR_RESPONSES
 from server.settings import ServerSettings
+from server.threads import in_own_thread
 
 
 def create_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings], Engine] = Engine) -> FastAPI:
@@ -27,7 +28,9 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[ServerSetting
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = await run_in_threadpool(engine_factory, settings)
+        # Its own thread, ended by the build: a pooled thread would keep the build's OpenMP team
+        # (server.threads).
+        app.state.engine = await in_own_thread(engine_factory, settings)
         app.state.engine.start()
         try:
             yield

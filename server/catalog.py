@@ -46,6 +46,7 @@ from server.generation import Failed
 from server.metrics import ServerMetrics
 from server.resident import AdapterLoader, Fidelity, IndexSetCopy, ResidentAdapter, UsageStats
 from server.store import AdapterStore, FileIdentity, InvalidAdapterName, sha256_of
+from server.threads import serial_torch
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,7 @@ class AdapterCatalog:
 
     def _load_loop(self) -> None:
         """Load pending adapters, oldest request first; one that finds no room waits for a release."""
+        serial_torch()  # the worker alone computes in parallel (server.threads)
         while True:
             with self._lock:
                 while not self._stopping and not self._pending:

@@ -14,6 +14,7 @@ from server.deps import get_engine, require_admin
 from server.engine import Engine
 from server.errors import ApiError
 from server.store import InvalidAdapterName, check_name
+from server.threads import serially
 
 router = APIRouter(prefix="/adapters", dependencies=[Depends(require_admin)])
 
@@ -55,7 +56,7 @@ async def put_adapter(name: str, request: Request, response: Response, engine: E
         try:
             await _receive_into(request, incoming, engine.settings.max_upload_bytes)
             # Validation and the device copy are CPU/GPU work: keep them off the event loop.
-            described, replaced = await run_in_threadpool(engine.catalog.upload, name, incoming)
+            described, replaced = await run_in_threadpool(serially(engine.catalog.upload), name, incoming)
         except AdapterTooLarge as e:
             engine.metrics.uploads.labels(result="rejected").inc()
             raise ApiError(413, f"adapter {name!r} rejected: {e}", "adapter_too_large") from None
@@ -71,7 +72,7 @@ async def put_adapter(name: str, request: Request, response: Response, engine: E
 
 @router.delete("/{name}")
 async def delete_adapter(name: str, engine: Engine = Depends(get_engine)):
-    if not await run_in_threadpool(engine.catalog.delete, _valid(name)):
+    if not await run_in_threadpool(serially(engine.catalog.delete), _valid(name)):
         raise ApiError(404, f"adapter {name!r} not found", "adapter_not_found")
     return {"deleted": name}
 

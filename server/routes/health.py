@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.deps import get_engine, require_bearer
 from server.errors import ApiError
+from server.threads import serially
 
 router = APIRouter()
 
@@ -38,7 +39,7 @@ async def health(request: Request, deep: bool = Query(False, description="also v
         if not engine.deep_check_lock.acquire(blocking=False):
             raise ApiError(429, "a deep health check is already running; retry later", headers={"Retry-After": "1"})
         try:
-            intact = await run_in_threadpool(engine.base_weights_intact)
+            intact = await run_in_threadpool(serially(engine.base_weights_intact))
         finally:
             engine.deep_check_lock.release()
         body["base_weights_intact"] = intact
