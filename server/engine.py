@@ -72,8 +72,10 @@ class Engine:
         unsupported = llama_unsupported(self.model) if settings.runner == "auto" else "--runner hf"
         log.info("forward: %s", "ours (Llama-shaped)" if unsupported is None else f"Hugging Face's ({unsupported})")
         if settings.weight_dtype == "bfloat16" and self.dtype != torch.bfloat16:
-            if unsupported is not None or self.dtype != torch.float32:
-                raise ValueError(f"weight_dtype bfloat16 needs our decoder and float32 activations: {unsupported}")
+            if unsupported is not None:
+                raise ValueError(
+                    f"weight_dtype bfloat16 needs our decoder; this model runs Hugging Face's ({unsupported})"
+                )
             round_linear_weights_(self.model, torch.bfloat16)
         self.packed = PackedWeights(self.model, device=device)
         self.model.to(device)
