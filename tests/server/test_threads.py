@@ -13,13 +13,14 @@ import torch
 from server.threads import in_own_thread, serial_torch
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def os_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def threads_added_by_a_parallel_op(serial: bool) -> tuple[int, int]:
-    """(OS threads the process gained while a live thread ran a large parallel op, that thread's
-    torch thread count). The thread stays alive while counting: OpenMP keeps a team for its life."""
+    """(OS threads started while a live thread ran a large parallel op, that thread's torch thread
+    count). The thread stays alive while counting: OpenMP keeps a team for its life. Threads that
+    others end meanwhile do not count."""
     counted, release = queue.Queue(), threading.Event()
 
     def run() -> None:
@@ -27,7 +28,7 @@ def threads_added_by_a_parallel_op(serial: bool) -> tuple[int, int]:
             serial_torch()
         before = os_threads()
         torch.ones(8_000_000).mul_(2).sum()
-        counted.put((os_threads() - before, torch.get_num_threads()))
+        counted.put((len(os_threads() - before), torch.get_num_threads()))
         release.wait(30)
 
     thread = threading.Thread(target=run)
