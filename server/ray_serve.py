@@ -46,6 +46,7 @@ from server.engine import Engine
 from server.errors import ApiError, error_body
 from server.settings import ServerSettings
 from server.store import AdapterStore, FileIdentity, InvalidAdapterName
+from server.threads import on_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Replica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app = create_app(settings)
-        self.engine = Engine(settings)
+        self.engine = on_own_thread(Engine, settings)  # not on the actor's thread: server.threads
         self.app.state.engine = self.engine  # the app's lifespan does not run: the replica owns the engine
         self.engine.start()
         self.metrics_token = settings.metrics_token

@@ -9,7 +9,8 @@ loader, a pooled thread that built the engine) made the worker's decode steps ab
 slower for the rest of the process's life (benchmarks/RESULTS.md).
 
 So the worker thread alone computes in parallel: the loader and the request threads that touch
-tensors call `serial_torch` first, and the engine is built on a thread that ends with the build.
+tensors call `serial_torch` first, and the engine is built on a thread that ends with the build
+(the server's, and each Ray replica's).
 """
 
 from __future__ import annotations
@@ -46,25 +47,27 @@ def serially(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+def on_own_thread(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` on a new thread that ends when it returns, taking its OpenMP team with it."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(setter: Callable[[Any], None], value: Any) -> None:
-        if not done.done():  # the awaiting task may have been cancelled meanwhile
-            setter(value)
+    outcome: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task as it is
-            loop.call_soon_threadsafe(settle, done.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(settle, done.set_result, result)
+            outcome["result"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            outcome["error"] = exc
 
-    threading.Thread(target=run, name=f"neuroada-{getattr(fn, '__name__', 'task')}", daemon=True).start()
-    return await done
+    thread = threading.Thread(target=run, name=f"neuroada-{getattr(fn, '__name__', 'task')}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+async def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`on_own_thread` for a coroutine: a pooled thread waits for it (and computes nothing)."""
+    return await asyncio.to_thread(on_own_thread, fn, *args)
 
 
 @functools.cache
