@@ -35,7 +35,7 @@ from common import machine, print_table, set_threads, write_json  # noqa: E402
 
 from kernels import DecodeLinear, linear, use_decode_linears  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
-from server.engine import round_linear_weights_  # noqa: E402
+from server.engine import place_for_serving_, round_linear_weights_  # noqa: E402
 from server.generation import GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
 
 ENGINES = ("hf+F.linear", "hf", "ours", "ours bf16w")
@@ -103,10 +103,12 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
 
+    # Both laid out as the server does: packed linear weights, on huge pages.
     model, tokenizer = load_base_model(), load_tokenizer()
+    place_for_serving_(model, torch.device("cpu"))
     bf16w = load_base_model()
     round_linear_weights_(bf16w, torch.bfloat16)
-    use_decode_linears(bf16w)
+    place_for_serving_(bf16w, torch.device("cpu"))
     weight_bytes = linear_bytes(model)
     samples = {(e, b): [] for e in ENGINES for b in args.batch}
     prefills = {(e, b): [] for e in ENGINES for b in args.batch}

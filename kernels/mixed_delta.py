@@ -11,6 +11,11 @@ loads along the output dim are contiguous, and the k terms of an output sum over
 The delta is float32; `add_delta_` adds it to a layer's output with one rounding to its dtype,
 so a bf16 base keeps deltas that merging into bf16 weights would round away. `add_mixed_delta_`
 is the serving entry point: on the CPU its C++ kernel adds into the layer's output in place.
+
+Both are registered operators (`torch.ops.neuroada.mixed_delta`, `.add_mixed_delta_`, with their
+shapes declared for tracing), so a `torch.compile`d forward, and a CUDA graph captured from it,
+keep the product as one node instead of breaking the graph at the kernel call. Eager calls go
+straight to the kernel: the dispatcher's few microseconds a call would add up on a decode step.
 """
 
 from __future__ import annotations
@@ -72,6 +77,14 @@ def mixed_delta(
     for float32 inputs where it is built, else the torch twin. `backend` forces one: "triton",
     "cpu" or "torch". check_ranges=False skips the C++ kernel's bounds checks of indices and
     slots, for a caller that validated them once (the serving hot path)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.neuroada.mixed_delta(x, indices, values, slots, backend, check_ranges)
+    return _mixed_delta(x, indices, values, slots, backend, check_ranges)
+
+
+def _mixed_delta(
+    x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, backend: str, check_ranges: bool
+) -> torch.Tensor:
     if indices.dim() != 2 or values.shape[1:] != indices.shape or slots.shape != x.shape[:1]:
         _explain(x, indices, values, slots)
     if backend not in ("auto", "triton", "cpu", "torch"):
@@ -111,6 +124,10 @@ def mixed_delta(
     return out
 
 
+def _mixed_delta_shape(x, indices, values, slots, backend, check_ranges):
+    return x.new_empty(*x.shape[:-1], indices.shape[1], dtype=torch.float32)
+
+
 def add_mixed_delta_(
     out: torch.Tensor,  # [B, L, d_out] (or [B, d_out]) a layer's output
     x: torch.Tensor,  # [B, L, d_in] (or [B, d_in]) its input
@@ -122,10 +139,31 @@ def add_mixed_delta_(
     """out += each row's own delta, rounded once to out's dtype. On the CPU with float32 tensors
     the C++ kernel adds in place: no delta tensor, and rows of slot 0 are not touched. This is
     the serving hot path (a call per target layer per decode step), so it checks little in Python."""
+    if torch.compiler.is_compiling():
+        torch.ops.neuroada.add_mixed_delta_(out, x, indices, values, slots, check_ranges)
+    else:
+        _add_mixed_delta(out, x, indices, values, slots, check_ranges)
+
+
+def _add_mixed_delta(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    check_ranges: bool,
+) -> None:
     if out.dtype == torch.float32 and out.is_contiguous() and _cpu_kernel_fits(x, values):
         cpu_kernels().mixed_delta_add_(out, x.contiguous(), indices, values, slots, check_ranges)
     else:
-        add_delta_(out, mixed_delta(x, indices, values, slots, check_ranges=check_ranges))
+        add_delta_(out, _mixed_delta(x, indices, values, slots, "auto", check_ranges))
+
+
+# The registered operators run the same functions; eager callers above call those directly.
+torch.library.custom_op("neuroada::mixed_delta", _mixed_delta, mutates_args=()).register_fake(_mixed_delta_shape)
+torch.library.custom_op("neuroada::add_mixed_delta_", _add_mixed_delta, mutates_args=("out",)).register_fake(
+    lambda out, x, indices, values, slots, check_ranges: None
+)
 
 
 def _cpu_kernel_fits(x: torch.Tensor, values: torch.Tensor) -> bool:

@@ -60,7 +60,10 @@ class PackedWeights:
     def __init__(self, model: nn.Module, device: torch.device | str | None = None):
         """Move the weights into the buffer on `device` (default: where they are) layer by layer,
         releasing each original as it goes: the move peaks at the buffer plus about one layer."""
-        layers = untied_linear_layers(model)
+        # In module order, not `linear_layers`' sorted one: a layer's siblings that read one input
+        # (q, k, v; gate, up) then lie back to back, and a decoder may read them as one matrix.
+        untied = untied_linear_layers(model)
+        layers = {name: untied[name] for name, _ in model.named_modules() if name in untied}
         if not layers:
             raise ValueError("the model has no untied nn.Linear layers to pack")
         dtypes = {m.weight.dtype for m in layers.values()}
@@ -68,8 +71,12 @@ class PackedWeights:
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(f"linear weights must share one dtype and device, got {dtypes} on {devices}")
         total = sum(m.weight.numel() for m in layers.values())
-        source_device = devices.pop()
-        self.buffer = torch.empty(total, dtype=dtypes.pop(), device=device or source_device)  # [N]
+        source_device, dtype = devices.pop(), dtypes.pop()
+        device = torch.device(device or source_device)
+        if device.type == "cpu":  # a decode step streams the whole buffer: on huge pages it reads faster
+            self.buffer = host_memory.huge_page_empty(total, dtype)  # [N]
+        else:
+            self.buffer = torch.empty(total, dtype=dtype, device=device)  # [N]
         self.layout: dict[str, tuple[int, int, int]] = {}  # name -> (start, d_out, d_in)
         mappings = host_memory.private_file_mappings() if source_device.type == "cpu" else []
         start = 0
@@ -90,6 +97,11 @@ class PackedWeights:
     @property
     def dtype(self) -> torch.dtype:
         return self.buffer.dtype
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether `t` is (a view of) memory of the buffer."""
+        start = self.buffer.data_ptr()
+        return t.device == self.device and start <= t.data_ptr() < start + self.buffer.nbytes
 
     @property
     def device(self) -> torch.device:

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kernels import use_decode_linears
+from neuroada import host_memory
 from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
 from neuroada.fingerprint import BaseModelSpec, linear_layers
 from neuroada.inplace import PackedWeights
@@ -60,6 +61,20 @@ def round_linear_weights_(model: nn.Module, dtype: torch.dtype) -> None:
         weight.data = weight.data.to(dtype)
 
 
+def place_for_serving_(model: nn.Module, device: torch.device) -> PackedWeights:
+    """Lay a loaded model out for serving on `device`, in place: its linear weights packed into one
+    buffer (on the CPU, on huge pages, with whatever else a step streams: a tied embedding read as
+    lm_head), and its linears on `kernels.decode_linear`. Returns the packed weights."""
+    packed = PackedWeights(model, device=device)
+    model.to(device)
+    if device.type == "cpu":
+        for param in model.parameters():
+            if not packed.holds(param):
+                host_memory.move_to_huge_pages_(param)
+    use_decode_linears(model)
+    return packed
+
+
 class Engine:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
@@ -77,9 +92,7 @@ class Engine:
                     f"weight_dtype bfloat16 needs our decoder; this model runs Hugging Face's ({unsupported})"
                 )
             round_linear_weights_(self.model, torch.bfloat16)
-        self.packed = PackedWeights(self.model, device=device)
-        self.model.to(device)
-        use_decode_linears(self.model)
+        self.packed = place_for_serving_(self.model, device)
         self.base_checksum = self.packed.checksum()
         # Limits a request is checked against before it is tokenized or queued.
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)

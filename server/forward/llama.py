@@ -10,7 +10,9 @@ as much again on a CPU. This forward keeps only the model's arithmetic:
   rebuilding the cache, and no row is padded;
 - a prefill per joining group, right-padded (causal attention keeps padding out of real tokens);
 - a decode step whose attention (`kernels.decode_attention`: rotary, the cache write and the
-  attention of every row in one call per layer) reads each row's own keys.
+  attention of every row in one call per layer) reads each row's own keys;
+- one product for q, k and v where their weights lie back to back (`PackedWeights` packs a
+  layer's linears in order), read as one [q + k + v rows, hidden] matrix.
 
 It calls the model's own embedding, linear, MLP and rotary modules (and RMSNorm's weights), so
 switched weights and the mixed path's per-row deltas apply here as in the HF forward. A failed
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import decode_attention, gated_silu, rms_norm
+from kernels import DecodeLinear, decode_attention, gated_silu, linear, rms_norm
 from kernels.decode_attention import rotate_half
 
 LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")
@@ -105,6 +107,44 @@ class SlotCache:
                 b[first : first + len(lengths)].masked_fill_(past, 0)
 
 
+class _BackToBack:
+    """Sibling linears that read one input, as one product where their weights lie back to back.
+
+    Packed weights (`neuroada.inplace.PackedWeights`) hold a layer's q, k and v in order in one
+    buffer, so [q; k; v] is a view of it: one call reads the three weights in one pass (fewer
+    calls, one parallel region). The view is rebuilt when the modules' weights are replaced (the
+    packing replaces them), and is None where they are not adjacent or carry a bias."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = modules
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._weight: torch.Tensor | None = None
+
+    def weight(self) -> torch.Tensor | None:  # [sum of d_out, d_in], or None: call each module
+        if not all(_unwrapped(m) for m in self.modules):
+            return None
+        parts = tuple(m.weight for m in self.modules)
+        if len(parts) != len(self._parts) or any(a is not b for a, b in zip(parts, self._parts)):
+            self._parts, self._weight = parts, _concatenated_view(self.modules)
+        return self._weight
+
+
+def _concatenated_view(modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """The weights of `modules` as one matrix, when they are consecutive in one memory block."""
+    weights = [m.weight for m in modules]
+    if not all(type(m) in (nn.Linear, DecodeLinear) and m.bias is None for m in modules):
+        return None
+    first = weights[0]
+    if not all(w.is_contiguous() and w.dtype == first.dtype and w.shape[1] == first.shape[1] for w in weights):
+        return None
+    if any(a.data_ptr() + a.nbytes != b.data_ptr() for a, b in zip(weights, weights[1:])):
+        return None
+    if any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for w in weights):
+        return None
+    rows = sum(w.shape[0] for w in weights)
+    return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
 @dataclass(frozen=True)
 class _Layer:
     """One decoder layer's modules, looked up once (nn.Module attribute lookups cost per call)."""
@@ -120,6 +160,7 @@ class _Layer:
     post_norm: nn.Module
     mlp: nn.Module
     gated_mlp: bool  # down(silu(gate(x)) * up(x)) over plain linears: one kernel call may do its first half
+    qkv: _BackToBack
 
     @classmethod
     def of(cls, layer: nn.Module, act: str) -> _Layer:
@@ -138,6 +179,7 @@ class _Layer:
             layer.post_attention_layernorm,
             mlp,
             gated and linears[0].bias is None and linears[1].bias is None,
+            _BackToBack(attn.q_proj, attn.k_proj, attn.v_proj),
         )
 
 
@@ -155,6 +197,8 @@ class LlamaForward:
         self.norm, self.rotary, self.lm_head = model.model.norm, model.model.rotary_emb, model.lm_head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        kv_width = self.kv_heads * self.head_dim
+        self.q_kv_widths = [self.heads * self.head_dim, kv_width, kv_width]
         # The activations' dtype is the norms': linear weights (and a tied embedding) may be stored
         # narrower (`weight_dtype`) and are widened as they are read.
         self.dtype, self.device = self.norm.weight.dtype, self.norm.weight.device
@@ -229,9 +273,14 @@ class LlamaForward:
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
-            q = layer.q(h).view(B, T, self.heads, self.head_dim)
-            k = layer.k(h).view(B, T, self.kv_heads, self.head_dim)
-            v = layer.v(h).view(B, T, self.kv_heads, self.head_dim)
+            qkv = layer.qkv.weight()
+            if qkv is not None:
+                q, k, v = linear(h, qkv).split(self.q_kv_widths, dim=-1)  # [B, T, width] each
+            else:
+                q, k, v = layer.q(h), layer.k(h), layer.v(h)
+            q = q.view(B, T, self.heads, self.head_dim)
+            k = k.view(B, T, self.kv_heads, self.head_dim)
+            v = v.view(B, T, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
             keys, values = self.cache.keys[i], self.cache.values[i]

@@ -134,3 +134,27 @@ def test_add_mixed_delta_in_place_equals_adding_the_delta(dtype, tokens_per_row)
     else:  # float32 sums that differ in their last bits, each rounded once: at most one bf16 ulp apart
         torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=0)
     assert torch.equal(out[slots == 0], before[slots == 0])
+
+
+@pytest.mark.parametrize("tokens_per_row", [1, 5])
+def test_the_registered_operators_pass_torch_library_opcheck(tokens_per_row):
+    out, x, indices, values, slots = case(4, tokens_per_row)
+    torch.library.opcheck(torch.ops.neuroada.mixed_delta, (x, indices, values, slots, "auto", True))
+    torch.library.opcheck(torch.ops.neuroada.add_mixed_delta_, (out, x, indices, values, slots, True))
+
+
+def test_a_compiled_forward_keeps_the_mixed_product_in_one_graph():
+    """fullgraph=True raises at any graph break: the product must trace as the registered operators."""
+    out, x, indices, values, slots = case(4, tokens_per_row=3)
+    weight = torch.randn(out.shape[-1], x.shape[-1])
+
+    def forward(x, values, slots):  # the mixed path's layer: the base product, then each row's delta
+        y = x @ weight.t()
+        add_mixed_delta_(y, x, indices, values, slots)
+        return y, mixed_delta(x, indices, values, slots)
+
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    for step in range(2):  # a new batch: other slots, other values (the same graph serves them)
+        values, slots = values * (step + 1), slots.roll(step)
+        for got, expected in zip(compiled(x, values, slots), forward(x, values, slots), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
+from neuroada.inplace import PackedWeights
 from server.forward import HFForward, LlamaForward, batch_forward
+from server.forward import llama as llama_forward
 from server.forward.llama import SlotCache, llama_unsupported
 from tests.helpers import tiny_family, tiny_llama
 
@@ -54,6 +57,31 @@ def test_ours_equals_hugging_face_through_joins_leaves_and_splits(family):
     ours, theirs = _logits_over_a_batch_life(LlamaForward(model)), _logits_over_a_batch_life(HFForward(model, PAD))
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", OURS)
+def test_q_k_v_packed_back_to_back_run_as_one_product(family, monkeypatch):
+    model = tiny_family(family, seed=3)
+    forward = LlamaForward(model)
+    apart = _logits_over_a_batch_life(forward)  # weights allocated one by one: three products
+    forward.clear()
+    PackedWeights(model)  # every linear weight becomes a view of one buffer, in module order
+    widths = []
+
+    def counted(x, weight, bias=None):
+        widths.append(weight.shape[0])
+        return kernels.linear(x, weight, bias)
+
+    monkeypatch.setattr(llama_forward, "linear", counted)
+    packed = _logits_over_a_batch_life(forward)  # the same forward object: its views are rebuilt
+    for a, b in zip(packed, apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # GEMM blocking differs with the width
+    attention = model.model.layers[0].self_attn
+    q_k_v = sum(m.weight.shape[0] for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+    if family == "qwen2":  # q, k and v have biases: one product each
+        assert widths == []
+    else:
+        assert widths and set(widths) == {q_k_v}
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2"])
