@@ -28,7 +28,10 @@ def decode_attention(
     first: int,  # row b is slot first + b
     positions: torch.Tensor,  # [B] int64: each row's new position (its length so far)
     scale: float,
+    length: int | None = None,  # max(positions) + 1 where the caller knows it on the host
 ) -> torch.Tensor:  # [B, heads, head_dim]
+    """The twin reads every row's keys up to `length`; given, it spares a device-to-host read of
+    `positions.max()` per layer (a sync on a GPU, which would also break a captured graph)."""
     tensors = (q, k, v, cos, sin, keys, values)
     if all(t.is_cpu and t.dtype == torch.float32 for t in tensors) and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -37,10 +40,10 @@ def decode_attention(
         if kernels is not None and keys.is_contiguous() and values.is_contiguous():
             q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
             return kernels.decode_attention(q, k, v, cos, sin, keys, values, first, positions.cpu(), scale)
-    return decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scale)
+    return decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scale, length)
 
 
-def decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scale) -> torch.Tensor:
+def decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scale, length=None) -> torch.Tensor:
     """The torch twin (same arguments as `decode_attention`)."""
     B, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -49,7 +52,8 @@ def decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scal
     rows = torch.arange(first, first + B, device=q.device)
     keys[rows, :, positions] = k.to(keys.dtype)  # [B, kv_heads, head_dim] into each row's position
     values[rows, :, positions] = v.to(values.dtype)
-    length = int(positions.max()) + 1
+    if length is None:
+        length = int(positions.max()) + 1
     visible = torch.arange(length, device=q.device) <= positions[:, None]  # [B, length]
     bias = torch.zeros(B, 1, 1, length, dtype=q.dtype, device=q.device)
     bias.masked_fill_(~visible[:, None, None, :], float("-inf"))  # [B, 1, 1, length]

@@ -216,7 +216,7 @@ class LlamaForward:
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = torch.tensor(prompt)
         positions = torch.arange(T, device=self.device).expand(n, T)  # [n, T]
-        hidden = self._layers(ids.to(self.device), positions, slots=slice(start, start + n), decoding=False)
+        hidden = self._layers(ids.to(self.device), positions, slots=slice(start, start + n))
         self.cache.clear_tails(start, [len(p) for p in prompts])
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         hidden = hidden[torch.arange(n, device=self.device), last]  # [n, hidden]
@@ -226,11 +226,11 @@ class LlamaForward:
         self.lengths += newcomers.lengths
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
-        B = len(tokens)
-        self.cache.reserve(self.first + B, max(self.lengths) + 1)
+        B, length = len(tokens), max(self.lengths) + 1
+        self.cache.reserve(self.first + B, length)
         positions = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
         ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
-        hidden = self._layers(ids, positions, slots=slice(self.first, self.first + B), decoding=True)
+        hidden = self._layers(ids, positions, slots=slice(self.first, self.first + B), decode_length=length)
         self.lengths = [n + 1 for n in self.lengths]
         return self._logits(hidden[:, -1])
 
@@ -264,9 +264,12 @@ class LlamaForward:
 
     # --- the model ----------------------------------------------------------------------------
 
-    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: slice, decoding: bool) -> torch.Tensor:
+    def _layers(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: slice, decode_length: int | None = None
+    ) -> torch.Tensor:
         """Hidden states [B, T, hidden] after the last layer. A prefill attends causally within its
-        own tokens; a decode step (T = 1) attends to each row's cache."""
+        own tokens; a decode step (T = 1; `decode_length`: its longest row's length after this
+        token, known on the host) attends to each row's cache."""
         B, T = ids.shape
         x = self.embed(ids).to(self.dtype)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
@@ -284,7 +287,7 @@ class LlamaForward:
             if layer.q_norm is not None:
                 q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
             keys, values = self.cache.keys[i], self.cache.values[i]
-            if decoding:  # one token per row: its rotary, cache write and attention in one call
+            if decode_length is not None:  # one token per row: its rotary, cache write and attention in one call
                 o = decode_attention(
                     q[:, 0],
                     k[:, 0],
@@ -296,6 +299,7 @@ class LlamaForward:
                     slots.start,
                     positions[:, 0],
                     layer.scale,
+                    decode_length,
                 )
             else:
                 q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)

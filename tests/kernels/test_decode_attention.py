@@ -80,3 +80,13 @@ def test_other_dtypes_run_the_twin():
     out = decode_attention(*bf16[:5], bf16[5], bf16[6], 0, at, 0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("extra", [0, 7])
+def test_the_twin_given_the_length_on_the_host_equals_reading_it_from_the_positions(extra):
+    """A caller that knows the longest row's length passes it (no device read); longer still masks."""
+    q, k, v, cos, sin, keys, values, at = case(3, 4, 2, 8, [5, 0, 20], capacity=40)
+    found = decode_attention_ref(q, k, v, cos, sin, keys.clone(), values.clone(), 1, at, 0.5)
+    doubles = [t.double() for t in (q, k, v, cos, sin, keys, values)]  # float64: the twin, not the kernel
+    given = decode_attention(*doubles, 1, at, 0.5, length=21 + extra)
+    torch.testing.assert_close(given.float(), found, rtol=1e-5, atol=1e-5)
