@@ -226,12 +226,21 @@ class LlamaForward:
         self.lengths += newcomers.lengths
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
-        B, length = len(tokens), max(self.lengths) + 1
-        self.cache.reserve(self.first + B, length)
-        positions = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
-        ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
-        hidden = self._layers(ids, positions, slots=slice(self.first, self.first + B), decode_length=length)
+        length = max(self.lengths) + 1
+        self.cache.reserve(self.first + len(tokens), length)
+        ids = torch.tensor(tokens, device=self.device)  # [B]
+        logits = self.step(ids, torch.tensor(self.lengths, device=self.device), length)
         self.lengths = [n + 1 for n in self.lengths]
+        return logits
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """One decode step over tensors alone, the unit a compiler captures: row b (slot first + b)
+        takes token ids[b] ([B]) at position positions[b] ([B]); `length`, at least every row's
+        length after it, is how many cache positions attention reads (a graph captured for a
+        fixed length: the cache's whole capacity). Returns logits [B, V] float32. No bookkeeping:
+        `decode` reserves the cache and advances the rows' lengths around it."""
+        B = ids.shape[0]
+        hidden = self._layers(ids[:, None], positions[:, None], slice(self.first, self.first + B), length)
         return self._logits(hidden[:, -1])
 
     def keep(self, rows: list[int]) -> None:

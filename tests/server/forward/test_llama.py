@@ -10,7 +10,7 @@ from neuroada.inplace import PackedWeights
 from server.forward import HFForward, LlamaForward, batch_forward
 from server.forward import llama as llama_forward
 from server.forward.llama import SlotCache, llama_unsupported
-from tests.helpers import tiny_family, tiny_llama
+from tests.helpers import random_adapter, tiny_family, tiny_llama
 
 OURS = ("llama", "mistral", "qwen2", "qwen3")
 PAD = 0
@@ -82,6 +82,42 @@ def test_q_k_v_packed_back_to_back_run_as_one_product(family, monkeypatch):
         assert widths == []
     else:
         assert widths and set(widths) == {q_k_v}
+
+
+@torch.inference_mode()
+def test_a_decode_step_compiles_as_one_graph_that_reads_the_weights_where_they_are():
+    """The pure-torch path a GPU runs (bf16, as a GPU serves: the C++ CPU kernels take float32)
+    traces with no graph break at a fixed length, the cache's whole capacity, as a CUDA graph
+    would be captured; and an adapter merged into the packed buffer after compilation reaches the
+    compiled step."""
+    model = tiny_llama(seed=4, dtype=torch.bfloat16)
+    packed = PackedWeights(model)
+    forward = LlamaForward(model)
+    logits, rows = forward.prefill(_prompts(5, [6, 3]))
+    forward.join(rows)
+    forward.cache.reserve(2, 64)
+    capacity = forward.cache.capacity
+    ids, positions = logits.argmax(-1), torch.tensor(forward.lengths)
+    graphs = []
+
+    def captured(graph, example_inputs):  # dynamo's graph, run as it is
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(forward.step, backend=captured, fullgraph=True)
+
+    base = forward.step(ids, positions, max(forward.lengths) + 1)  # eager, reading only what it must
+    torch.testing.assert_close(compiled(ids, positions, capacity), base)
+    delta = packed.pack(random_adapter(model, k=3, scale=0.5, seed=7))
+    saved = packed.apply_(delta)
+    adapted = forward.step(ids, positions, capacity)
+    assert not torch.allclose(adapted, base)
+    torch.testing.assert_close(compiled(ids, positions, capacity), adapted)
+    packed.restore_(delta, saved)
+    torch.testing.assert_close(compiled(ids, positions, capacity), base)
+    assert len(graphs) == 1  # one capture: switching weights in place does not recompile
+    targets = {str(node.target) for node in graphs[0].graph.nodes}
+    assert not {"item", "tolist"} & targets  # no read of a device value on the host (a sync, a split graph)
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2"])
