@@ -12,7 +12,12 @@
    Goal on an H100-class card: k = 20 under 1 ms, k = 1 under 0.1 ms.
 3. The mixed-adapter delta at batch 32 on the same stack (8 adapters, one index set): all 224
    layers' `mixed_delta` against the dense matmuls of the same batch. Goal: at most 5% at k = 20.
-4. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
+4. Decode on a LLaMA-7B-shaped model of random bf16 weights (packed as the server packs them),
+   our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled
+   (`torch.compile`, mode "reduce-overhead": CUDA graphs; the KV cache marked static, attention
+   over its whole capacity so every step has one shape), against the HBM floor: the weights'
+   bytes per step over the copy bandwidth. Goal: compiled batch 1 at 70% of the floor or better.
+5. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
    Triton gather product, LoRA; float32) on the embedded model (subprocesses).
 """
 
@@ -31,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, print_table, write_json  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kernels import (  # noqa: E402
     apply_delta_flat_,
@@ -40,9 +46,13 @@ from kernels import (  # noqa: E402
     restore_flat_,
     sparse_delta,
 )
+from server.engine import place_for_serving_  # noqa: E402
+from server.forward.llama import LlamaForward  # noqa: E402
 
 LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 SMOKE_LAYER = [(64, 64)] * 4 + [(172, 64)] * 2 + [(64, 172)]
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+SMOKE_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
 
 
 def elapsed_ms(fn, device: torch.device, repeats: int = 20) -> float:
@@ -188,6 +198,76 @@ def time_mixed(buffer, shapes, starts, ks: list[int], batch: int, device: torch.
     return rows
 
 
+def random_llama(shape: dict, device: torch.device) -> LlamaForCausalLM:
+    """Random bf16 weights, made on the device (a 7B model never passes through host memory)."""
+    config = LlamaConfig(
+        **shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=32000, tie_word_embeddings=False
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval().requires_grad_(False)
+
+
+PROMPT_TOKENS = 8
+
+
+@torch.inference_mode()
+def time_decode(model, batch: int, steps: int, compiled: bool, device: torch.device) -> float:
+    """Median milliseconds of a decode step of `batch` rows (after a prefill of PROMPT_TOKENS each)."""
+    forward = LlamaForward(model)
+    logits, rows = forward.prefill([[1 + (b + t) % 1000 for t in range(PROMPT_TOKENS)] for b in range(batch)])
+    forward.join(rows)
+    forward.cache.reserve(batch, PROMPT_TOKENS + steps + 4)
+    capacity = forward.cache.capacity  # one shape for every step: attention reads the whole cache
+    step = forward.step
+    if compiled:
+        for t in forward.cache.keys + forward.cache.values:  # written in place, never an input to copy
+            torch._dynamo.mark_static_address(t)
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        step = torch.compile(forward.step, mode=mode, fullgraph=True)
+    ids, positions = logits.argmax(-1), torch.tensor(forward.lengths, device=device)
+
+    def one() -> None:
+        nonlocal ids, positions
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        ids, positions = step(ids, positions, capacity).argmax(-1), positions + 1
+
+    for _ in range(3):  # compilation and graph capture happen here
+        one()
+    return elapsed_ms(one, device, repeats=steps)
+
+
+def run_decode(device: torch.device, smoke: bool, batches: list[int], steps: int, bandwidth: float) -> list[dict]:
+    model = random_llama(SMOKE_MODEL if smoke else LLAMA_7B, device)
+    place_for_serving_(model, device)
+    weight_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    floor_ms = weight_bytes / bandwidth * 1e3
+    rows = []
+    for batch in batches:
+        for compiled in (False, True):
+            started = time.perf_counter()
+            ms = time_decode(model, batch, steps, compiled, device)
+            rows.append(
+                {
+                    "batch": batch,
+                    "compiled": compiled,
+                    "step_ms": ms,
+                    "tokens_per_s": batch / ms * 1e3,
+                    "floor_ms": floor_ms,
+                    "floor_fraction": floor_ms / ms,
+                    "wall_s": time.perf_counter() - started,  # compilation included
+                }
+            )
+            print(f"  decode batch {batch}, {'compiled' if compiled else 'eager'}: {ms:.2f} ms", flush=True)
+    return rows
+
+
 def run_embedded(out_dir: Path) -> None:
     here = Path(__file__).resolve().parent
     commands = [
@@ -221,6 +301,8 @@ def main() -> None:
     parser.add_argument("--embedded", action="store_true", help="also run decode.py and serve_load.py")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8, 32], help="none: skip the decode")
+    parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("gpu_suite.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -267,8 +349,37 @@ def main() -> None:
         ["k", "dense ms", "mixed delta ms", "overhead"],
         [[r["k"], f"{r['dense_ms']:.3f}", f"{r['mixed_ms']:.3f}", f"{r['ratio']:.1%}"] for r in mixed],
     )
+    del buffer, shapes, starts  # the stack's 13 GB, before a model of the same size is made
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    decode = run_decode(device, args.smoke, args.decode_batch, args.decode_steps, bandwidth)
+    if decode:
+        print(f"\ndecode on a {'smoke' if args.smoke else 'LLaMA-7B'}-shaped model, bf16, our decoder's step\n")
+        print_table(
+            ["batch", "mode", "step ms", "tok/s", "floor ms", "of the floor", "wall s"],
+            [
+                [
+                    r["batch"],
+                    "compiled" if r["compiled"] else "eager",
+                    f"{r['step_ms']:.2f}",
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['floor_ms']:.2f}",
+                    f"{r['floor_fraction']:.0%}",
+                    f"{r['wall_s']:.0f}",
+                ]
+                for r in decode
+            ],
+        )
     write_json(
-        args.out, {"smoke": args.smoke, "checks": checks, "bandwidth": bandwidth, "switch": switch, "mixed": mixed}
+        args.out,
+        {
+            "smoke": args.smoke,
+            "checks": checks,
+            "bandwidth": bandwidth,
+            "switch": switch,
+            "mixed": mixed,
+            "decode": decode,
+        },
     )
     if args.embedded:
         run_embedded(args.out.parent)
