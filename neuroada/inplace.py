@@ -98,14 +98,14 @@ class PackedWeights:
     def dtype(self) -> torch.dtype:
         return self.buffer.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
     def holds(self, t: torch.Tensor) -> bool:
         """Whether `t` is (a view of) memory of the buffer."""
         start = self.buffer.data_ptr()
         return t.device == self.device and start <= t.data_ptr() < start + self.buffer.nbytes
-
-    @property
-    def device(self) -> torch.device:
-        return self.buffer.device
 
     def check_target(self, name: str) -> None:
         """A linear layer of the base (`neuroada.format.check_target`) whose weight is in the buffer."""
