@@ -244,6 +244,8 @@ def time_decode(model, batch: int, steps: int, compiled: bool, device: torch.dev
 
 
 def run_decode(device: torch.device, smoke: bool, batches: list[int], steps: int, bandwidth: float) -> list[dict]:
+    if not batches:  # `--decode-batch` with none: no 13 GB model made for nothing
+        return []
     model = random_llama(SMOKE_MODEL if smoke else LLAMA_7B, device)
     place_for_serving_(model, device)
     weight_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
