@@ -4,6 +4,7 @@
     python benchmarks/quality.py run --task commonsense --method lora --rank 8 --lr 3e-4 --steps 300
     python benchmarks/quality.py run --task arithmetic --method base --eval dev
     python benchmarks/quality.py run --task arithmetic --method neuroada --adapter adapters/gsm8k.safetensors --eval dev
+    python benchmarks/quality.py search --task commonsense --method neuroada --k 1 --lrs 1e-3 3e-3 1e-2
     python benchmarks/quality.py table
 
 A run trains once (resumable: `neuroada.trainer` checkpoints every 25 steps) and evaluates on
@@ -18,6 +19,10 @@ factors through that very loop (`benchmarks/peers/lora_train.py`). Evaluation is
 `neuroada serve` (16 concurrent requests into its continuous batch): NeuroAda adapters from a
 store, LoRA merged into the weights and served as the base model. Scoring: `neuroada.evaluate`
 (last number for arithmetic, first `answerN` for multiple choice), with a 95% Wilson interval.
+
+`search` is the learning-rate search: one run per rate (each as `run` would make it, so finished
+rates are read back, not retrained), the rates ranked by validation accuracy, and with `--then-steps`
+the best rate trained longer and evaluated on `--then-eval`.
 
 Each run's config, training summary and results go to `benchmarks/quality/<run id>.json`
 (committed); checkpoints, adapters and merged models to `benchmarks/quality/work/` (not).
@@ -331,6 +336,35 @@ def run(args) -> None:
             write(path, record)
 
 
+def val_key(args) -> str:
+    return f"val:{args.eval_limit or 'all'}"
+
+
+def ranked_rates(records: dict[float, dict], key: str) -> list[tuple[float, dict]]:
+    """(rate, its `key` result) from the best validation accuracy down; among equal accuracies the
+    lower rate first (the safer one to train longer)."""
+    scored = [(lr, r["eval"][key]) for lr, r in records.items() if key in r["eval"]]
+    return sorted(scored, key=lambda item: (-item[1]["accuracy"], item[0]))
+
+
+def search(args) -> None:
+    args.eval = ["val"]
+    records = {}
+    for lr in args.lrs:
+        args.lr = lr
+        run(args)
+        records[lr] = json.loads((RESULTS / f"{run_id(args)}.json").read_text())
+    ranked = ranked_rates(records, val_key(args))
+    print(f"{args.task}, {run_id(args).split('-lr')[0].removeprefix(args.task + '-')}, {args.steps} steps:")
+    for lr, result in ranked:
+        lo, hi = result["ci95"]
+        print(f"  lr {lr:g}: val {result['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] (n={result['total']})")
+    if args.then_steps and ranked:
+        args.lr, args.steps, args.eval = ranked[0][0], args.then_steps, args.then_eval
+        print(f"the best rate, {args.lr:g}, for {args.steps} steps")
+        run(args)
+
+
 def write(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -363,21 +397,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
     p = sub.add_parser("run", help="train (or resume) one run and evaluate it")
-    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    s = sub.add_parser("search", help="a learning-rate search on the validation split, then the best rate longer")
+    for q in (p, s):
+        q.add_argument("--task", choices=sorted(TASKS), required=True)
+        q.add_argument("--k", type=int, default=1)
+        q.add_argument("--selection", choices=["magnitude", "random", "reverse"], default="magnitude")
+        q.add_argument("--rank", type=int, default=8)
+        q.add_argument("--steps", type=int, default=300)
+        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--max-length", type=int, default=256)
+        q.add_argument("--eval-limit", type=int, default=None, help="first N examples of each set")
+        q.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+        q.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--method", choices=["neuroada", "lora", "base"], required=True)
     p.add_argument("--adapter", type=Path, help="evaluate this NeuroAda adapter file instead of training one")
-    p.add_argument("--k", type=int, default=1)
-    p.add_argument("--selection", choices=["magnitude", "random", "reverse"], default="magnitude")
-    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--eval", nargs="+", choices=["val", "dev", "loglik"], default=["val"])
-    p.add_argument("--eval-limit", type=int, default=None, help="first N examples of each set")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.set_defaults(func=run)
+    s.add_argument("--method", choices=["neuroada", "lora"], required=True)
+    s.add_argument("--lrs", type=float, nargs="+", required=True, help="the rates to try")
+    s.add_argument("--then-steps", type=int, help="train the best rate again for this many steps")
+    s.add_argument("--then-eval", nargs="+", choices=["val", "dev", "loglik"], default=["val", "dev"])
+    s.set_defaults(func=search, adapter=None)
     t = sub.add_parser("table", help="every run's results")
     t.set_defaults(func=table)
     args = parser.parse_args()

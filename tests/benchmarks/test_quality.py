@@ -1,0 +1,35 @@
+"""The quality benchmark's statistics and its learning-rate search's ranking."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+quality = sys.modules["quality"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+spec.loader.exec_module(quality)
+
+
+@pytest.mark.parametrize(
+    "correct, total, expected",
+    [(0, 10, (0.0, 0.2775)), (5, 10, (0.2366, 0.7634)), (10, 10, (0.7225, 1.0)), (194, 500, (0.3463, 0.4314))],
+)
+def test_wilson_interval_matches_the_textbook_values(correct, total, expected):
+    lo, hi = quality.wilson(correct, total)
+    assert (round(lo, 4), round(hi, 4)) == expected
+
+
+def result(correct: int, total: int = 500) -> dict:
+    return {"eval": {"val:500": {"correct": correct, "total": total, "accuracy": correct / total}}}
+
+
+def test_rates_rank_by_validation_accuracy_the_lower_rate_first_on_a_tie():
+    records = {1e-2: result(180), 3e-3: result(200), 1e-3: result(200), 3e-4: result(150)}
+    assert [lr for lr, _ in quality.ranked_rates(records, "val:500")] == [1e-3, 3e-3, 1e-2, 3e-4]
+
+
+def test_a_rate_without_that_validation_result_is_left_out():
+    records = {3e-3: result(190), 1e-2: {"eval": {"val:all": {"accuracy": 0.9}}}}
+    assert [lr for lr, _ in quality.ranked_rates(records, "val:500")] == [3e-3]
