@@ -10,7 +10,7 @@
 # image lacks). Nor can the embedded model travel (a 98 MB GGUF; 64 MiB a call), so the server
 # checks run on a model of its shape and tokenizer with random weights (`random_model.py`), made
 # there from the 3.4 MB of config and tokenizer files `prepare` copies. `run` writes every result
-# under $OUT (it comes back) and goes on past a failed step; about 8-10 minutes.
+# under $OUT (it comes back) and goes on past a failed step; about 10 minutes.
 set -u
 cd "$(dirname "$0")/.."
 WHEELS="fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5
@@ -46,6 +46,10 @@ triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | t
     timeout 180 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random \
         --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check.json" 2>&1 | tee "$OUT/serve_check.log"
     timeout 120 python3 -m pytest -q -x tests/kernels 2>&1 | tail -5 | tee "$OUT/kernel_tests.log"
+    # Last, as the one most likely cut off: the server with its decode step compiled (CUDA graphs).
+    timeout 240 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random --compile-decode 1,4,16 \
+        --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check_compiled.json" 2>&1 |
+        tee "$OUT/serve_check_compiled.log"
 }
 
 "${1:?prepare or run}"

@@ -1,7 +1,7 @@
 """The server end to end on one device: what issue 19 asks of a lent GPU, in one command that runs anywhere.
 
     python benchmarks/serve_check.py [--device cuda] [--dtype auto] [--out benchmarks/serve_check.json]
-                                     [--model PATH --adapters A.safetensors ...]
+                                     [--model PATH --adapters A.safetensors ...] [--compile-decode 1,4,16]
 
 Starts `neuroada serve` (default: the embedded model and the shipped adapters, copied into a
 temporary store) on a loopback port and checks, one row each:
@@ -13,7 +13,11 @@ temporary store) on a loopback port and checks, one row each:
 - the mixed path ran (`/metrics`);
 - an upload (a copy of the first adapter under a new name: 201) served at once with the
   original's text, then a delete (a later request for it: 404);
-- the base weights bit-identical after all of it (`/health?deep=1`).
+- the base weights bit-identical after all of it (`/health?deep=1`);
+- with `--compile-decode SIZES` (the server's compiled decode step, those batch-size buckets):
+  compiled steps ran and none failed.
+And, reported, not checked: a burst of base requests at once (16, `ignore_eos`), in tokens per
+second, to set compiled decoding beside eager.
 Prints the table, writes JSON, and exits 1 if a required check fails. Loopback only, bounded.
 """
 
@@ -23,6 +27,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,9 +51,23 @@ def generate(client: httpx.Client, adapter: str | None, prompt: str, new_tokens:
     return r.json()["text"] if r.status_code == 200 else None
 
 
-def mixed_steps(client: httpx.Client) -> float:
-    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith('neuroada_steps_total{path="mixed"}')]
+def metric(client: httpx.Client, name: str) -> float:
+    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith(name + " ")]
     return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def burst(client: httpx.Client, requests: int, new_tokens: int) -> tuple[int, float]:
+    """`requests` base requests at once, each exactly `new_tokens` long: (tokens, seconds)."""
+
+    def one(i: int) -> int:
+        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens, "ignore_eos": True}
+        r = client.post("/generate", json=body)
+        return r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(requests) as pool:
+        tokens = sum(pool.map(one, range(requests)))
+    return tokens, time.perf_counter() - started
 
 
 def shared_prefix(a: str, b: str) -> int:
@@ -69,7 +88,7 @@ def run_checks(client: httpx.Client, adapters: list[Path], new_tokens: int) -> l
     answered = sum(text is not None for text in alone.values())
     check("generate alone", answered == len(pairs), f"{answered}/{len(pairs)} answered")
 
-    before = mixed_steps(client)
+    before = metric(client, 'neuroada_steps_total{path="mixed"}')
     with ThreadPoolExecutor(len(pairs)) as pool:  # all at once: the server batches them together
         together = dict(zip(pairs, pool.map(lambda pair: generate(client, *pair, new_tokens), pairs)))
     equal = sum(together[p] == alone[p] for p in pairs)
@@ -77,7 +96,7 @@ def run_checks(client: httpx.Client, adapters: list[Path], new_tokens: int) -> l
     length = sum(len(alone[p] or "") for p in pairs) / len(pairs)
     detail = f"{equal}/{len(pairs)} equal; {shared:.1f} of {length:.1f} leading characters shared"
     check("mixed batch equals alone", equal == len(pairs) or not exact, detail, required=exact)
-    ran = mixed_steps(client) - before
+    ran = metric(client, 'neuroada_steps_total{path="mixed"}') - before
     check("mixed path ran", ran > 0, f"{ran:.0f} mixed steps")
 
     first = adapters[0]
@@ -95,6 +114,17 @@ def run_checks(client: httpx.Client, adapters: list[Path], new_tokens: int) -> l
 
     intact = client.get("/health", params={"deep": 1}).json().get("base_weights_intact")
     check("base weights bit-identical", intact is True, f"base_weights_intact={intact}")
+
+    tokens, seconds = burst(client, 16, 4 * new_tokens)
+    check(
+        "base burst (reported)", tokens > 0, f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s", False
+    )
+    if compiled := client.get("/health").json().get("compiled_decode"):
+        steps = metric(client, "neuroada_compiled_decode_steps_total")
+        detail = f"{steps:.0f} compiled steps; buckets {compiled['batch_sizes']} in {compiled['compile_seconds']} s"
+        check(
+            "compiled decode ran", steps > 0 and compiled["broken"] is None, detail + f"; broken: {compiled['broken']}"
+        )
     return checks
 
 
@@ -107,16 +137,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("serve_check.json"))
+    parser.add_argument(
+        "--compile-decode", metavar="SIZES", help="serve with the decode step compiled for these buckets"
+    )
     args = parser.parse_args()
 
     env = {"NEUROADA_DEVICE": args.device, "NEUROADA_DTYPE": args.dtype}
     if args.model:
         env["NEUROADA_MODEL"] = args.model
+    if args.compile_decode:
+        env |= {"NEUROADA_COMPILE_DECODE": "1", "NEUROADA_COMPILE_BATCH_SIZES": args.compile_decode}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         for f in args.adapters:
             shutil.copy(f, store / f.name)
-        proc, url = start_server("neuroada", store, args.threads, 16, env)
+        proc, url = start_server("neuroada", store, args.threads, 16, env, ready_timeout=900)
         try:
             with httpx.Client(base_url=url, timeout=600) as client:
                 health = client.get("/health").json()

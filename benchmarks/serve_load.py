@@ -62,7 +62,7 @@ def make_store(folder: Path, count: int) -> None:
 
 
 def start_server(
-    engine: str, store: Path, threads: int, max_batch: int, extra_env: dict | None = None
+    engine: str, store: Path, threads: int, max_batch: int, extra_env: dict | None = None, ready_timeout: float = 300
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(
@@ -81,7 +81,7 @@ def start_server(
         command += ["--max-batch-size", str(max_batch), "--threads", str(threads)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:

@@ -28,6 +28,8 @@ from neuroada.fingerprint import BaseModelSpec, linear_layers
 from neuroada.inplace import PackedWeights
 from server.batch_adapters import SparseDeltaAdapters
 from server.catalog import AdapterCatalog, TierBudgets
+from server.forward import batch_forward
+from server.forward.graphs import compile_decode
 from server.forward.llama import llama_unsupported
 from server.generation import GenerationRequest
 from server.metrics import ServerMetrics
@@ -122,18 +124,27 @@ class Engine:
         self.catalog.on_ready = self.scheduler.wake
         eos_ids = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(eos_ids)
+        forward = batch_forward(self.model, pad, settings.runner)
+        self.decode_graphs = None
+        if settings.compile_decode:
+            max_length = settings.max_prompt_tokens + settings.max_new_tokens
+            self.decode_graphs = compile_decode(
+                forward, settings.decode_buckets, max_length, self.metrics.compiled_steps.inc
+            )
         self.worker = Worker(
             self.model,
             self.tokenizer,
             eos_ids,
-            pad if pad is not None else min(eos_ids),
+            pad,
             self.adapters,
             self.adapters.lock,
             self.catalog,
             self.scheduler,
             self.metrics,
             settings.shutdown_drain_s,
-            settings.runner,
+            forward,
+            self.decode_graphs.warm_up if self.decode_graphs else None,  # compiled at start, where it will run
         )
         self.catalog.scan()
 
@@ -142,6 +153,8 @@ class Engine:
     def start(self) -> None:
         self.catalog.start()
         self.worker.start()
+        if self.decode_graphs is not None:
+            self.metrics.decode_compile_seconds.set(self.decode_graphs.compile_seconds)
 
     def drain(self) -> None:
         self.worker.drain()

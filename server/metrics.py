@@ -29,6 +29,12 @@ class ServerMetrics:
             ["path"],
             registry=r,
         )
+        self.compiled_steps = Counter(
+            "neuroada_compiled_decode_steps", "Decode steps run as a compiled graph (--compile-decode)", registry=r
+        )
+        self.decode_compile_seconds = Gauge(
+            "neuroada_decode_compile_seconds", "Time compiling the decode step's buckets at start-up", registry=r
+        )
         self.running = Gauge("neuroada_running_requests", "Requests in the running batch", registry=r)
         self.switches = Counter("neuroada_adapter_switches", "Adapter switches (restore + apply)", registry=r)
         self.switch_seconds = Histogram(

@@ -112,6 +112,19 @@ class ServerSettings(BaseSettings):
         description="auto: our decoder for Llama-shaped models (llama, mistral, qwen2, qwen3), Hugging Face's "
         "forward for other families; hf: Hugging Face's forward for every model",
     )
+    compile_decode: bool = Field(
+        False,
+        description="compile our decoder's step (torch.compile; CUDA graphs on a GPU) once per batch-size bucket at "
+        "start-up, over a KV cache allocated whole (max_batch_size rows of max_prompt_tokens + max_new_tokens); "
+        "mixed-adapter steps stay eager, and a compilation that fails leaves every step eager. Off by default: on the "
+        "CPU it does not pay (our float32 kernels are not traceable), on a GPU it is not measured yet",
+    )
+    compile_batch_sizes: str = Field(
+        "1,2,4,8,16,32",
+        pattern=r"^[0-9]+(,[0-9]+)*$",
+        description="with compile_decode: the batch-size buckets, comma-separated (a batch runs as the smallest that "
+        "holds it, padded); sizes above max_batch_size are dropped and max_batch_size is always one",
+    )
     mixed_batches: bool = Field(
         True, description="one running batch serves every adapter (mixed path); false: one adapter per batch"
     )
@@ -124,6 +137,17 @@ class ServerSettings(BaseSettings):
     @property
     def pinned(self) -> tuple[str, ...]:
         return tuple(sorted({n for n in self.pin.split(",") if n}))
+
+    @property
+    def decode_buckets(self) -> tuple[int, ...]:
+        sizes = {int(n) for n in self.compile_batch_sizes.split(",") if 0 < int(n) < self.max_batch_size}
+        return tuple(sorted(sizes | {self.max_batch_size}))
+
+    @model_validator(mode="after")
+    def _compiled_decode_is_our_decoders(self) -> ServerSettings:
+        if self.compile_decode and self.runner == "hf":
+            raise ValueError("compile_decode compiles our decoder's step: it needs runner auto, got runner hf")
+        return self
 
     @model_validator(mode="after")
     def _bf16_weights_beside_float32_activations(self) -> ServerSettings:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from server.batch_adapters import BatchAdapters
 from server.catalog import AdapterCatalog
-from server.forward import Runner
+from server.forward import BatchForward
 from server.generation import Event, Failed, Finished, GenerationRequest, RunningBatch
 from server.metrics import ServerMetrics
 from server.scheduler import BatchScheduler
@@ -42,10 +43,13 @@ class Worker:
         scheduler: BatchScheduler,
         metrics: ServerMetrics,
         drain_s: float,
-        runner: Runner = "auto",
+        forward: BatchForward,  # the batch's forward calls and KV cache, for the worker's lifetime
+        warm_up: Callable[[], object] | None = None,  # run on the worker's thread before it serves
     ):
         self.model = model
-        self.runner = runner
+        self.forward = forward
+        self.warm_up = warm_up
+        self._ready = threading.Event()
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.pad_id = pad_id
@@ -63,7 +67,9 @@ class Worker:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the thread; returns once it is ready to serve (its warm-up done)."""
         self._thread.start()
+        self._ready.wait()
 
     def drain(self) -> None:
         """Begin stopping (from any thread; SIGTERM calls it): queued and new requests fail (503),
@@ -115,7 +121,12 @@ class Worker:
         self.metrics.queue_depth.set(self.scheduler.depth())
 
     def _run(self) -> None:
-        batch = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, self.runner)
+        try:
+            if self.warm_up is not None:
+                self.warm_up()
+        finally:
+            self._ready.set()
+        batch = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, forward=self.forward)
         while not (self._stop.is_set() and not batch):  # on stop, running requests finish first
             if self._stop.is_set() and time.monotonic() > self._drain_until:
                 for request in batch.requests:  # past the drain time: cancelled, they leave next step

@@ -104,3 +104,39 @@ def tiny_family(model_type: str, seed: int = 0, vocab_size: int = 257):
     model = AutoModelForCausalLM.from_config(config).eval()
     model.requires_grad_(False)
     return model
+
+
+def random_prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    """Token ids in [1, 250), one prompt of each length."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 250, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def logits_over_a_batch_life(forward) -> list[torch.Tensor]:
+    """A `BatchForward`'s logits as rows join in two groups, all decode, one leaves, and a split
+    half steps alone and merges back (twelve decode steps; the split is the tenth)."""
+    seen = []
+    logits, first = forward.prefill(random_prompts(0, [5, 2, 9]))
+    forward.join(first)
+    seen.append(logits)
+    tokens = logits.argmax(-1).tolist()
+    for step in range(12):
+        if step == 3:
+            logits, more = forward.prefill(random_prompts(1, [12, 1]))
+            forward.join(more)
+            seen.append(logits)
+            tokens += logits.argmax(-1).tolist()
+        if step == 6:
+            forward.keep([0, 2, 3, 4])
+            tokens = [tokens[i] for i in (0, 2, 3, 4)]
+        if step == 9:
+            other = forward.split(2)
+            a, b = forward.decode(tokens[:2]), other.decode(tokens[2:])
+            forward.merge(other)
+            logits = torch.cat([a, b])
+        else:
+            logits = forward.decode(tokens)
+        seen.append(logits)
+        tokens = logits.argmax(-1).tolist()
+    return seen

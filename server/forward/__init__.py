@@ -11,6 +11,8 @@
 
 Both call the model's linear modules themselves, so the merged path (weights switched in place)
 and the mixed path (target linears' forwards replaced, `server.mixed`) work the same on both.
+`DecodeGraphs` (`server.forward.graphs`) compiles our decoder's step per batch-size bucket where
+the server is asked to (`--compile-decode`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ call changes no row: keys written past a row's length are never read, and are ov
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from torch import nn
 
 from kernels import DecodeLinear, decode_attention, gated_silu, linear, rms_norm
 from kernels.decode_attention import rotate_half
+
+if TYPE_CHECKING:
+    from server.forward.graphs import DecodeGraphs
 
 LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")
 CAPACITY_STEP = 64  # cache positions are reserved in multiples of this
@@ -121,7 +125,7 @@ class _BackToBack:
         self._weight: torch.Tensor | None = None
 
     def weight(self) -> torch.Tensor | None:  # [sum of d_out, d_in], or None: call each module
-        if not all(_unwrapped(m) for m in self.modules):
+        if not all(unwrapped(m) for m in self.modules):
             return None
         parts = tuple(m.weight for m in self.modules)
         if len(parts) != len(self._parts) or any(a is not b for a, b in zip(parts, self._parts)):
@@ -161,6 +165,12 @@ class _Layer:
     mlp: nn.Module
     gated_mlp: bool  # down(silu(gate(x)) * up(x)) over plain linears: one kernel call may do its first half
     qkv: _BackToBack
+
+    def linears(self) -> tuple[nn.Module, ...]:
+        extra = tuple(
+            getattr(self.mlp, name) for name in ("gate_proj", "up_proj", "down_proj") if hasattr(self.mlp, name)
+        )
+        return (self.q, self.k, self.v, self.o) + extra
 
     @classmethod
     def of(cls, layer: nn.Module, act: str) -> _Layer:
@@ -205,6 +215,8 @@ class LlamaForward:
         self.cache = cache or SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
         self.first = first  # our rows are slots [first, first + len(lengths))
         self.lengths: list[int] = []  # tokens in each row's cache
+        self.graphs: DecodeGraphs | None = None  # the compiled step, where the server compiles it
+        self.parted = 0  # halves split off and not merged back: they hold slots past ours
 
     # --- BatchForward -------------------------------------------------------------------------
 
@@ -229,7 +241,15 @@ class LlamaForward:
         length = max(self.lengths) + 1
         self.cache.reserve(self.first + len(tokens), length)
         ids = torch.tensor(tokens, device=self.device)  # [B]
-        logits = self.step(ids, torch.tensor(self.lengths, device=self.device), length)
+        positions = torch.tensor(self.lengths, device=self.device)  # [B]
+        if self.graphs is not None and self.graphs.covers(self, len(tokens)):
+            try:
+                logits = self.graphs(ids, positions)
+            except Exception as e:  # what the step wrote, the eager step writes again
+                self.graphs.fall_back(e)
+                logits = self.step(ids, positions, length)
+        else:
+            logits = self.step(ids, positions, length)
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
@@ -252,9 +272,11 @@ class LlamaForward:
     def split(self, half: int) -> LlamaForward:
         other = LlamaForward(self.model, self.cache, self.first + half)
         other.lengths, self.lengths = self.lengths[half:], self.lengths[:half]
+        self.parted += 1
         return other
 
     def merge(self, other: LlamaForward) -> None:
+        self.parted -= 1
         if not other.lengths:
             return
         if not self.lengths:  # ours may have been released (`clear`): the rows are in other's
@@ -268,7 +290,9 @@ class LlamaForward:
 
     def clear(self) -> None:
         self.lengths = []
-        if self.first == 0:  # the whole batch is empty (a split-off half keeps the old cache): free it
+        # The whole batch is empty (a split-off half keeps the old cache): free it, unless a compiled
+        # step reads it where it is.
+        if self.first == 0 and self.graphs is None:
             self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.cache.dtype, self.device)
 
     # --- the model ----------------------------------------------------------------------------
@@ -332,12 +356,12 @@ class LlamaForward:
 
 def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
     mlp = layer.mlp
-    if layer.gated_mlp and _unwrapped(mlp) and _unwrapped(mlp.gate_proj) and _unwrapped(mlp.up_proj):
+    if layer.gated_mlp and unwrapped(mlp) and unwrapped(mlp.gate_proj) and unwrapped(mlp.up_proj):
         return mlp.down_proj(gated_silu(x, mlp.gate_proj.weight, mlp.up_proj.weight))
     return mlp(x)
 
 
-def _unwrapped(module: nn.Module) -> bool:
+def unwrapped(module: nn.Module) -> bool:
     """Whether calling the module is its own forward alone: none put in its place (the mixed path's
     per-row deltas) and no hooks on it, so our kernel may compute it instead."""
     return "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks

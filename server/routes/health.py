@@ -30,6 +30,8 @@ async def health(request: Request, deep: bool = Query(False, description="also v
         "device": str(engine.packed.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "weight_dtype": str(engine.packed.dtype).removeprefix("torch."),
+        # null: every decode step eager (compile_decode off, or its compilation failed)
+        "compiled_decode": engine.decode_graphs.describe() if engine.decode_graphs else None,
         "adapters": engine.catalog.count(),
         "queue_depth": engine.scheduler.depth(),
     }

@@ -1,4 +1,5 @@
-"""Settings that refuse to start: an open admin API on the network, contradictory dtypes."""
+"""Settings that refuse to start (an open admin API on the network, contradictory dtypes or runners),
+and the ones derived from others."""
 
 from __future__ import annotations
 
@@ -59,3 +60,12 @@ def test_bf16_weights_need_float32_activations_and_our_decoder(conflict):
     with pytest.raises(ValidationError, match="weight_dtype bfloat16"):
         ServerSettings(weight_dtype="bfloat16", **conflict)
     assert ServerSettings(weight_dtype="bfloat16", dtype="float32").weight_dtype == "bfloat16"
+
+
+def test_decode_buckets_stop_at_the_batch_size_which_is_always_one():
+    assert ServerSettings(max_batch_size=12).decode_buckets == (1, 2, 4, 8, 12)
+    assert ServerSettings(max_batch_size=3, compile_batch_sizes="4,1,1").decode_buckets == (1, 3)
+    with pytest.raises(ValidationError, match="compile_batch_sizes"):
+        ServerSettings(compile_batch_sizes="1,two")
+    with pytest.raises(ValidationError, match="compile_decode compiles our decoder"):
+        ServerSettings(compile_decode=True, runner="hf")

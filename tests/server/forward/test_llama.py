@@ -10,51 +10,17 @@ from neuroada.inplace import PackedWeights
 from server.forward import HFForward, LlamaForward, batch_forward
 from server.forward import llama as llama_forward
 from server.forward.llama import SlotCache, llama_unsupported
-from tests.helpers import random_adapter, tiny_family, tiny_llama
+from tests.helpers import logits_over_a_batch_life, random_adapter, random_prompts, tiny_family, tiny_llama
 
 OURS = ("llama", "mistral", "qwen2", "qwen3")
 PAD = 0
-
-
-def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 250, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.inference_mode()
-def _logits_over_a_batch_life(forward) -> list[torch.Tensor]:
-    """Rows join in two groups, all decode, one leaves, a split half steps alone and merges back."""
-    seen = []
-    logits, first = forward.prefill(_prompts(0, [5, 2, 9]))
-    forward.join(first)
-    seen.append(logits)
-    tokens = logits.argmax(-1).tolist()
-    for step in range(12):
-        if step == 3:
-            logits, more = forward.prefill(_prompts(1, [12, 1]))
-            forward.join(more)
-            seen.append(logits)
-            tokens += logits.argmax(-1).tolist()
-        if step == 6:
-            forward.keep([0, 2, 3, 4])
-            tokens = [tokens[i] for i in (0, 2, 3, 4)]
-        if step == 9:
-            other = forward.split(2)
-            a, b = forward.decode(tokens[:2]), other.decode(tokens[2:])
-            forward.merge(other)
-            logits = torch.cat([a, b])
-        else:
-            logits = forward.decode(tokens)
-        seen.append(logits)
-        tokens = logits.argmax(-1).tolist()
-    return seen
 
 
 @pytest.mark.parametrize("family", OURS)
 def test_ours_equals_hugging_face_through_joins_leaves_and_splits(family):
     model = tiny_family(family, seed=1)
     assert isinstance(batch_forward(model, PAD), LlamaForward)
-    ours, theirs = _logits_over_a_batch_life(LlamaForward(model)), _logits_over_a_batch_life(HFForward(model, PAD))
+    ours, theirs = logits_over_a_batch_life(LlamaForward(model)), logits_over_a_batch_life(HFForward(model, PAD))
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -63,7 +29,7 @@ def test_ours_equals_hugging_face_through_joins_leaves_and_splits(family):
 def test_q_k_v_packed_back_to_back_run_as_one_product(family, monkeypatch):
     model = tiny_family(family, seed=3)
     forward = LlamaForward(model)
-    apart = _logits_over_a_batch_life(forward)  # weights allocated one by one: three products
+    apart = logits_over_a_batch_life(forward)  # weights allocated one by one: three products
     forward.clear()
     PackedWeights(model)  # every linear weight becomes a view of one buffer, in module order
     widths = []
@@ -73,7 +39,7 @@ def test_q_k_v_packed_back_to_back_run_as_one_product(family, monkeypatch):
         return kernels.linear(x, weight, bias)
 
     monkeypatch.setattr(llama_forward, "linear", counted)
-    packed = _logits_over_a_batch_life(forward)  # the same forward object: its views are rebuilt
+    packed = logits_over_a_batch_life(forward)  # the same forward object: its views are rebuilt
     for a, b in zip(packed, apart, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # GEMM blocking differs with the width
     attention = model.model.layers[0].self_attn
@@ -93,7 +59,7 @@ def test_a_decode_step_compiles_as_one_graph_that_reads_the_weights_where_they_a
     model = tiny_llama(seed=4, dtype=torch.bfloat16)
     packed = PackedWeights(model)
     forward = LlamaForward(model)
-    logits, rows = forward.prefill(_prompts(5, [6, 3]))
+    logits, rows = forward.prefill(random_prompts(5, [6, 3]))
     forward.join(rows)
     forward.cache.reserve(2, 64)
     capacity = forward.cache.capacity
@@ -151,7 +117,7 @@ def test_the_slot_cache_grows_keeping_what_it_holds():
 @torch.inference_mode()
 def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupant():
     model = tiny_llama(seed=2)
-    prompt_a, prompt_b, prompt_c = _prompts(3, [20, 12, 2])
+    prompt_a, prompt_b, prompt_c = random_prompts(3, [20, 12, 2])
     forward = LlamaForward(model)
     logits, rows = forward.prefill([prompt_a, prompt_b])
     forward.join(rows)
