@@ -13,10 +13,10 @@
 3. The mixed-adapter delta at batch 32 on the same stack (8 adapters, one index set): all 224
    layers' `mixed_delta` against the dense matmuls of the same batch. Goal: at most 5% at k = 20.
 4. Decode on a LLaMA-7B-shaped model of random bf16 weights (packed as the server packs them),
-   our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled
-   (`torch.compile`, mode "reduce-overhead": CUDA graphs; the KV cache marked static, attention
-   over its whole capacity so every step has one shape), against the HBM floor: the weights'
-   bytes per step over the copy bandwidth. Goal: compiled batch 1 at 70% of the floor or better.
+   our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled as the
+   server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead": CUDA graphs; the
+   KV cache marked static, attention over its whole capacity so every step has one shape),
+   against the HBM floor: the weights' bytes per step over the copy bandwidth. Goal: compiled batch 1 at 70% of the floor or better.
 5. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
    Triton gather product, LoRA; float32) on the embedded model (subprocesses).
 """
@@ -47,6 +47,7 @@ from kernels import (  # noqa: E402
     sparse_delta,
 )
 from server.engine import place_for_serving_  # noqa: E402
+from server.forward.graphs import DecodeGraphs  # noqa: E402
 from server.forward.llama import LlamaForward  # noqa: E402
 
 LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -218,27 +219,24 @@ PROMPT_TOKENS = 8
 
 @torch.inference_mode()
 def time_decode(model, batch: int, steps: int, compiled: bool, device: torch.device) -> float:
-    """Median milliseconds of a decode step of `batch` rows (after a prefill of PROMPT_TOKENS each)."""
+    """Median milliseconds of a decode step of `batch` rows (after a prefill of PROMPT_TOKENS each),
+    eager or as the server compiles it (`DecodeGraphs`: one bucket, the batch)."""
     forward = LlamaForward(model)
+    if compiled:  # compiled and captured here, before the prefill, as the server does at start
+        forward.graphs = DecodeGraphs(forward, [batch], PROMPT_TOKENS + steps + 4)
+        assert forward.graphs.warm_up(), forward.graphs.broken
     logits, rows = forward.prefill([[1 + (b + t) % 1000 for t in range(PROMPT_TOKENS)] for b in range(batch)])
     forward.join(rows)
     forward.cache.reserve(batch, PROMPT_TOKENS + steps + 4)
     capacity = forward.cache.capacity  # one shape for every step: attention reads the whole cache
-    step = forward.step
-    if compiled:
-        for t in forward.cache.keys + forward.cache.values:  # written in place, never an input to copy
-            torch._dynamo.mark_static_address(t)
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        step = torch.compile(forward.step, mode=mode, fullgraph=True)
     ids, positions = logits.argmax(-1), torch.tensor(forward.lengths, device=device)
 
     def one() -> None:
         nonlocal ids, positions
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        ids, positions = step(ids, positions, capacity).argmax(-1), positions + 1
+        logits = forward.graphs(ids, positions) if compiled else forward.step(ids, positions, capacity)
+        ids, positions = logits.argmax(-1), positions + 1
 
-    for _ in range(3):  # compilation and graph capture happen here
+    for _ in range(3):
         one()
     return elapsed_ms(one, device, repeats=steps)
 
