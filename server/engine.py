@@ -7,8 +7,9 @@
 - `Worker` (`server.worker`): the thread that owns the model and runs the continuous batch.
 
 The engine loads the model and the tokenizer, packs the linear weights (on the host, then into
-the device's buffer layer by layer: the device never holds them twice), and keeps the limits a
-request is checked against before it is tokenized or queued.
+the device's buffer layer by layer: the device never holds them twice), makes the batch's forward
+(with `compile_decode`, its compiled step: compiled on the worker's thread as it starts), and
+keeps the limits a request is checked against before it is tokenized or queued.
 """
 
 from __future__ import annotations
