@@ -7,7 +7,9 @@ On the embedded SmolLM2-135M (fp32), a `RunningBatch` of B requests decodes `--s
 round after round:
 - hf+F.linear: Hugging Face's forward with torch's own linear (the engine before our decoder);
 - hf: Hugging Face's forward, linears on `kernels.decode_linear`;
-- ours: `server.forward.llama` with `kernels.decode_linear`;
+- ours: `server.forward.llama` with `kernels.decode_linear`, every layer of a step in one C++ call
+  (`kernels.decode_layers`);
+- ours by layer: the same, its Python loop calling the kernels layer by layer;
 - ours bf16w: the same over the model with its linear weights in bf16 (`--weight-dtype bfloat16`:
   float32 activations, the kernel widening the weights as it reads them).
 The floor is what a step must read, the weights once, over the copy bandwidth measured here
@@ -38,7 +40,7 @@ from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from server.engine import place_for_serving_, round_linear_weights_  # noqa: E402
 from server.generation import GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
 
-ENGINES = ("hf+F.linear", "hf", "ours", "ours bf16w")
+ENGINES = ("hf+F.linear", "hf", "ours", "ours by layer", "ours bf16w")
 
 
 def use_torch_linears(model: nn.Module) -> None:
@@ -47,9 +49,13 @@ def use_torch_linears(model: nn.Module) -> None:
             module.__class__ = nn.Linear
 
 
-def step_times(model, tokenizer, runner: str, batch_size: int, steps: int) -> tuple[float, list[float]]:
+def step_times(
+    model, tokenizer, runner: str, batch_size: int, steps: int, layers_at_once: bool = True
+) -> tuple[float, list[float]]:
     """Seconds of the prompts' prefill, and of each decode step."""
     batch = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.pad_token_id, runner)
+    if not layers_at_once:
+        batch.forward.layers_at_once = False
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
     prompts = [tokenizer(f"Write a short story about robot number {i}.").input_ids for i in range(batch_size)]
     started = time.perf_counter()
@@ -134,7 +140,12 @@ def main() -> None:
                     use_decode_linears(model)
                 runner = "hf" if engine.startswith("hf") else "auto"
                 prefill, times = step_times(
-                    bf16w if engine == "ours bf16w" else model, tokenizer, runner, b, args.steps
+                    bf16w if engine == "ours bf16w" else model,
+                    tokenizer,
+                    runner,
+                    b,
+                    args.steps,
+                    layers_at_once=engine != "ours by layer",
                 )
                 prefills[engine, b].append(prefill)
                 samples[engine, b] += times

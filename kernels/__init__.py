@@ -1,5 +1,6 @@
 """Kernels for sparse NeuroAda deltas: in-place apply/restore, the sparse gather
-product, and the mixed-adapter product; and a decode step's dense linear, RMSNorm and attention.
+product, and the mixed-adapter product; and a decode step's dense linear, RMSNorm and attention,
+and all its layers in one call.
 
 Depends on torch (and triton where installed) only. Every kernel has a pure-torch twin in
 `kernels.reference`, which is the test oracle and the CPU path where the C++ CPU kernels
@@ -10,6 +11,7 @@ have torch's own `F.linear` and `F.rms_norm` for that, its attention a twin besi
 from kernels._triton import triton_available
 from kernels.cpu import cpu_kernels
 from kernels.decode_attention import decode_attention
+from kernels.decode_layers import decode_layers
 from kernels.decode_linear import DecodeLinear, gated_silu, linear, use_decode_linears
 from kernels.mixed_delta import add_delta_, add_mixed_delta_, mixed_delta
 from kernels.rms_norm import rms_norm
@@ -33,6 +35,7 @@ __all__ = [
     "cpu_kernels",
     "csr_layout",
     "decode_attention",
+    "decode_layers",
     "CsrLayout",
     "DecodeLinear",
     "flat_offsets",

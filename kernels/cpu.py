@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("sparse_cpu.cpp", "decode_linear.cpp", "rms_norm.cpp", "decode_attention.cpp")
+    for name in ("sparse_cpu.cpp", "decode_linear.cpp", "rms_norm.cpp", "decode_attention.cpp", "decode_layers.cpp")
 ]
 _NAME = "neuroada_sparse_cpu"
 

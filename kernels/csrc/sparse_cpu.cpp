@@ -540,6 +540,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                                const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
                                torch::Tensor& values, int64_t first, const torch::Tensor& positions,
                                double scale);  // decode_attention.cpp
+torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Tensor>& input_norms,
+                            const std::vector<torch::Tensor>& qkv, const std::vector<torch::Tensor>& o,
+                            const std::vector<torch::Tensor>& post_norms, const std::vector<torch::Tensor>& gate,
+                            const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
+                            std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions,
+                            int64_t first, int64_t heads, int64_t kv_heads, double scale,
+                            double eps);  // decode_layers.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd_add_", &sparse_fwd_add_, "out += the sparse gather product of x");
@@ -555,5 +563,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2, -1) + eps) * weight, one pass per row");
   m.def("decode_attention", &decode_attention, "rotary, cache write and attention of a decode step, per row");
+  m.def("decode_layers", &decode_layers, "a decode step's decoder layers, all of them, on the kernels above",
+        py::call_guard<py::gil_scoped_release>());
   m.def("mixed_delta_add_", &mixed_delta_add_, "adds each token's own adapter delta (one shared index set) to out");
 }

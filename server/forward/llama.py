@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import DecodeLinear, decode_attention, gated_silu, linear, rms_norm
+from kernels import DecodeLinear, decode_attention, decode_layers, gated_silu, linear, rms_norm
 from kernels.decode_attention import rotate_half
+from kernels.decode_linear import DECODE_MAX_ROWS
 
 if TYPE_CHECKING:
     from server.forward.graphs import DecodeGraphs
@@ -216,6 +217,23 @@ class LlamaForward:
         self.first = first  # our rows are slots [first, first + len(lengths))
         self.lengths: list[int] = []  # tokens in each row's cache
         self.graphs: DecodeGraphs | None = None  # the compiled step, where the server compiles it
+        # A float32 CPU decode step may run all its layers in one C++ call (`_decode_layers_at_once`)
+        # where every layer has the shape that call computes: norms of one epsilon, attention of one
+        # scale, no q/k norms, a gated MLP, no output biases.
+        self.scale, self.eps = self.layers[0].scale, self.layers[0].input_norm.variance_epsilon
+        self.layers_at_once = (
+            self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and all(
+                layer.q_norm is None
+                and layer.gated_mlp
+                and layer.o.bias is None
+                and layer.mlp.down_proj.bias is None
+                and layer.scale == self.scale
+                and layer.input_norm.variance_epsilon == layer.post_norm.variance_epsilon == self.eps
+                for layer in self.layers
+            )
+        )
         self.parted = 0  # halves split off and not merged back: they hold slots past ours
 
     # --- BatchForward -------------------------------------------------------------------------
@@ -306,6 +324,10 @@ class LlamaForward:
         B, T = ids.shape
         x = self.embed(ids).to(self.dtype)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
+        if decode_length is not None and self.layers_at_once:
+            hidden = self._decode_layers_at_once(x[:, 0], cos[:, 0], sin[:, 0], positions[:, 0], slots.start)
+            if hidden is not None:
+                return hidden[:, None]  # [B, 1, hidden]
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
@@ -350,6 +372,42 @@ class LlamaForward:
             x = x + _mlp(layer, _rms_norm(x, layer.post_norm))
         return x
 
+    def _decode_layers_at_once(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, first: int
+    ) -> torch.Tensor | None:
+        """The loop below for a decode step (x [B, hidden], cos and sin [B, head_dim], positions [B]),
+        all layers in one C++ call, to the bit; None where a layer is not on our kernels now: its
+        forwards replaced (the mixed path), its q, k and v not one matrix, its output projections
+        plain `nn.Linear`s (`F.linear`'s sums; the server makes them `DecodeLinear`s), or too many rows."""
+        if x.shape[0] > DECODE_MAX_ROWS:
+            return None
+        weights: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [], [])
+        for layer in self.layers:
+            qkv, mlp = layer.qkv.weight(), layer.mlp
+            if qkv is None or not (_on_our_kernel(layer.o) and _on_our_kernel(mlp.down_proj)):
+                return None
+            if not (unwrapped(mlp) and unwrapped(mlp.gate_proj) and unwrapped(mlp.up_proj)):
+                return None
+            layer_weights = (layer.input_norm.weight, qkv, layer.o.weight, layer.post_norm.weight)
+            layer_weights += (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            for into, weight in zip(weights, layer_weights):
+                into.append(weight)
+        cache = self.cache
+        return decode_layers(
+            x,
+            *weights,
+            cache.keys,
+            cache.values,
+            cos,
+            sin,
+            positions,
+            first,
+            self.heads,
+            self.kv_heads,
+            self.scale,
+            self.eps,
+        )
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, V] float32
         return self.lm_head(_rms_norm(hidden, self.norm)).float()
 
@@ -365,6 +423,11 @@ def unwrapped(module: nn.Module) -> bool:
     """Whether calling the module is its own forward alone: none put in its place (the mixed path's
     per-row deltas) and no hooks on it, so our kernel may compute it instead."""
     return "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _on_our_kernel(linear: nn.Module) -> bool:
+    """Whether calling this linear computes `kernels.linear` of its input, as the C++ loop does."""
+    return type(linear) is DecodeLinear and unwrapped(linear)
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

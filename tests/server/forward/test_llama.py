@@ -7,6 +7,7 @@ import torch
 
 import kernels
 from neuroada.inplace import PackedWeights
+from server.engine import round_linear_weights_
 from server.forward import HFForward, LlamaForward, batch_forward
 from server.forward import llama as llama_forward
 from server.forward.llama import SlotCache, llama_unsupported
@@ -48,6 +49,37 @@ def test_q_k_v_packed_back_to_back_run_as_one_product(family, monkeypatch):
         assert widths == []
     else:
         assert widths and set(widths) == {q_k_v}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_runs_every_layer_in_one_call_to_the_bit(family, weight_dtype, monkeypatch):
+    if kernels.cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels are not built here")
+    model = tiny_family(family, seed=6)
+    round_linear_weights_(model, weight_dtype)  # the server's --weight-dtype
+    PackedWeights(model)  # q, k and v back to back: one matrix
+    kernels.use_decode_linears(model)  # as the server serves it: every linear on our kernel
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return kernels.decode_layers(*args)
+
+    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    at_once = logits_over_a_batch_life(LlamaForward(model))
+    assert calls == [3] * 3 + [5] * 3 + [4] * 3 + [2, 2] + [4] * 2  # every decode step, split halves too
+    monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)  # as where C++ is not built
+    by_layer = logits_over_a_batch_life(LlamaForward(model))
+    for a, b in zip(at_once, by_layer, strict=True):
+        assert torch.equal(a, b)
+
+    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    calls.clear()
+    down = model.model.layers[1].mlp.down_proj
+    down.forward = lambda x: kernels.linear(x, down.weight)  # as the mixed path replaces target forwards
+    logits_over_a_batch_life(LlamaForward(model))
+    assert calls == []  # a replaced forward must run: the layers go one by one
 
 
 @torch.inference_mode()

@@ -1,0 +1,65 @@
+"""Every layer of a decode step in one C++ call: the per-kernel calls it replaces, to the bit; refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_kernels, decode_attention, decode_layers, gated_silu, linear, rms_norm
+
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 48, 6, 2, 8, 80, 3
+SCALE, EPS = HEAD_DIM**-0.5, 1e-5
+
+
+def model_case(B: int, weight_dtype: torch.dtype, slots: int = 8, capacity: int = 64):
+    g = torch.Generator().manual_seed(B)
+
+    def weights(rows: int, cols: int) -> list[torch.Tensor]:
+        return [(torch.randn(rows, cols, generator=g) / cols**0.5).to(weight_dtype) for _ in range(LAYERS)]
+
+    norms = [[1 + 0.1 * torch.randn(HIDDEN, generator=g) for _ in range(LAYERS)] for _ in range(2)]
+    qkv = weights((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN)
+    layers = (norms[0], qkv, weights(HIDDEN, HEADS * HEAD_DIM), norms[1])
+    layers += (weights(INTER, HIDDEN), weights(INTER, HIDDEN), weights(HIDDEN, INTER))
+    caches = [torch.randn(LAYERS, slots, KV_HEADS, capacity, HEAD_DIM, generator=g) for _ in range(2)]
+    angles = torch.randn(B, HEAD_DIM // 2, generator=g).repeat(1, 2)
+    x = torch.randn(B, HIDDEN, generator=g)
+    positions = torch.randint(0, capacity, (B,), generator=g)
+    return x, layers, caches, angles.cos(), angles.sin(), positions
+
+
+def layer_by_layer(x, layers, keys, values, cos, sin, positions, first):
+    """The kernels one call at a time, as our decoder's Python loop makes them."""
+    B = x.shape[0]
+    for norm, qkv, o, post_norm, gate, up, down, k_cache, v_cache in zip(*layers, keys, values, strict=True):
+        widths = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+        q, k, v = linear(rms_norm(x, norm, EPS), qkv).split(widths, -1)
+        shape = (B, -1, HEAD_DIM)
+        attended = decode_attention(
+            q.reshape(shape), k.reshape(shape), v.reshape(shape), cos, sin, k_cache, v_cache, first, positions, SCALE
+        )
+        x = x + linear(attended.reshape(B, -1), o)
+        x = x + linear(gated_silu(rms_norm(x, post_norm, EPS), gate, up), down)
+    return x
+
+
+@needs_kernels
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_one_call_equals_the_kernels_called_layer_by_layer(B, weight_dtype):
+    x, layers, (keys, values), cos, sin, positions = model_case(B, weight_dtype)
+    first = 8 - B  # the rows' slots end the cache
+    keys_ref, values_ref = list(keys.clone()), list(values.clone())
+    out = decode_layers(x, *layers, list(keys), list(values), cos, sin, positions, first, HEADS, KV_HEADS, SCALE, EPS)
+    expected = layer_by_layer(x, layers, keys_ref, values_ref, cos, sin, positions, first)
+    assert torch.equal(out, expected)
+    assert torch.equal(keys, torch.stack(keys_ref)) and torch.equal(values, torch.stack(values_ref))
+
+
+@needs_kernels
+def test_a_missing_layer_is_refused():
+    x, layers, (keys, values), cos, sin, positions = model_case(2, torch.float32)
+    short = (layers[0][:2],) + layers[1:]
+    with pytest.raises(RuntimeError, match="per layer"):
+        decode_layers(x, *short, list(keys), list(values), cos, sin, positions, 0, HEADS, KV_HEADS, SCALE, EPS)
