@@ -16,7 +16,8 @@
    our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled as the
    server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead": CUDA graphs; the
    KV cache marked static, attention over its whole capacity so every step has one shape),
-   against the HBM floor: the weights' bytes per step over the copy bandwidth. Goal: compiled batch 1 at 70% of the floor or better.
+   against the HBM floor: the weights' bytes per step over the copy bandwidth. Goal: compiled
+   batch 1 at 70% of the floor or better.
 5. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
    Triton gather product, LoRA; float32) on the embedded model (subprocesses).
 """
