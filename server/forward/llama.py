@@ -13,6 +13,8 @@ as much again on a CPU. This forward keeps only the model's arithmetic:
   attention of every row in one call per layer) reads each row's own keys;
 - one product for q, k and v where their weights lie back to back (`PackedWeights` packs a
   layer's linears in order), read as one [q + k + v rows, hidden] matrix.
+- on the CPU in float32, a decode step's layers all in one C++ call (`kernels.decode_layers`: the
+  same kernels as the loop in `_layers`, in its order, to the bit) wherever every layer is on them.
 
 It calls the model's own embedding, linear, MLP and rotary modules (and RMSNorm's weights), so
 switched weights and the mixed path's per-row deltas apply here as in the HF forward. A failed
