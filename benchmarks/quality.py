@@ -5,7 +5,7 @@
     python benchmarks/quality.py run --task arithmetic --method base --eval dev
     python benchmarks/quality.py run --task arithmetic --method neuroada --adapter adapters/gsm8k.safetensors --eval dev
     python benchmarks/quality.py search --task commonsense --method neuroada --k 1 --lrs 1e-3 3e-3 1e-2
-    python benchmarks/quality.py table
+    python benchmarks/quality.py table [--task commonsense] [--markdown]
 
 A run trains once (resumable: `neuroada.trainer` checkpoints every 25 steps) and evaluates on
 the validation split (`--eval val`: 500 examples of `commonsense_15k_validation.json`, or the
@@ -372,11 +372,47 @@ def write(path: Path, record: dict) -> None:
     tmp.replace(path)
 
 
+def describe(config: dict) -> str:
+    if config["method"] == "neuroada":
+        return f"NeuroAda k = {config.get('k')}, {config.get('selection')}"
+    return f"LoRA r = {config.get('rank')}" if config["method"] == "lora" else "base"
+
+
 def table(args) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{args.task or ''}*.json"))]
+    if args.markdown:  # the rows as RESULTS.md tables them: one line per run, every set it was scored on
+        sets = sorted({k for r in rows for k in r["eval"] if k.count(":") == 1})
+        print(
+            "| run | trainable (%) | lr | steps | "
+            + " | ".join(sets)
+            + " | loss first -> last | train s | peak RSS MB |"
+        )
+        print("|---" * (7 + len(sets)) + "|")
+        for r in rows:
+            c, t = r["config"], r.get("train", {})
+            cells = [
+                f"{r['eval'][k]['accuracy']:.1%} [{r['eval'][k]['ci95'][0]:.1%}, {r['eval'][k]['ci95'][1]:.1%}]"
+                if k in r["eval"]
+                else "-"
+                for k in sets
+            ]
+            trained = f"{t['trainable']:,} ({t['trainable_percent']}%)" if t else "-"
+            lr, steps = (f"{c['lr']:g}", str(t["steps"])) if t else ("-", "-")
+            loss = f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}" if t else "-"
+            row = [
+                describe(c),
+                trained,
+                lr,
+                steps,
+                *cells,
+                loss,
+                str(t.get("seconds", "-")),
+                str(t.get("peak_rss_mb", "-")),
+            ]
+            print("| " + " | ".join(row) + " |")
+        return
     for r in rows:
         c, t = r["config"], r.get("train", {})
-        what = {"neuroada": f"NeuroAda k={c.get('k')} {c.get('selection')}", "lora": f"LoRA r={c.get('rank')}"}
         cells = [
             f"{k}: {v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] (n={v['total']})"
             for k, v in sorted(r["eval"].items())
@@ -390,7 +426,7 @@ def table(args) -> None:
             if "adapter" in c
             else "no training"
         )
-        print(f"{r['run']}: {what.get(c['method'], 'base')}; {train}\n    " + "\n    ".join(cells))
+        print(f"{r['run']}: {describe(c)}; {train}\n    " + "\n    ".join(cells))
 
 
 def main() -> None:
@@ -420,6 +456,8 @@ def main() -> None:
     s.add_argument("--then-eval", nargs="+", choices=["val", "dev", "loglik"], default=["val", "dev"])
     s.set_defaults(func=search, adapter=None)
     t = sub.add_parser("table", help="every run's results")
+    t.add_argument("--task", choices=sorted(TASKS), help="this task's runs only")
+    t.add_argument("--markdown", action="store_true", help="one table row per run, as RESULTS.md has them")
     t.set_defaults(func=table)
     args = parser.parse_args()
     if getattr(args, "adapter", None) is not None and args.method != "neuroada":
