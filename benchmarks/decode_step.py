@@ -10,6 +10,8 @@ round after round:
 - ours: `server.forward.llama` with `kernels.decode_linear`, every layer of a step in one C++ call
   (`kernels.decode_layers`);
 - ours by layer: the same, its Python loop calling the kernels layer by layer;
+- ours mixed 8 (and by layer): the mixed path, each row with one of 8 adapters in turn (random
+  deltas on magnitude-selected k = 1 indices, one index set, as `serve_load.py` makes them);
 - ours bf16w: the same over the model with its linear weights in bf16 (`--weight-dtype bfloat16`:
   float32 activations, the kernel widening the weights as it reads them).
 The floor is what a step must read, the weights once, over the copy bandwidth measured here
@@ -34,13 +36,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, print_table, set_threads, write_json  # noqa: E402
+from switch import random_adapter  # noqa: E402
 
 from kernels import DecodeLinear, linear, use_decode_linears  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
+from neuroada.fingerprint import BaseModelSpec  # noqa: E402
+from server.batch_adapters import SparseDeltaAdapters  # noqa: E402
 from server.engine import place_for_serving_, round_linear_weights_  # noqa: E402
-from server.generation import GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
+from server.generation import NO_ADAPTERS, GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
+from server.metrics import ServerMetrics  # noqa: E402
+from server.mixed import MixedAdapters  # noqa: E402
+from server.resident import AdapterLoader  # noqa: E402
 
-ENGINES = ("hf+F.linear", "hf", "ours", "ours by layer", "ours bf16w")
+ENGINES = ("hf+F.linear", "hf", "ours", "ours by layer", "ours mixed 8", "ours mixed 8 by layer", "ours bf16w")
+MIXED_ADAPTERS = 8
 
 
 def use_torch_linears(model: nn.Module) -> None:
@@ -50,23 +59,43 @@ def use_torch_linears(model: nn.Module) -> None:
 
 
 def step_times(
-    model, tokenizer, runner: str, batch_size: int, steps: int, layers_at_once: bool = True
+    model, tokenizer, runner: str, batch_size: int, steps: int, layers_at_once: bool = True, mixed=None
 ) -> tuple[float, list[float]]:
-    """Seconds of the prompts' prefill, and of each decode step."""
+    """Seconds of the prompts' prefill, and of each decode step. `mixed`: (adapters, residents), each
+    row served by the next resident in turn."""
     batch = RunningBatch(model, tokenizer, {tokenizer.eos_token_id}, tokenizer.pad_token_id, runner)
     if not layers_at_once:
         batch.forward.layers_at_once = False
+    adapters, residents = mixed or (NO_ADAPTERS, [None])
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
     prompts = [tokenizer(f"Write a short story about robot number {i}.").input_ids for i in range(batch_size)]
+    requests = []
+    for i, prompt in enumerate(prompts):
+        resident = residents[i % len(residents)]
+        requests.append(GenerationRequest(prompt, resident and resident.name, params, lambda event: None))
+        requests[-1].resident = resident
     started = time.perf_counter()
-    batch.join([GenerationRequest(p, None, params, lambda event: None) for p in prompts])
+    adapters.plan(requests)
+    batch.join(requests, adapters)
     prefill = time.perf_counter() - started
     times = []
     while batch:
         started = time.perf_counter()
-        batch.step()
+        adapters.plan(batch.requests)
+        batch.step(adapters)
         times.append(time.perf_counter() - started)
+    adapters.reset()
     return prefill, times
+
+
+def mixed_adapters(model, packed) -> tuple[SparseDeltaAdapters, list]:
+    """The server's adapter layer over `model`, and MIXED_ADAPTERS adapters resident in it."""
+    base = BaseModelSpec.from_model(model, "SmolLM2-135M-Instruct")
+    loader = AdapterLoader(packed, base, fidelity_threshold=0.9)
+    residents = [
+        loader.place(f"task{i:02d}", random_adapter(model, base, k=1, seed=100 + i)) for i in range(MIXED_ADAPTERS)
+    ]
+    return SparseDeltaAdapters(packed, MixedAdapters(model, torch.device("cpu")), ServerMetrics()), residents
 
 
 LINEAR_ROWS = (1, 4, 8, 16)
@@ -111,7 +140,8 @@ def main() -> None:
 
     # Both laid out as the server does: packed linear weights, on huge pages.
     model, tokenizer = load_base_model(), load_tokenizer()
-    place_for_serving_(model, torch.device("cpu"))
+    packed = place_for_serving_(model, torch.device("cpu"))
+    mixed = mixed_adapters(model, packed)
     bf16w = load_base_model()
     round_linear_weights_(bf16w, torch.bfloat16)
     place_for_serving_(bf16w, torch.device("cpu"))
@@ -145,7 +175,8 @@ def main() -> None:
                     runner,
                     b,
                     args.steps,
-                    layers_at_once=engine != "ours by layer",
+                    layers_at_once=not engine.endswith("by layer"),
+                    mixed=mixed if "mixed" in engine else None,
                 )
                 prefills[engine, b].append(prefill)
                 samples[engine, b] += times

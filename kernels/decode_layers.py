@@ -4,7 +4,7 @@ Each layer of a Llama-shaped decoder is a dozen calls from Python (two RMSNorms,
 attention, the output projection, the gated MLP, two residual adds, views); at a small batch their
 dispatch and argument checks cost about a sixth of the step. The C++ loop makes the same kernel
 calls in the same order (the result is the Python loop's to the bit) without returning to Python
-between them, and without the GIL.
+between them, and without the GIL; with the mixed path's per-row deltas too.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 
 from kernels.cpu import cpu_kernels
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # a layer's entries in `deltas`, in order
+Delta = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # indices, values, slots
 
 
 def decode_layers(
@@ -33,9 +36,15 @@ def decode_layers(
     kv_heads: int,
     scale: float,
     eps: float,
+    deltas: list[list[list[Delta] | None]] = (),  # per layer, per projection: None, or the bound deltas
 ) -> torch.Tensor | None:
     """The hidden states [B, hidden] after the last layer (each row's key and value written into its
-    slot), or None where the C++ kernels are not built: the caller runs its own loop."""
+    slot), or None where the C++ kernels are not built: the caller runs its own loop.
+
+    `deltas` (none, or per layer one entry per projection in PROJECTIONS order) are the mixed
+    path's: None for a projection on its own weights, else the deltas its wrapped forward would add,
+    each (indices [k, d_out], values [slots, k, d_out], slots [B]); a layer whose gate or up is
+    wrapped runs its MLP as the model's own code does (silu(gate) * up, apart)."""
     kernels = cpu_kernels()
     if kernels is None:
         return None
@@ -59,4 +68,5 @@ def decode_layers(
         kv_heads,
         scale,
         eps,
+        list(deltas),
     )

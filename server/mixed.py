@@ -4,10 +4,11 @@
 value slots (slot 0 = zeros, for rows without an adapter), and puts adapters into slots as rows
 need them, least recently used out first: an adapter is copied to the device once, not at every
 change of the batch. While the mixed path is on, each target linear's forward is replaced by the
-same product plus the deltas of every index set bound to the coming forward call (as accelerate's
-hooks replace `module.forward`): the module's own forward and a forward hook on it cost about
-6 us a call more than this closure, measured on the CPU, where the sparse kernel of a decode
-step takes 3-35 us.
+same product plus the deltas of every index set bound to the coming forward call (`MixedForward`,
+as accelerate's hooks replace `module.forward`): the module's own forward and a forward hook on it
+cost about 6 us a call more than such a replacement, measured on the CPU, where the sparse kernel
+of a decode step takes 3-35 us. Our decoder's one-call layers (float32 on the CPU) take each
+replacement's bound deltas (`MixedForward.deltas`) and add them inside that call.
 
 On a GPU, sibling projections that read the same input (q/k/v, gate/up: vLLM's packed modules)
 form one unit: one kernel launch for all of them, the first sibling computes it and the others
@@ -103,28 +104,14 @@ class MixedAdapters:
         module = self.modules[name]
         if not isinstance(module, nn.Linear) or "forward" in vars(module):
             raise TypeError(f"{name}: the mixed path needs a plain nn.Linear, got {type(module).__name__}")
-        # Weights change only in place (PackedWeights), never by reassignment, so the closure can
-        # keep the tensors rather than look them up through nn.Module.__getattr__ at every call.
-        weight, bias = module.weight, module.bias
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            out = linear(x, weight, bias)
-            for index_set, slots in self._bound:
-                unit = index_set.units.get(name)
-                if unit is None:
-                    continue
-                if len(unit.spans) == 1:
-                    # Indices were checked against the base when the adapter was loaded; slots are ours.
-                    add_mixed_delta_(out, x, unit.indices, unit.values, slots, check_ranges=False)
-                else:
-                    start, end = unit.spans[name]
-                    add_delta_(out, self._unit_delta(unit, x, slots)[..., start:end])
-            return out
-
-        module.forward = forward
+        module.forward = MixedForward(self, name, module)
         self._patched.add(name)
 
-    def _unit_delta(self, unit: _Unit, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def bound(self, name: str) -> list[tuple[_Unit, torch.Tensor]]:
+        """The units of layer `name` bound to the coming forward call, with their rows' slots."""
+        return [(unit, slots) for index_set, slots in self._bound if (unit := index_set.units.get(name)) is not None]
+
+    def unit_delta(self, unit: _Unit, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         cached = self._unit_deltas.get(unit)
         if cached is not None and cached[0] is x:  # a sibling already computed it from this very input
             return cached[1]
@@ -177,3 +164,37 @@ class MixedAdapters:
             start, end = unit.spans[name]
             unit.values[free, :, start:end].copy_(resident.adapter.layers[name].values.t())
         index_set.slot_of[resident.version] = free
+
+
+class MixedForward:
+    """A target linear's forward while the mixed path is on: its product plus the deltas of every
+    index set bound to the coming forward call. `deltas` hands them to a caller that computes the
+    product itself (our decoder's one-call layers)."""
+
+    def __init__(self, adapters: MixedAdapters, name: str, module: nn.Linear):
+        self.adapters, self.name = adapters, name
+        # Weights change only in place (PackedWeights), never by reassignment, so the forward can
+        # keep the tensors rather than look them up through nn.Module.__getattr__ at every call.
+        self.weight, self.bias = module.weight, module.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x, self.weight, self.bias)
+        for index_set, slots in self.adapters._bound:  # the hot path: a call per target layer per step
+            unit = index_set.units.get(self.name)
+            if unit is None:
+                continue
+            if len(unit.spans) == 1:
+                # Indices were checked against the base when the adapter was loaded; slots are ours.
+                add_mixed_delta_(out, x, unit.indices, unit.values, slots, check_ranges=False)
+            else:
+                start, end = unit.spans[self.name]
+                add_delta_(out, self.adapters.unit_delta(unit, x, slots)[..., start:end])
+        return out
+
+    def deltas(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """(indices [k, d_out], values [slots, k, d_out], slots [B]) per bound index set; None where
+        a unit packs this layer with its siblings (a GPU's layout)."""
+        bound = self.adapters.bound(self.name)
+        if any(len(unit.spans) != 1 for unit, _ in bound):
+            return None
+        return [(unit.indices, unit.values, slots) for unit, slots in bound]

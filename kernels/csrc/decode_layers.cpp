@@ -4,11 +4,17 @@
 // residual, each on the kernel the Python loop would call for it (decode_linear.cpp, rms_norm.cpp,
 // decode_attention.cpp), in the same order, so the result is the Python loop's to the bit.
 //
+// With the mixed path's per-row deltas (`deltas`), a projection wrapped by it gets its deltas added
+// into its output (mixed_delta_add_, sparse_cpu.cpp) as its wrapped forward would, and a layer whose
+// gate or up is wrapped computes silu(gate) * up apart, as the model's own MLP then does.
+//
 // What it saves is the loop around them: a dozen Python calls and their argument checks per layer,
 // about a sixth of a small batch's step on two cores. The GIL is released for the whole call.
 #include <torch/extension.h>
 
 #include <initializer_list>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
@@ -20,20 +26,46 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                                const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
                                torch::Tensor& values, int64_t first, const torch::Tensor& positions,
                                double scale);  // decode_attention.cpp
+void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& indices,
+                      const torch::Tensor& values, const torch::Tensor& slots, bool check_ranges);  // sparse_cpu.cpp
+
+// One bound index set's delta on one projection: indices [k, d_out], values [slots, k, d_out], and
+// each row's slot [B] (0: none).
+using Delta = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
+// Per projection (q, k, v, o, gate, up, down): nullopt where it is not wrapped, else its deltas.
+using LayerDeltas = std::vector<std::optional<std::vector<Delta>>>;
+enum Projection { Q, K, V, O, GATE, UP, DOWN, PROJECTIONS };
+
+namespace {
+
+// out [B, d_out] += each row's delta of `in` [B, d_in] through every set bound to this projection.
+void add_deltas(torch::Tensor out, const torch::Tensor& in, const std::optional<std::vector<Delta>>& deltas) {
+  if (!deltas) return;
+  // The indices were checked against the base when the adapters were loaded; the slots are the server's.
+  for (const auto& [indices, values, slots] : *deltas) mixed_delta_add_(out, in, indices, values, slots, false);
+}
+
+}  // namespace
 
 // x [B, hidden] float32 (the embedded tokens); per layer i: input_norms[i] [hidden], qkv[i]
 // [(heads + 2 kv_heads) * head_dim, hidden], o[i] [hidden, heads * head_dim], post_norms[i] [hidden],
 // gate[i] and up[i] [inter, hidden], down[i] [hidden, inter], keys[i] and values[i] [slots, kv_heads,
-// capacity, head_dim]; cos and sin [B, head_dim]; positions [B] int64. Returns the hidden states
-// [B, hidden] after the last layer; writes each row's new key and value into its cache slot.
+// capacity, head_dim]; cos and sin [B, head_dim]; positions [B] int64; deltas: empty (no projection
+// wrapped) or per layer a LayerDeltas. Returns the hidden states [B, hidden] after the last layer;
+// writes each row's new key and value into its cache slot.
 torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Tensor>& input_norms,
                             const std::vector<torch::Tensor>& qkv, const std::vector<torch::Tensor>& o,
                             const std::vector<torch::Tensor>& post_norms, const std::vector<torch::Tensor>& gate,
                             const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                             std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
                             const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions,
-                            int64_t first, int64_t heads, int64_t kv_heads, double scale, double eps) {
+                            int64_t first, int64_t heads, int64_t kv_heads, double scale, double eps,
+                            const std::vector<LayerDeltas>& deltas) {
   const size_t L = input_norms.size();
+  TORCH_CHECK(deltas.empty() || deltas.size() == L, "decode_layers: deltas for every layer, or none");
+  for (const auto& layer : deltas)
+    TORCH_CHECK(layer.size() == PROJECTIONS, "decode_layers: a layer's deltas name its seven projections");
+  const LayerDeltas unwrapped(PROJECTIONS);
   for (const size_t n : {qkv.size(), o.size(), post_norms.size(), gate.size(), up.size(), down.size(), keys.size(),
                          values.size()})
     TORCH_CHECK(n == L, "decode_layers: one of each weight, and a cache, per layer");
@@ -45,14 +77,35 @@ torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Ten
   for (size_t i = 0; i < L; ++i) {
     TORCH_CHECK(qkv[i].dim() == 2 && qkv[i].size(0) == q_width + 2 * kv_width,
                 "decode_layers: qkv must be [(heads + 2 kv_heads) * head_dim, hidden]");
-    const auto projected = decode_linear(rms_norm(h, input_norms[i], eps), qkv[i], c10::nullopt);  // [B, q + 2 kv]
-    const auto q = projected.narrow(1, 0, q_width).reshape({B, heads, D}).contiguous();
-    const auto k = projected.narrow(1, q_width, kv_width).reshape({B, kv_heads, D}).contiguous();
-    const auto v = projected.narrow(1, q_width + kv_width, kv_width).reshape({B, kv_heads, D}).contiguous();
-    const auto attended = decode_attention(q, k, v, cos, sin, keys[i], values[i], first, positions, scale);
-    h.add_(decode_linear(attended.view({B, q_width}), o[i], c10::nullopt));
-    const auto normed = rms_norm(h, post_norms[i], eps);
-    h.add_(decode_linear(decode_gated_silu(normed, gate[i], up[i]), down[i], c10::nullopt));
+    const LayerDeltas& wrapped = deltas.empty() ? unwrapped : deltas[i];
+    const auto normed = rms_norm(h, input_norms[i], eps);
+    // One product for q, k and v: each output row's sum is the one its own product would give.
+    const auto projected = decode_linear(normed, qkv[i], c10::nullopt);  // [B, q + 2 kv]
+    const auto q = projected.narrow(1, 0, q_width).contiguous();
+    const auto k = projected.narrow(1, q_width, kv_width).contiguous();
+    const auto v = projected.narrow(1, q_width + kv_width, kv_width).contiguous();
+    add_deltas(q, normed, wrapped[Q]);
+    add_deltas(k, normed, wrapped[K]);
+    add_deltas(v, normed, wrapped[V]);
+    const auto attended = decode_attention(q.view({B, heads, D}), k.view({B, kv_heads, D}), v.view({B, kv_heads, D}),
+                                           cos, sin, keys[i], values[i], first, positions, scale)
+                              .view({B, q_width});
+    auto projected_o = decode_linear(attended, o[i], c10::nullopt);
+    add_deltas(projected_o, attended, wrapped[O]);
+    h.add_(projected_o);
+    const auto post = rms_norm(h, post_norms[i], eps);
+    torch::Tensor gated;
+    if (wrapped[GATE] || wrapped[UP]) {  // the model's MLP, as it runs with a wrapped gate or up
+      auto g = decode_linear(post, gate[i], c10::nullopt), u = decode_linear(post, up[i], c10::nullopt);
+      add_deltas(g, post, wrapped[GATE]);
+      add_deltas(u, post, wrapped[UP]);
+      gated = at::silu(g).mul(u);
+    } else {
+      gated = decode_gated_silu(post, gate[i], up[i]);
+    }
+    auto projected_down = decode_linear(gated, down[i], c10::nullopt);
+    add_deltas(projected_down, gated, wrapped[DOWN]);
+    h.add_(projected_down);
   }
   return h;
 }

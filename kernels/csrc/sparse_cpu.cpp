@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #ifdef __AVX__
@@ -546,8 +548,9 @@ torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Ten
                             const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                             std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
                             const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions,
-                            int64_t first, int64_t heads, int64_t kv_heads, double scale,
-                            double eps);  // decode_layers.cpp
+                            int64_t first, int64_t heads, int64_t kv_heads, double scale, double eps,
+                            const std::vector<std::vector<std::optional<std::vector<
+                                std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>>>>>& deltas);  // decode_layers.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd_add_", &sparse_fwd_add_, "out += the sparse gather product of x");

@@ -33,6 +33,7 @@ from torch import nn
 from kernels import DecodeLinear, decode_attention, decode_layers, gated_silu, linear, rms_norm
 from kernels.decode_attention import rotate_half
 from kernels.decode_linear import DECODE_MAX_ROWS
+from server.mixed import MixedForward
 
 if TYPE_CHECKING:
     from server.forward.graphs import DecodeGraphs
@@ -130,6 +131,9 @@ class _BackToBack:
     def weight(self) -> torch.Tensor | None:  # [sum of d_out, d_in], or None: call each module
         if not all(unwrapped(m) for m in self.modules):
             return None
+        return self.packed()
+
+    def packed(self) -> torch.Tensor | None:  # the view, whether or not a module's forward is replaced
         parts = tuple(m.weight for m in self.modules)
         if len(parts) != len(self._parts) or any(a is not b for a, b in zip(parts, self._parts)):
             self._parts, self._weight = parts, _concatenated_view(self.modules)
@@ -378,22 +382,28 @@ class LlamaForward:
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, first: int
     ) -> torch.Tensor | None:
         """The loop below for a decode step (x [B, hidden], cos and sin [B, head_dim], positions [B]),
-        all layers in one C++ call, to the bit; None where a layer is not on our kernels now: its
-        forwards replaced (the mixed path), its q, k and v not one matrix, its output projections
-        plain `nn.Linear`s (`F.linear`'s sums; the server makes them `DecodeLinear`s), or too many rows."""
+        all layers in one C++ call, to the bit, the mixed path's per-row deltas included; None where
+        a layer is not on our kernels: its q, k and v not one matrix, a linear a plain `nn.Linear`
+        (`F.linear`'s sums; the server makes them `DecodeLinear`s) or hooked or replaced by other
+        than the mixed path, or too many rows."""
         if x.shape[0] > DECODE_MAX_ROWS:
             return None
         weights: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [], [])
+        deltas = []  # per layer, per projection: None (its own forward), or the mixed path's deltas
         for layer in self.layers:
-            qkv, mlp = layer.qkv.weight(), layer.mlp
-            if qkv is None or not (_on_our_kernel(layer.o) and _on_our_kernel(mlp.down_proj)):
+            qkv, mlp = layer.qkv.packed(), layer.mlp
+            if qkv is None or not unwrapped(mlp):
                 return None
-            if not (unwrapped(mlp) and unwrapped(mlp.gate_proj) and unwrapped(mlp.up_proj)):
+            layer_deltas = [_bound_deltas(m) for m in layer.linears()]
+            if any(d is _OFF_OUR_KERNEL for d in layer_deltas):
                 return None
+            deltas.append(layer_deltas)
             layer_weights = (layer.input_norm.weight, qkv, layer.o.weight, layer.post_norm.weight)
             layer_weights += (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
             for into, weight in zip(weights, layer_weights):
                 into.append(weight)
+        if all(d is None for layer_deltas in deltas for d in layer_deltas):
+            deltas = []  # no projection wrapped: the merged path's step
         cache = self.cache
         return decode_layers(
             x,
@@ -408,6 +418,7 @@ class LlamaForward:
             self.kv_heads,
             self.scale,
             self.eps,
+            deltas,
         )
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, V] float32
@@ -427,9 +438,21 @@ def unwrapped(module: nn.Module) -> bool:
     return "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
 
 
-def _on_our_kernel(linear: nn.Module) -> bool:
-    """Whether calling this linear computes `kernels.linear` of its input, as the C++ loop does."""
-    return type(linear) is DecodeLinear and unwrapped(linear)
+_OFF_OUR_KERNEL = object()
+
+
+def _bound_deltas(linear: nn.Module):
+    """What the one-call layers need to compute this linear as calling it would: None where it is
+    `kernels.linear` alone (a `DecodeLinear` of its own), the deltas its mixed-path forward adds
+    (`server.mixed.MixedForward`, over the same kernel), or _OFF_OUR_KERNEL (a plain `nn.Linear`:
+    `F.linear`'s sums; a hook; another replacement)."""
+    if type(linear) is not DecodeLinear or linear._forward_hooks or linear._forward_pre_hooks:
+        return _OFF_OUR_KERNEL
+    forward = linear.__dict__.get("forward")
+    if forward is None:
+        return None
+    deltas = forward.deltas() if isinstance(forward, MixedForward) else None
+    return _OFF_OUR_KERNEL if deltas is None else deltas
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -6,12 +6,23 @@ import pytest
 import torch
 
 import kernels
+from neuroada.fingerprint import BaseModelSpec
+from neuroada.format import adapter_to_bytes
 from neuroada.inplace import PackedWeights
 from server.engine import round_linear_weights_
 from server.forward import HFForward, LlamaForward, batch_forward
 from server.forward import llama as llama_forward
 from server.forward.llama import SlotCache, llama_unsupported
-from tests.helpers import logits_over_a_batch_life, random_adapter, random_prompts, tiny_family, tiny_llama
+from server.mixed import MixedAdapters
+from server.resident import AdapterLoader
+from tests.helpers import (
+    TINY_NAME,
+    logits_over_a_batch_life,
+    random_adapter,
+    random_prompts,
+    tiny_family,
+    tiny_llama,
+)
 
 OURS = ("llama", "mistral", "qwen2", "qwen3")
 PAD = 0
@@ -80,6 +91,49 @@ def test_a_decode_step_runs_every_layer_in_one_call_to_the_bit(family, weight_dt
     down.forward = lambda x: kernels.linear(x, down.weight)  # as the mixed path replaces target forwards
     logits_over_a_batch_life(LlamaForward(model))
     assert calls == []  # a replaced forward must run: the layers go one by one
+
+
+@torch.inference_mode()
+def test_a_mixed_step_adds_each_rows_deltas_inside_the_one_call_to_the_bit(monkeypatch):
+    if kernels.cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels are not built here")
+    model = tiny_llama(seed=7)
+    packed = PackedWeights(model)
+    kernels.use_decode_linears(model)
+    loader = AdapterLoader(packed, BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
+    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=3, seed=2, scale=0.3)))  # q, v, down
+    rows = [a, None, b, a]
+    mixed = MixedAdapters(model, torch.device("cpu"))
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])
+        return kernels.decode_layers(*args)
+
+    def steps() -> list[torch.Tensor]:
+        forward = LlamaForward(model)
+        mixed.bind(rows)
+        logits, joined = forward.prefill(random_prompts(8, [5, 3, 7, 2]))
+        forward.join(joined)
+        seen = [logits]
+        for _ in range(4):
+            mixed.bind(rows)
+            seen.append(forward.decode(seen[-1].argmax(-1).tolist()))
+        mixed.unbind()
+        return seen
+
+    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    at_once = steps()
+    assert len(calls) == 4 and all(len(deltas) == 2 for deltas in calls)  # every step, with the deltas
+    bound = calls[0][0]  # layer 0: q, k, v, o, gate, up, down; a's on each, b's on q, v and down
+    assert [len(d) for d in bound] == [2, 1, 2, 1, 1, 1, 2]
+    monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)  # the loop, layer by layer
+    by_layer = steps()
+    for x, y in zip(at_once, by_layer, strict=True):
+        assert torch.equal(x, y)
+    assert not torch.equal(at_once[-1][0], at_once[-1][1])  # rows with and without an adapter differ
 
 
 @torch.inference_mode()
