@@ -12,28 +12,13 @@
 // about a sixth of a small batch's step on two cores. The GIL is released for the whole call.
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
 
-torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                            const c10::optional<torch::Tensor>& bias);  // decode_linear.cpp
-torch::Tensor decode_gated_silu(const torch::Tensor& x, const torch::Tensor& gate,
-                                const torch::Tensor& up);  // decode_linear.cpp
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);  // rms_norm.cpp
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
-                               torch::Tensor& values, int64_t first, const torch::Tensor& positions,
-                               double scale);  // decode_attention.cpp
-void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& indices,
-                      const torch::Tensor& values, const torch::Tensor& slots, bool check_ranges);  // sparse_cpu.cpp
-
-// One bound index set's delta on one projection: indices [k, d_out], values [slots, k, d_out], and
-// each row's slot [B] (0: none).
-using Delta = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
-// Per projection (q, k, v, o, gate, up, down): nullopt where it is not wrapped, else its deltas.
-using LayerDeltas = std::vector<std::optional<std::vector<Delta>>>;
 enum Projection { Q, K, V, O, GATE, UP, DOWN, PROJECTIONS };
 
 namespace {

@@ -13,6 +13,8 @@
 // so the loop runs along the output dim (contiguous indices and values, gathered inputs).
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -532,25 +534,6 @@ void unmerge_rows_(torch::Tensor& weight, const torch::Tensor& indices, const to
                                weight.size(0), weight.size(1), indices.size(1));
   });
 }
-
-torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                            const c10::optional<torch::Tensor>& bias);  // decode_linear.cpp
-torch::Tensor decode_gated_silu(const torch::Tensor& x, const torch::Tensor& gate,
-                                const torch::Tensor& up);  // decode_linear.cpp
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);  // rms_norm.cpp
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
-                               torch::Tensor& values, int64_t first, const torch::Tensor& positions,
-                               double scale);  // decode_attention.cpp
-torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Tensor>& input_norms,
-                            const std::vector<torch::Tensor>& qkv, const std::vector<torch::Tensor>& o,
-                            const std::vector<torch::Tensor>& post_norms, const std::vector<torch::Tensor>& gate,
-                            const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
-                            std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions,
-                            int64_t first, int64_t heads, int64_t kv_heads, double scale, double eps,
-                            const std::vector<std::vector<std::optional<std::vector<
-                                std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>>>>>& deltas);  // decode_layers.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_fwd_add_", &sparse_fwd_add_, "out += the sparse gather product of x");

@@ -1,0 +1,34 @@
+// The kernels one C++ file calls from another: the decode step's (decode_linear.cpp, rms_norm.cpp,
+// decode_attention.cpp, decode_layers.cpp) and the mixed path's delta (sparse_cpu.cpp), declared once.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias);
+torch::Tensor decode_gated_silu(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
+                               torch::Tensor& values, int64_t first, const torch::Tensor& positions, double scale);
+void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& indices,
+                      const torch::Tensor& values, const torch::Tensor& slots, bool check_ranges);
+
+// One bound index set's delta on one projection: indices [k, d_out], values [slots, k, d_out], and
+// each row's slot [B] (0: none).
+using Delta = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
+// Per projection (q, k, v, o, gate, up, down): nullopt where it is not wrapped, else its deltas.
+using LayerDeltas = std::vector<std::optional<std::vector<Delta>>>;
+
+torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Tensor>& input_norms,
+                            const std::vector<torch::Tensor>& qkv, const std::vector<torch::Tensor>& o,
+                            const std::vector<torch::Tensor>& post_norms, const std::vector<torch::Tensor>& gate,
+                            const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
+                            std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions,
+                            int64_t first, int64_t heads, int64_t kv_heads, double scale, double eps,
+                            const std::vector<LayerDeltas>& deltas);
