@@ -373,6 +373,8 @@ def write(path: Path, record: dict) -> None:
 
 
 def describe(config: dict) -> str:
+    if "adapter" in config:
+        return f"the file {Path(config['adapter']).name}"
     if config["method"] == "neuroada":
         return f"NeuroAda k = {config.get('k')}, {config.get('selection')}"
     return f"LoRA r = {config.get('rank')}" if config["method"] == "lora" else "base"
@@ -422,7 +424,7 @@ def table(args) -> None:
             f"({t.get('trainable_percent')}%), loss {t.get('first_loss')} -> {t.get('final_loss')}, "
             f"{t.get('seconds')} s, peak RSS {t.get('peak_rss_mb')} MB"
             if t
-            else f"the adapter file {c['adapter']}, as trained before"
+            else f"{c['adapter']}, trained before, evaluated as it is"
             if "adapter" in c
             else "no training"
         )

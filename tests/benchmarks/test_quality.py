@@ -33,3 +33,19 @@ def test_rates_rank_by_validation_accuracy_the_lower_rate_first_on_a_tie():
 def test_a_rate_without_that_validation_result_is_left_out():
     records = {3e-3: result(190), 1e-2: {"eval": {"val:all": {"accuracy": 0.9}}}}
     assert [lr for lr, _ in quality.ranked_rates(records, "val:500")] == [3e-3]
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({"method": "neuroada", "k": 20, "selection": "random"}, "NeuroAda k = 20, random"),
+        ({"method": "lora", "rank": 8}, "LoRA r = 8"),
+        ({"method": "base"}, "base"),
+        (
+            {"method": "neuroada", "k": 1, "selection": "magnitude", "adapter": "adapters/gsm8k.safetensors"},
+            "the file gsm8k.safetensors",
+        ),
+    ],
+)
+def test_each_run_is_named_by_what_was_trained_or_by_the_file_evaluated(config, expected):
+    assert quality.describe(config) == expected
