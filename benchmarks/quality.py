@@ -49,7 +49,7 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import closed_loop  # noqa: E402
+from common import closed_loop, machine  # noqa: E402
 from serve_load import start_server  # noqa: E402
 
 from neuroada.data import build_prompt, load_examples  # noqa: E402
@@ -138,13 +138,13 @@ def train_run(args, work: Path) -> dict:
         result = train(model, tokenizer, examples, config)
         summary = training_summary(result, config, data_hash, TASKS[args.task].train)
         adapter = export(model, base, selection=args.selection, training=summary)
-        (work / "store").mkdir(parents=True, exist_ok=True)
-        save_adapter(adapter, work / "store" / f"{run_id(args)}.safetensors")
+        trained_artifact(args, work).parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(adapter, trained_artifact(args, work))
         trainable = adapter.num_params
     else:
         from peers.lora_train import train_lora
 
-        result, trainable = train_lora(model, tokenizer, examples, config, args.rank, work / "merged")
+        result, trainable = train_lora(model, tokenizer, examples, config, args.rank, trained_artifact(args, work))
         summary = training_summary(result, config, data_hash, TASKS[args.task].train)
     summary.update(
         trainable=trainable,
@@ -152,6 +152,11 @@ def train_run(args, work: Path) -> dict:
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     )
     return summary
+
+
+def trained_artifact(args, work: Path) -> Path:
+    """What `train_run` leaves for evaluation: the NeuroAda adapter file, or LoRA's merged model."""
+    return work / "store" / f"{run_id(args)}.safetensors" if args.method == "neuroada" else work / "merged"
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -184,11 +189,11 @@ def evaluate_run(args, work: Path, sets: list[tuple[str, list[dict]]], done) -> 
     """Every (name, examples) through one `neuroada serve` of the run's model; `done(name, result)`
     after each set (correct, total, accuracy, interval, seconds); every generation in work/."""
     adapter = None if args.method != "neuroada" else run_id(args)
-    store = work / "store" if args.method == "neuroada" else work / "empty-store"
+    store = trained_artifact(args, work).parent if args.method == "neuroada" else work / "empty-store"
     store.mkdir(parents=True, exist_ok=True)
     env = {"NEUROADA_MAX_NEW_TOKENS": "512", "NEUROADA_REQUEST_TIMEOUT_S": "3600"}
     if args.method == "lora":
-        env["NEUROADA_MODEL"] = str(work / "merged")
+        env["NEUROADA_MODEL"] = str(trained_artifact(args, work))
     proc, url = start_server("neuroada", store, args.threads, 16, env)
     try:
         for name, examples in sets:
@@ -229,10 +234,10 @@ def load_run_model(args, work: Path):
     from neuroada.format import load_adapter
     from neuroada.inplace import apply_adapter_
 
-    model = load_base_model(str(work / "merged") if args.method == "lora" else None)
+    model = load_base_model(str(trained_artifact(args, work)) if args.method == "lora" else None)
     if args.method == "neuroada":
         base = BaseModelSpec.from_model(model, resolve_model_name(None))
-        apply_adapter_(model, load_adapter(work / "store" / f"{run_id(args)}.safetensors", base))
+        apply_adapter_(model, load_adapter(trained_artifact(args, work), base))
     return model.eval()
 
 
@@ -306,10 +311,6 @@ def run(args) -> None:
             "selection": metadata["selection"],
             "training": json.loads(metadata["training"]),
         }
-    elif args.method != "base" and "train" not in record:
-        print(f"{rid}: training")
-        record["train"] = train_run(args, work)
-        write(path, record)
     wanted = []
     for split in args.eval:
         if split == "loglik":
@@ -320,6 +321,26 @@ def run(args) -> None:
             if key not in record["eval"]:
                 examples = eval_examples(args.task, name, args.data_dir)[: args.eval_limit]
                 wanted.append((key, examples))
+    arc = (
+        eval_examples(args.task, "arc_easy_test", args.data_dir)[: args.eval_limit]
+        if args.task == "commonsense"
+        else []
+    )
+    loglik_wanted = "loglik" in args.eval and bool(arc) and f"arc_easy_test:cloze:{len(arc)}" not in record["eval"]
+    if args.adapter is None and args.method != "base":
+        if "train" not in record:
+            print(f"{rid}: training")
+            record["train"] = train_run(args, work)
+            write(path, record)
+        elif (wanted or loglik_wanted) and not trained_artifact(args, work).exists():
+            # The record is committed, work/ is not: on a fresh clone the run is trained again, same
+            # seed, data order and schedule; its final loss says whether this machine reproduced it.
+            print(f"{rid}: training again ({trained_artifact(args, work)} is not on this machine)")
+            again = train_run(args, work)
+            record.setdefault("retrained", []).append(
+                {key: again[key] for key in ("final_loss", "seconds", "peak_rss_mb")} | {"machine": machine()}
+            )
+            write(path, record)
     if wanted:
         print(f"{rid}: evaluating {', '.join(k for k, _ in wanted)}")
 
@@ -328,12 +349,10 @@ def run(args) -> None:
             write(path, record)
 
         evaluate_run(args, work, wanted, done)
-    if "loglik" in args.eval and args.task == "commonsense":
-        arc = eval_examples(args.task, "arc_easy_test", args.data_dir)[: args.eval_limit]
-        if f"arc_easy_test:cloze:{len(arc)}" not in record["eval"]:
-            print(f"{rid}: ARC-Easy by log-likelihood")
-            record["eval"].update(arc_loglik(args, work, arc))
-            write(path, record)
+    if loglik_wanted:
+        print(f"{rid}: ARC-Easy by log-likelihood")
+        record["eval"].update(arc_loglik(args, work, arc))
+        write(path, record)
 
 
 def val_key(args) -> str:
