@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import closed_loop, machine  # noqa: E402
 from serve_load import start_server  # noqa: E402
 
-from neuroada.data import build_prompt, load_examples  # noqa: E402
+from neuroada.data import build_prompt, file_sha256, load_examples  # noqa: E402
 from neuroada.evaluate import is_correct  # noqa: E402
 
 RESULTS = Path(__file__).with_name("quality")
@@ -80,8 +80,8 @@ TASKS = {
 def run_id(args) -> str:
     if args.method == "base":
         return f"{args.task}-base"
-    if args.adapter is not None:
-        return f"{args.task}-file-{args.adapter.stem}"
+    if args.adapter is not None:  # named by its content too: a file replaced since is another run
+        return f"{args.task}-file-{args.adapter.stem}-{file_sha256(args.adapter)[7:15]}"
     method = f"neuroada-k{args.k}-{args.selection}" if args.method == "neuroada" else f"lora-r{args.rank}"
     return f"{args.task}-{method}-lr{args.lr:g}-steps{args.steps}-b{args.batch_size}"
 
@@ -307,6 +307,7 @@ def run(args) -> None:
             "task": args.task,
             "method": "neuroada",
             "adapter": str(args.adapter),
+            "adapter_sha256": file_sha256(args.adapter),
             "k": int(metadata["k"]),
             "selection": metadata["selection"],
             "training": json.loads(metadata["training"]),
@@ -393,7 +394,7 @@ def write(path: Path, record: dict) -> None:
 
 def describe(config: dict) -> str:
     if "adapter" in config:
-        return f"the file {Path(config['adapter']).name}"
+        return f"the file {Path(config['adapter']).name} ({config['adapter_sha256'][7:15]})"
     if config["method"] == "neuroada":
         return f"NeuroAda k = {config.get('k')}, {config.get('selection')}"
     return f"LoRA r = {config.get('rank')}" if config["method"] == "lora" else "base"

@@ -1,5 +1,6 @@
 """The quality benchmark's statistics and its learning-rate search's ranking."""
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -42,10 +43,26 @@ def test_a_rate_without_that_validation_result_is_left_out():
         ({"method": "lora", "rank": 8}, "LoRA r = 8"),
         ({"method": "base"}, "base"),
         (
-            {"method": "neuroada", "k": 1, "selection": "magnitude", "adapter": "adapters/gsm8k.safetensors"},
-            "the file gsm8k.safetensors",
+            {
+                "method": "neuroada",
+                "k": 1,
+                "selection": "magnitude",
+                "adapter": "adapters/gsm8k.safetensors",
+                "adapter_sha256": "sha256:fbcee94154d7e385" + "0" * 48,
+            },
+            "the file gsm8k.safetensors (fbcee941)",
         ),
     ],
 )
 def test_each_run_is_named_by_what_was_trained_or_by_the_file_evaluated(config, expected):
     assert quality.describe(config) == expected
+
+
+def test_an_adapter_file_replaced_since_is_another_run(tmp_path):
+    path = tmp_path / "gsm8k.safetensors"
+    ids = []
+    for content in (b"the first file", b"the file that replaced it"):
+        path.write_bytes(content)
+        ids.append(quality.run_id(argparse.Namespace(task="arithmetic", method="neuroada", adapter=path)))
+    assert ids[0] != ids[1]
+    assert all(run.startswith("arithmetic-file-gsm8k-") for run in ids)
