@@ -57,9 +57,13 @@ def cpu_kernels() -> ModuleType | None:
 
 
 def build_directory() -> Path:
+    """One build per Python, torch, environment and CPU kind. torch rebuilds a module whose build
+    flags changed, and its include paths are the environment's own: two environments sharing one
+    directory (a project venv and a CI venv) would rebuild each other's module at every switch."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"{_NAME}_{python}_torch{torch.__version__}_cpu{cpu_tag()}"
+    env = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    return Path(root) / f"{_NAME}_{python}_torch{torch.__version__}_env{env}_cpu{cpu_tag()}"
 
 
 @functools.cache

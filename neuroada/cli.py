@@ -1,7 +1,7 @@
 """The `neuroada` console script: a thin argparse layer over the Python API.
 
-Subcommands of packages above this one (`serve`, from `server`) register through the
-`neuroada.commands` entry-point group, so nothing here imports upward.
+Subcommands of packages above this one (`serve` and `eval`, from `server`: they run the serving
+engine) register through the `neuroada.commands` entry-point group, so nothing here imports upward.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
     _add_train(sub)
-    _add_eval(sub)
     _add_merge(sub)
     for add_command in _plugin_commands():
         add_command(sub)
@@ -185,33 +184,6 @@ def _train(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {len(adapter.layers)} layers, k={na_config.k}, {adapter.num_params:,} parameters; "
         f"{result.steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}, {result.seconds:.0f} s"
     )
-    return 0
-
-
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="greedy accuracy on an LLM-Adapters JSON data file")
-    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", type=Path, default=None, help="adapter file (default: the base model alone)")
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", type=Path, default=None, help="per-example JSONL")
-    p.set_defaults(func=_eval)
-
-
-def _eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from neuroada.data import load_examples
-    from neuroada.evaluate import evaluate
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = _model_with_adapter(args.model, args.adapter, device)
-    examples = load_examples(args.data)[: args.limit]
-    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, args.out)
-    label = args.adapter.name if args.adapter else "base"
-    print(f"{args.data.name} [{label}]: accuracy {result.accuracy:.4f} ({result.correct}/{result.total})")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The C++ kernels' build lock: a build killed half-way never blocks the processes after it."""
+"""The C++ kernels' build directory and lock: one build per environment, and a build killed half-way never
+blocks the processes after it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from kernels import cpu_kernels
 from kernels.cpu import build_directory, build_lock
@@ -103,3 +105,11 @@ def test_the_kernels_load_beside_a_lock_file_a_killed_build_left(tmp_path: Path)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, text=True, capture_output=True, timeout=300)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
     assert not (build_dir / "lock").exists()
+
+
+def test_each_environment_builds_in_its_own_directory(monkeypatch):
+    """Two environments' builds (different include paths) must not replace each other's."""
+    here = build_directory()
+    assert build_directory() == here
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv/lib/python3/site-packages/torch/__init__.py")
+    assert build_directory() != here and build_directory().parent == here.parent
