@@ -27,9 +27,9 @@ def generate_offline(
     stall_s: float,
     on_finished: Callable[[int], None] | None = None,
 ) -> list[Finished]:
-    """One `Finished` per prompt (token ids), in order. At most `in_flight` prompts are queued or
-    running at once (the engine's queue is bounded); `stall_s` without any prompt finishing is a
-    failure, so a wedged engine cannot hang the caller. `on_finished(i)` after each one."""
+    """One `Finished` per prompt (token ids), in the prompts' order. At most `in_flight` prompts
+    are queued or running at once (the engine's queue is bounded); `stall_s` without any prompt
+    finishing is a failure, so a wedged engine cannot hang the caller. `on_finished(i)` after each."""
     ended: queue.SimpleQueue[tuple[int, Event]] = queue.SimpleQueue()
     results: list[Finished | None] = [None] * len(prompts)
 
@@ -40,7 +40,8 @@ def generate_offline(
 
         engine.submit(GenerationRequest(prompt_ids=prompts[i], adapter=adapter, params=params, on_event=on_event))
 
-    waiting = iter(range(len(prompts)))
+    # Longest first: prompts that join the batch together are prefilled padded to the longest of them.
+    waiting = iter(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
     for i in range(min(in_flight, len(prompts))):
         submit(next(waiting))
     for _ in range(len(prompts)):
