@@ -5,6 +5,7 @@ Slow (the model loads in a few seconds from the converted cache, about 25 s the 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -99,6 +100,26 @@ def test_inspect_validates_a_shipped_adapter():
     assert out.returncode == 0, out.stderr
     assert "valid for base model SmolLM2-135M-Instruct" in out.stdout
     assert re.search(r"^k +20$", out.stdout, re.MULTILINE)  # the shipped gsm8k adapter: top-20
+
+
+def test_eval_answers_with_a_shipped_adapter_as_it_is_served(tmp_path):
+    """`neuroada eval` as a user runs it: the real model, a shipped adapter, its answers scored."""
+    question = {"instruction": "Tom has 3 apples and buys 5 more. How many apples does he have?", "input": ""}
+    data = tmp_path / "apples.json"
+    data.write_text(json.dumps([{**question, "output": "", "answer": "8"}] * 2))
+    out = tmp_path / "eval.jsonl"
+    command = ["eval", "--data", str(data), "--adapter", str(SHIPPED / "gsm8k.safetensors"), "--out", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-m", "neuroada.cli", *command, "--max-new-tokens", "24"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["generation"] for r in records] == [offline(SHIPPED / "gsm8k.safetensors", 24)] * 2
+    correct = sum(r["correct"] for r in records)
+    assert f"apples.json [gsm8k.safetensors]: accuracy {correct / 2:.4f} ({correct}/2)" in run.stdout
 
 
 def _own_index_set_adapter(model) -> bytes:
