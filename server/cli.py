@@ -112,6 +112,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from neuroada.evaluate import is_choice_answer, is_correct
     from server.offline import GenerationFailed
 
+    for path in (args.data, args.adapter):
+        if path is not None and not path.is_file():
+            print(f"error: no such file: {path}", file=sys.stderr)
+            return 1
     examples = load_examples(args.data)[: args.limit]
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:

@@ -57,3 +57,9 @@ def test_a_prompt_past_the_context_length_is_refused_before_generating(tiny_mode
     args = ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "30000"]
     assert main(args) == 1
     assert "exceed the model's context length of 20100" in capsys.readouterr().err
+
+
+def test_a_missing_file_is_named(tiny_model_dir, data, tmp_path, capsys):
+    missing = tmp_path / "missing.safetensors"
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(missing), "--data", str(data)]) == 1
+    assert f"error: no such file: {missing}" in capsys.readouterr().err
