@@ -112,18 +112,17 @@ def evaluate(args: argparse.Namespace) -> int:
     from neuroada.evaluate import is_choice_answer, is_correct
     from server.offline import GenerationFailed
 
-    for path in (args.data, args.adapter):
-        if path is not None and not path.is_file():
-            print(f"error: no such file: {path}", file=sys.stderr)
-            return 1
-    examples = load_examples(args.data)[: args.limit]
-    max_new_tokens = args.max_new_tokens
-    if max_new_tokens is None:
-        choice = all(is_choice_answer(str(e["answer"])) for e in examples)
-        max_new_tokens = CHOICE_NEW_TOKENS if choice else OPEN_NEW_TOKENS
     try:
+        for path in (args.data, args.adapter):
+            if path is not None and not path.is_file():
+                raise EvalRefused(f"no such file: {path}")
+        examples = load_examples(args.data)[: args.limit]
         if not examples:
             raise EvalRefused(f"no examples in {args.data}")
+        max_new_tokens = args.max_new_tokens
+        if max_new_tokens is None:
+            choice = all(is_choice_answer(str(e["answer"])) for e in examples)
+            max_new_tokens = CHOICE_NEW_TOKENS if choice else OPEN_NEW_TOKENS
         started = time.perf_counter()
         finished = generate_answers(args, examples, max_new_tokens)
         seconds = time.perf_counter() - started
