@@ -162,7 +162,11 @@ def generate_answers(args: argparse.Namespace, examples: list[dict], max_new_tok
             adapter = "adapter"
             shutil.copyfile(args.adapter, Path(store) / f"{adapter}.safetensors")
         settings = ServerSettings(
-            model=args.model, adapter_dir=Path(store), max_batch_size=args.batch_size, max_new_tokens=max_new_tokens
+            model=args.model,
+            adapter_dir=Path(store),
+            max_batch_size=args.batch_size,
+            max_queued_requests=2 * args.batch_size,  # a full batch, and as many waiting to take its rows
+            max_new_tokens=max_new_tokens,
         )
         # Built on a thread that ends with the build: only the worker keeps an OpenMP team (server.threads).
         engine = on_own_thread(Engine, settings)
@@ -183,7 +187,7 @@ def generate_answers(args: argparse.Namespace, examples: list[dict], max_new_tok
                     prompts,
                     adapter,
                     SamplingParams(max_new_tokens=max_new_tokens),  # temperature 0: greedy
-                    in_flight=2 * args.batch_size,
+                    in_flight=settings.max_queued_requests,
                     stall_s=settings.request_timeout_s,
                     on_finished=lambda _: bar.update(),
                 )

@@ -25,6 +25,7 @@ def test_eval_scores_the_greedy_text_of_the_adapter_as_served(tiny_model_dir, st
     out = tmp_path / "eval.jsonl"
     adapter = store / "b.safetensors"
     args = ["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(data)]
+    # A batch of 2 and 5 prompts: the queue (2 more) refills as rows finish.
     assert main(args + ["--limit", "5", "--max-new-tokens", "8", "--batch-size", "2", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     examples = synthetic_examples(6)[:5]
@@ -41,7 +42,9 @@ def test_choice_answers_get_a_short_generation_by_default(tiny_model_dir, tmp_pa
     out = tmp_path / "eval.jsonl"
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(path), "--out", str(out)]) == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert record["generation"] == offline_greedy(None, build_prompt({"instruction": "Which one?"}), max_new_tokens)
+    prompt = build_prompt({"instruction": "Which one?"})
+    assert record["generation"] == offline_greedy(None, prompt, max_new_tokens)
+    assert record["generation"] != offline_greedy(None, prompt, 256 if max_new_tokens == 32 else 32)
     assert "data.json [base]" in capsys.readouterr().out
 
 
