@@ -68,7 +68,10 @@ void rows_pass(const float* x, const W* w, const float* bias, float* out, int64_
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = vec{};
     // The rows PREFETCH_PASSES passes on start loading now: without it the core stalls on each new
-    // row's first lines while its FMAs wait, and memory idles while they run.
+    // row's first lines while its FMAs wait, and memory idles while they run. They load into L2, not
+    // L1: passes ahead of a [*, 1536] weight are 48 KB, more than an L1 holds (Zen 4's is 32 KB), and
+    // evicting the rows being read slowed every product there (benchmarks/RESULTS.md); L1's own
+    // prefetcher brings each line the last step from L2.
     const W* ahead[R];
     for (int r = 0; r < R; ++r) {
       const int64_t row = n + r + PREFETCH_PASSES * R;
@@ -80,7 +83,7 @@ void rows_pass(const float* x, const W* w, const float* bias, float* out, int64_
       for (int m = 0; m < M; ++m) xv[m] = load(x + m * K + k);
       for (int r = 0; r < R; ++r) {
         const vec wv = load(w + (n + r) * K + k);
-        __builtin_prefetch(ahead[r] + k);
+        __builtin_prefetch(ahead[r] + k, 0, 2);  // read, into L2 (prefetcht1)
         for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
       }
     }
