@@ -3,7 +3,7 @@
 // At that size a linear is one pass over the weight's bytes. MKL's sgemm, which F.linear calls,
 // reads the weight at a fraction of the memory bandwidth for such a skinny product and keeps it
 // on one thread; here every weight row is read once for all M tokens, their sums held in
-// registers (8 tokens a pass; more tokens pass again over a block of rows still in cache), and
+// registers (6 or 8 tokens a pass; more tokens pass again over a block of rows still in cache), and
 // the rows split across threads.
 // x, bias and the output are float32; the weight is float32 or bfloat16. A bf16 weight is widened in
 // registers as it loads (bf16 is float32's top half): half the bytes read, float32 arithmetic. What
@@ -20,16 +20,20 @@
 namespace {
 
 // Weight rows per pass: more rows read side by side keep more of memory's bandwidth busy, as long
-// as their sums (rows x M vectors) fit in registers beside the M token vectors.
+// as their sums (rows x M vectors) fit in registers beside the M token vectors. Token rows per pass:
+// more tokens share each weight load, fewer rows fit beside them; on AVX-512, 6 tokens x 4 rows
+// (24 sums, 6 token vectors, 1 weight vector: 31 registers) beat 8 tokens x 2 rows.
 #ifdef __AVX512F__
 constexpr int64_t VL = 16;  // floats per vector: a 512-bit register (32 of them)
-constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 2; }
+constexpr int64_t TOKENS_PER_PASS = 6;
+constexpr int rows_per_pass(int M) { return M <= 6 ? 4 : 2; }
 #else
 constexpr int64_t VL = 8;  // a 256-bit register (16 of them)
+constexpr int64_t TOKENS_PER_PASS = 8;
 constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 1; }
 #endif
+constexpr int MAX_ROWS_PER_PASS = 4;
 typedef float vec __attribute__((vector_size(VL * 4)));
-constexpr int64_t TOKENS_PER_PASS = 8;  // token rows whose sums one pass keeps in registers
 constexpr int64_t BLOCK_BYTES = 16 * 1024;  // weight bytes a group of passes shares from cache
 constexpr int64_t MIN_WORK = 1 << 16;  // weights per thread below which waking another is not worth it
 constexpr int64_t PREFETCH_PASSES = 2;  // how far ahead weight rows are prefetched, in passes
@@ -49,6 +53,17 @@ inline vec load(const c10::BFloat16* p) {
   const bits_vec bits = __builtin_convertvector(h, bits_vec) << 16;
   vec v;
   std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// The value, held in a register. Without it GCC folds each token's load into every FMA that uses
+// it (a memory operand), so a pass loads its token vectors once per weight row: with 6 tokens x 4
+// rows that is 24 loads beside 24 FMAs, and the pass is bound by loads, not by memory or the FMAs.
+// On AVX2 the sums alone fill the 16 registers, so a token vector is reloaded there either way.
+inline vec in_register(vec v) {
+#ifdef __AVX512F__
+  asm("" : "+v"(v));
+#endif
   return v;
 }
 
@@ -80,7 +95,7 @@ void rows_pass(const float* x, const W* w, const float* bias, float* out, int64_
     int64_t k = 0;
     for (; k + VL <= K; k += VL) {
       vec xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = load(x + m * K + k);
+      for (int m = 0; m < M; ++m) xv[m] = in_register(load(x + m * K + k));
       for (int r = 0; r < R; ++r) {
         const vec wv = load(w + (n + r) * K + k);
         __builtin_prefetch(ahead[r] + k, 0, 2);  // read, into L2 (prefetcht1)
@@ -114,12 +129,14 @@ void rows_pass_any(int64_t M, const float* x, const W* w, const float* bias, flo
   }
 }
 
-// Output features [begin, end) of x @ w.T (+ bias). More than 8 token rows: a block of weight rows
-// is read from memory once, then stays in L1/L2 while each group of 8 tokens passes over it.
+// Output features [begin, end) of x @ w.T (+ bias). More token rows than a pass takes: a block of
+// weight rows is read from memory once, then stays in L1/L2 while each group of tokens passes over
+// it. A block is whole passes: a row left over takes the one-row pass, which reads slower.
 template <typename W>
 void linear_rows(int64_t M, const float* x, const W* w, const float* bias, float* out, int64_t begin, int64_t end,
                  int64_t N, int64_t K) {
-  const int64_t block = std::max<int64_t>(4, BLOCK_BYTES / (std::max<int64_t>(K, 1) * int64_t(sizeof(W))));
+  const int64_t rows = BLOCK_BYTES / (std::max<int64_t>(K, 1) * int64_t(sizeof(W)));
+  const int64_t block = std::max<int64_t>(1, rows / MAX_ROWS_PER_PASS) * MAX_ROWS_PER_PASS;
   for (int64_t b = begin; b < end; b += block) {
     for (int64_t m = 0; m < M; m += TOKENS_PER_PASS) {
       rows_pass_any(std::min(TOKENS_PER_PASS, M - m), x + m * K, w, bias, out + m * N, b, std::min(end, b + block), N, K);

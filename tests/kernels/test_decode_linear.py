@@ -17,7 +17,7 @@ needs_cpu_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CP
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, DECODE_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, DECODE_MAX_ROWS])
 @pytest.mark.parametrize(
     "shape", [(64, 48), (13, 7), (250, 577), (1, 16), (5, 0)]
 )  # odd sizes: vector tails; no inputs
@@ -33,7 +33,7 @@ def test_the_kernel_equals_f_linear(rows, shape, bias, weight_dtype):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("rows", [1, 4, 9, DECODE_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 4, 6, 9, 13, DECODE_MAX_ROWS])
 @pytest.mark.parametrize("shape", [(64, 48), (13, 7), (250, 577)])
 @pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
 def test_the_gated_kernel_equals_silu_of_gate_times_up(rows, shape, weight_dtype):
