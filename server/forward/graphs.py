@@ -47,7 +47,7 @@ class DecodeGraphs:
         forward.cache.reserve(self.buckets[-1], max_length)
         self.cache = forward.cache
         self.keys = self.cache.keys[0]  # were the cache ever regrown (it is not), steps go eager
-        self.linears = [m for layer in forward.layers for m in layer.linears()]
+        self.linears = [m for layer in forward.layers for m in layer.linears]
         for tensor in self.cache.keys + self.cache.values:  # written in place, never an input to copy
             torch._dynamo.mark_static_address(tensor)
         for layer in forward.layers:

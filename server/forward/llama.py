@@ -172,12 +172,7 @@ class _Layer:
     mlp: nn.Module
     gated_mlp: bool  # down(silu(gate(x)) * up(x)) over plain linears: one kernel call may do its first half
     qkv: _BackToBack
-
-    def linears(self) -> tuple[nn.Module, ...]:
-        extra = tuple(
-            getattr(self.mlp, name) for name in ("gate_proj", "up_proj", "down_proj") if hasattr(self.mlp, name)
-        )
-        return (self.q, self.k, self.v, self.o) + extra
+    linears: tuple[nn.Module, ...]  # q, k, v, o, then the MLP's gate, up and down where it has them
 
     @classmethod
     def of(cls, layer: nn.Module, act: str) -> _Layer:
@@ -197,6 +192,7 @@ class _Layer:
             mlp,
             gated and linears[0].bias is None and linears[1].bias is None,
             _BackToBack(attn.q_proj, attn.k_proj, attn.v_proj),
+            (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj) + tuple(m for m in linears if m is not None),
         )
 
 
@@ -394,12 +390,13 @@ class LlamaForward:
             qkv, mlp = layer.qkv.packed(), layer.mlp
             if qkv is None or not unwrapped(mlp):
                 return None
-            layer_deltas = [_bound_deltas(m) for m in layer.linears()]
+            layer_deltas = [_bound_deltas(m) for m in layer.linears]
             if any(d is _OFF_OUR_KERNEL for d in layer_deltas):
                 return None
             deltas.append(layer_deltas)
-            layer_weights = (layer.input_norm.weight, qkv, layer.o.weight, layer.post_norm.weight)
-            layer_weights += (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            _, _, _, o, gate, up, down = layer.linears  # a gated MLP's (`layers_at_once`)
+            layer_weights = (layer.input_norm.weight, qkv, o.weight, layer.post_norm.weight)
+            layer_weights += (gate.weight, up.weight, down.weight)
             for into, weight in zip(weights, layer_weights):
                 into.append(weight)
         if all(d is None for layer_deltas in deltas for d in layer_deltas):
