@@ -3,7 +3,7 @@
 // At that size a linear is one pass over the weight's bytes. MKL's sgemm, which F.linear calls,
 // reads the weight at a fraction of the memory bandwidth for such a skinny product and keeps it
 // on one thread; here every weight row is read once for all M tokens, their sums held in
-// registers (6 or 8 tokens a pass; more tokens pass again over a block of rows still in cache), and
+// registers (4 or 6 tokens a pass; more tokens pass again over a block of rows still in cache), and
 // the rows split across threads.
 // x, bias and the output are float32; the weight is float32 or bfloat16. A bf16 weight is widened in
 // registers as it loads (bf16 is float32's top half): half the bytes read, float32 arithmetic. What
@@ -20,17 +20,17 @@
 namespace {
 
 // Weight rows per pass: more rows read side by side keep more of memory's bandwidth busy, as long
-// as their sums (rows x M vectors) fit in registers beside the M token vectors. Token rows per pass:
-// more tokens share each weight load, fewer rows fit beside them; on AVX-512, 6 tokens x 4 rows
-// (24 sums, 6 token vectors, 1 weight vector: 31 registers) beat 8 tokens x 2 rows.
+// as their sums (rows x M vectors) fit in registers beside the M token vectors and a weight vector.
+// Token rows per pass: more tokens share each weight load, fewer rows fit beside them. AVX-512:
+// 6 tokens x 4 rows (24 sums + 6 + 1 = 31 registers); AVX2: 4 tokens x 2 rows (8 + 4 + 1 = 13).
 #ifdef __AVX512F__
 constexpr int64_t VL = 16;  // floats per vector: a 512-bit register (32 of them)
 constexpr int64_t TOKENS_PER_PASS = 6;
 constexpr int rows_per_pass(int M) { return M <= 6 ? 4 : 2; }
 #else
 constexpr int64_t VL = 8;  // a 256-bit register (16 of them)
-constexpr int64_t TOKENS_PER_PASS = 8;
-constexpr int rows_per_pass(int M) { return M <= 4 ? 4 : 1; }
+constexpr int64_t TOKENS_PER_PASS = 4;
+constexpr int rows_per_pass(int M) { return M <= 2 ? 4 : 2; }
 #endif
 constexpr int MAX_ROWS_PER_PASS = 4;
 typedef float vec __attribute__((vector_size(VL * 4)));
@@ -59,11 +59,8 @@ inline vec load(const c10::BFloat16* p) {
 // The value, held in a register. Without it GCC folds each token's load into every FMA that uses
 // it (a memory operand), so a pass loads its token vectors once per weight row: with 6 tokens x 4
 // rows that is 24 loads beside 24 FMAs, and the pass is bound by loads, not by memory or the FMAs.
-// On AVX2 the sums alone fill the 16 registers, so a token vector is reloaded there either way.
 inline vec in_register(vec v) {
-#ifdef __AVX512F__
   asm("" : "+v"(v));
-#endif
   return v;
 }
 
