@@ -42,13 +42,13 @@ def generate_offline(
 
     # Longest first: prompts that join the batch together are prefilled padded to the longest of them.
     waiting = iter(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
-    for i in range(min(in_flight, len(prompts))):
+    for _ in range(min(in_flight, len(prompts))):
         submit(next(waiting))
     for _ in range(len(prompts)):
         try:
             i, event = ended.get(timeout=stall_s)
         except queue.Empty:
-            raise GenerationFailed(f"no generation finished in {stall_s:.0f} s") from None
+            raise GenerationFailed(f"no generation finished in {stall_s:g} s") from None
         if isinstance(event, Failed):
             raise GenerationFailed(f"prompt {i}: {event.message}")
         results[i] = event

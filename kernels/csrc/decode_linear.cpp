@@ -26,7 +26,7 @@ namespace {
 #ifdef __AVX512F__
 constexpr int64_t VL = 16;  // floats per vector: a 512-bit register (32 of them)
 constexpr int64_t TOKENS_PER_PASS = 6;
-constexpr int rows_per_pass(int M) { return M <= 6 ? 4 : 2; }
+constexpr int rows_per_pass(int) { return 4; }
 #else
 constexpr int64_t VL = 8;  // a 256-bit register (16 of them)
 constexpr int64_t TOKENS_PER_PASS = 4;
@@ -111,19 +111,12 @@ void rows_pass(const float* x, const W* w, const float* bias, float* out, int64_
   if (n < end) rows_pass<M, 1>(x, w, bias, out, n, end, N, K);
 }
 
-template <typename W>
+// rows_pass for M token rows, 1 <= M <= TOKENS_PER_PASS (each M its own unrolled pass).
+template <int MAX_M = TOKENS_PER_PASS, typename W>
 void rows_pass_any(int64_t M, const float* x, const W* w, const float* bias, float* out, int64_t begin, int64_t end,
                    int64_t N, int64_t K) {
-  switch (M) {
-    case 1: return rows_pass<1, rows_per_pass(1)>(x, w, bias, out, begin, end, N, K);
-    case 2: return rows_pass<2, rows_per_pass(2)>(x, w, bias, out, begin, end, N, K);
-    case 3: return rows_pass<3, rows_per_pass(3)>(x, w, bias, out, begin, end, N, K);
-    case 4: return rows_pass<4, rows_per_pass(4)>(x, w, bias, out, begin, end, N, K);
-    case 5: return rows_pass<5, rows_per_pass(5)>(x, w, bias, out, begin, end, N, K);
-    case 6: return rows_pass<6, rows_per_pass(6)>(x, w, bias, out, begin, end, N, K);
-    case 7: return rows_pass<7, rows_per_pass(7)>(x, w, bias, out, begin, end, N, K);
-    default: return rows_pass<8, rows_per_pass(8)>(x, w, bias, out, begin, end, N, K);
-  }
+  if (M == MAX_M) return rows_pass<MAX_M, rows_per_pass(MAX_M)>(x, w, bias, out, begin, end, N, K);
+  if constexpr (MAX_M > 1) rows_pass_any<MAX_M - 1>(M, x, w, bias, out, begin, end, N, K);
 }
 
 // Output features [begin, end) of x @ w.T (+ bias). More token rows than a pass takes: a block of
