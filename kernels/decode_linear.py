@@ -1,15 +1,21 @@
-"""The dense linear of every target layer, with a decode step's few rows on our CPU kernel.
+"""The dense linear of every target layer: a decode step's few rows on our CPU kernel, a prefill's
+many on oneDNN's.
 
 A decode step multiplies a handful of token rows by each weight: a pass over the weight's bytes.
 On the CPU, `F.linear` (MKL's sgemm) reads the weight at a fraction of the memory bandwidth for
 such a skinny product; `kernels/csrc/decode_linear.cpp` reads every weight row once for all the
-rows. Larger products (a prefill) and everything off the CPU go to `F.linear`.
+rows. A prefill's product is compute-bound; on the CPU in float32 it goes to oneDNN's GEMM (the
+one torch's own compiler uses for CPU linears), faster there than MKL's sgemm, which `F.linear`
+calls (benchmarks/RESULTS.md, `benchmarks/prefill.py`). Where oneDNN is missing, a gradient is
+wanted, a graph is being compiled or the rows are not float32 on the CPU: `F.linear`.
 
 A float32 input may meet bfloat16 weights (a server's `weight_dtype`): the kernel widens them as it
-reads, and `F.linear` gets them widened first, so either way the arithmetic is float32's.
+reads, and a GEMM gets them widened first, so either way the arithmetic is float32's.
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +23,28 @@ from torch import nn
 
 from kernels.cpu import cpu_kernels
 
-# Past this many rows the product is compute-bound and MKL's GEMM is as fast (benchmarks/RESULTS.md).
+# Past this many rows the product is compute-bound and a GEMM is as fast (benchmarks/RESULTS.md).
 DECODE_MAX_ROWS = 32
+
+
+PrefillGemm = Literal["onednn", "torch"]
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_prefill_gemm: PrefillGemm = "onednn" if ONEDNN_AVAILABLE else "torch"
+
+
+def prefill_gemm() -> PrefillGemm:
+    return _prefill_gemm
+
+
+def use_prefill_gemm(name: PrefillGemm) -> None:
+    """Which library computes the float32 CPU products past a decode step's rows: "onednn" (the
+    default where torch has it) or "torch" (`F.linear`: MKL's sgemm). For benchmarks comparing them."""
+    global _prefill_gemm
+    if name not in get_args(PrefillGemm):
+        raise ValueError(f"prefill GEMM {name!r} is not one of {get_args(PrefillGemm)}")
+    if name == "onednn" and not ONEDNN_AVAILABLE:
+        raise RuntimeError("this torch build has no oneDNN linear")
+    _prefill_gemm = name
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,7 +54,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         K = x.shape[-1]
         out = kernels.decode_linear(x.reshape(-1, K).contiguous(), weight.contiguous(), bias)
         return out.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, _widened(weight, x), bias)
+    weight = _widened(weight, x)
+    if _on_onednn(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def gated_silu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -39,11 +68,29 @@ def gated_silu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.T
         K = x.shape[-1]
         out = kernels.decode_gated_silu(x.reshape(-1, K).contiguous(), gate.contiguous(), up.contiguous())
         return out.view(*x.shape[:-1], gate.shape[0])
-    return F.silu(F.linear(x, _widened(gate, x))) * F.linear(x, _widened(up, x))
+    return F.silu(linear(x, gate)) * linear(x, up)
 
 
 def _widened(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
+def _on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether oneDNN's GEMM computes this product: rows and weights float32 on the CPU, at least
+    one row, no gradient wanted, not inside a graph being compiled (the compiler picks its own)."""
+    if torch.compiler.is_compiling():
+        return False
+    if not (
+        _prefill_gemm == "onednn"
+        and x.is_cpu
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel()
+        and weight.numel()
+    ):
+        return False
+    if bias is not None and bias.dtype != torch.float32:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
 
 
 def _decode_kernels(x: torch.Tensor, *weights: torch.Tensor, bias: torch.Tensor | None = None):

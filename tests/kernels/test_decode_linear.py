@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cpu_kernels
-from kernels.decode_linear import DECODE_MAX_ROWS, DecodeLinear, gated_silu, linear, use_decode_linears
+from kernels.decode_linear import (
+    DECODE_MAX_ROWS,
+    ONEDNN_AVAILABLE,
+    DecodeLinear,
+    gated_silu,
+    linear,
+    prefill_gemm,
+    use_decode_linears,
+    use_prefill_gemm,
+)
 
 WEIGHT_DTYPES = [torch.float32, torch.bfloat16]
 needs_cpu_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
@@ -80,11 +89,55 @@ def test_gated_silu_keeps_leading_dims_whichever_path_it_takes(lead, weight_dtyp
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_gradients_still_flow_through_f_linear():
-    x = torch.randn(2, 8, requires_grad=True)
-    w = torch.randn(4, 8)
+@pytest.mark.parametrize("rows", [2, DECODE_MAX_ROWS + 8])  # the kernel's rows, and a prefill's
+def test_gradients_still_flow_through_f_linear(rows):
+    x = torch.randn(rows, 8, requires_grad=True)
+    w = torch.randn(4, 8, requires_grad=True)
     linear(x, w).sum().backward()
-    torch.testing.assert_close(x.grad, w.sum(0).expand(2, 8))
+    torch.testing.assert_close(x.grad, w.detach().sum(0).expand(rows, 8))
+    torch.testing.assert_close(w.grad, x.detach().sum(0).expand(4, 8))
+
+
+GEMMS = ["torch"] + (["onednn"] if ONEDNN_AVAILABLE else [])
+
+
+@pytest.fixture(params=GEMMS)
+def gemm(request):
+    """Each prefill GEMM in turn, the default restored after."""
+    default = prefill_gemm()
+    use_prefill_gemm(request.param)
+    yield request.param
+    use_prefill_gemm(default)
+
+
+@pytest.mark.parametrize("lead", [(DECODE_MAX_ROWS + 1,), (3, 40), (1, 300)])  # prefill-sized
+@pytest.mark.parametrize("shape", [(64, 48), (13, 7), (250, 577)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
+def test_a_prefills_products_equal_f_linear_on_each_gemm(gemm, lead, shape, bias, weight_dtype):
+    g = torch.Generator().manual_seed(len(lead))
+    d_out, d_in = shape
+    x, w = torch.randn(*lead, d_in, generator=g), torch.randn(d_out, d_in, generator=g).to(weight_dtype)
+    b = torch.randn(d_out, generator=g) if bias else None
+    with torch.inference_mode():
+        out = linear(x, w, b)
+        gated = gated_silu(x, w, w.flip(0))
+    torch.testing.assert_close(out, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4)
+    expected = F.silu(F.linear(x, w.float())) * F.linear(x, w.flip(0).float())
+    torch.testing.assert_close(gated, expected, rtol=1e-5, atol=1e-4 * 2 * d_in**0.5)
+
+
+def test_a_prefill_sized_linear_compiles(gemm):
+    """The compiler traces `linear` at a prefill's rows (a compiled decode step of many rows)."""
+    x, w = torch.randn(DECODE_MAX_ROWS + 8, 24), torch.randn(10, 24)
+    with torch.inference_mode():
+        out = torch.compile(linear, fullgraph=True)(x, w)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_use_prefill_gemm_refuses_an_unknown_gemm():
+    with pytest.raises(ValueError, match="'mkl' is not one of"):
+        use_prefill_gemm("mkl")
 
 
 def test_use_decode_linears_keeps_every_parameter_tensor():
