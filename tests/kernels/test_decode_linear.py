@@ -127,6 +127,16 @@ def test_a_prefills_products_equal_f_linear_on_each_gemm(gemm, lead, shape, bias
     torch.testing.assert_close(gated, expected, rtol=1e-5, atol=1e-4 * 2 * d_in**0.5)
 
 
+@pytest.mark.parametrize("rows", [1, DECODE_MAX_ROWS, DECODE_MAX_ROWS + 1])
+def test_only_a_prefills_products_run_on_the_chosen_gemm(gemm, rows):
+    x, w = torch.randn(rows, 24), torch.randn(10, 24)
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        linear(x, w)
+    on_onednn = "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
+    # a decode step's rows are our kernel's wherever it is built
+    assert on_onednn == (gemm == "onednn" and (rows > DECODE_MAX_ROWS or cpu_kernels() is None))
+
+
 def test_a_prefill_sized_linear_compiles(gemm):
     """The compiler traces `linear` at a prefill's rows (a compiled decode step of many rows)."""
     x, w = torch.randn(DECODE_MAX_ROWS + 8, 24), torch.randn(10, 24)
