@@ -81,6 +81,14 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How two runs' generations of the same prompts agree: identical ones, mean shared leading tokens."""
+    return {
+        "identical": sum(x == y for x, y in zip(a, b)),
+        "mean_shared_prefix_tokens": sum(shared_prefix(x, y) for x, y in zip(a, b)) / len(a),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=100)
@@ -112,8 +120,7 @@ def main() -> None:
             "set": name,
             "adapter": adapter,
             "examples": len(examples),
-            "identical": sum(a == b for a, b in zip(fp32, bf16)),
-            "mean_shared_prefix_tokens": sum(shared_prefix(a, b) for a, b in zip(fp32, bf16)) / len(examples),
+            **agreement(fp32, bf16),
             "mean_tokens_fp32": sum(map(len, fp32)) / len(examples),
             "correct_fp32": correct["fp32"],
             "correct_bf16": correct["bf16 weights"],

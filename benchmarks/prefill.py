@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bf16_weights import CASES, DATA, generate, serving_model, shared_prefix  # noqa: E402
+from bf16_weights import CASES, DATA, agreement, generate, serving_model  # noqa: E402
 from common import machine, print_table, set_threads, write_json  # noqa: E402
 from serve_load import PROMPT, make_store, scenario, start_server, summary  # noqa: E402
 
@@ -130,8 +130,7 @@ def fidelity(limit: int, max_new_tokens: int, batch_size: int) -> list[dict]:
                 "set": set_name,
                 "adapter": adapter,
                 "examples": len(examples),
-                "identical": sum(a == b for a, b in zip(old, new)),
-                "mean_shared_prefix_tokens": sum(shared_prefix(a, b) for a, b in zip(old, new)) / len(examples),
+                **agreement(old, new),
                 "mean_tokens": sum(map(len, old)) / len(examples),
             }
         )
