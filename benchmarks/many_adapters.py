@@ -7,7 +7,7 @@ A store of up to 10,000 k=1 magnitude adapters for the embedded SmolLM2-135M (on
 set, random values; written once under `--store-dir` and reused), served by `neuroada serve`
 with at most `--max-resident` adapters resident (other budgets at their defaults). Each scenario
 starts a server on a store of N of them (hard links), warms it with one unrecorded pass, then
-runs closed-loop streamed clients like `serve_load.py`:
+runs closed-loop streamed clients like `serve_load.py` (the prefix cache off, as there):
 - ref8: 8 adapters, uniform (all resident): the reference;
 - zipf1000: 1,000 adapters, Zipf (s = 1.0);
 - cliff: 2x`--max-resident` hot adapters, uniform: twice as many as the resident slots;
@@ -140,7 +140,7 @@ def traffic_plan(names: list[str], traffic: str, requests: int, seed: int) -> li
 def start(store: Path, args) -> tuple[object, str, float]:
     env = {"NEUROADA_MAX_RESIDENT_ADAPTERS": str(args.max_resident)}
     started = time.perf_counter()
-    proc, url = start_server("neuroada", store, args.threads, args.max_batch, env)
+    proc, url = start_server("neuroada", store, args.threads, args.max_batch, env, prefix_cache=False)
     return proc, url, time.perf_counter() - started
 
 

@@ -15,7 +15,8 @@ generations are identical and how many leading tokens they share (sums in anothe
 two generations at a near tie). Last, serving: two `neuroada serve` processes on loopback, one as
 shipped and one whose `sitecustomize` (a temporary folder first on its PYTHONPATH) switches it to
 `F.linear`, driven in turn, the order alternating by round, as `vs_llama_cpp.py` drives a server: 16
-closed-loop clients, 48 streamed requests of 32 tokens on the base and on 8 and 32 adapters;
+closed-loop clients, 48 streamed requests of 32 tokens on the base and on 8 and 32 adapters (the
+prefix cache off: every request's prefill is computed);
 output tokens/s and time to first token. Writes JSON beside this file. Reads `../shared/data`.
 `--limit 0` and `--serve-rounds 0` leave out those parts.
 """
@@ -154,9 +155,9 @@ def serving(rounds: int, threads: int) -> list[dict]:
         )
         servers = {}
         try:
-            servers["onednn"] = start_server("neuroada", folder / "store", threads, SERVE_CLIENTS)
-            path = {"PYTHONPATH": f"{site}:{ROOT}"}
-            servers["torch"] = start_server("neuroada", folder / "store", threads, SERVE_CLIENTS, extra_env=path)
+            store, path = folder / "store", {"PYTHONPATH": f"{site}:{ROOT}"}
+            servers["onednn"] = start_server("neuroada", store, threads, SERVE_CLIENTS, prefix_cache=False)
+            servers["torch"] = start_server("neuroada", store, threads, SERVE_CLIENTS, path, prefix_cache=False)
             names = {n: [f"task{i:02d}" for i in range(n)] for n in SERVE_ADAPTERS}
             for _, url in servers.values():  # warm-up, unrecorded
                 asyncio.run(scenario(url, names[8], "uniform", 4, 8, 8, seed=0))

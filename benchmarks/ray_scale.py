@@ -105,7 +105,7 @@ def run_engine(engine: str, store: Path, names: list[str], args, round_: int) ->
     if engine != "direct":
         extra["NEUROADA_REPLICAS"] = engine.split("-")[1]
     started = time.perf_counter()
-    proc, url = start_server("neuroada", store, args.threads, args.max_batch, extra)
+    proc, url = start_server("neuroada", store, args.threads, args.max_batch, extra, prefix_cache=False)
     startup = time.perf_counter() - started
     try:
         # Warm-up, not recorded: the base path, then every adapter once (each finds its replica),

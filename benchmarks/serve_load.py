@@ -6,7 +6,8 @@
 For each engine, starts a server (embedded SmolLM2-135M) on a free port with a temporary store
 of N random k=1 adapters, then for each scenario sends `--requests` streamed requests from
 `--concurrency` closed-loop clients, each choosing its adapter uniformly or by Zipf (s = 1.1),
-with fixed prompt and output lengths (ignore_eos). Engines:
+with fixed prompt and output lengths (ignore_eos), the prefix cache off (every request sends the
+same prompt; `prefix_cache.py` measures the cache). Engines:
 - neuroada: `neuroada serve` as shipped (continuous batching, mixed-adapter batches);
 - per-adapter: `neuroada serve` with NEUROADA_MIXED_BATCHES=false (one adapter per batch);
 - lora: the PEFT-LoRA engine of `benchmarks/peers/` (r = 8, same names) behind the same front end.
@@ -62,12 +63,21 @@ def make_store(folder: Path, count: int) -> None:
 
 
 def start_server(
-    engine: str, store: Path, threads: int, max_batch: int, extra_env: dict | None = None, ready_timeout: float = 300
+    engine: str,
+    store: Path,
+    threads: int,
+    max_batch: int,
+    extra_env: dict | None = None,
+    ready_timeout: float = 300,
+    prefix_cache: bool = True,
 ) -> tuple[subprocess.Popen, str]:
+    """`neuroada serve` (or the LoRA peer) on a free loopback port. `prefix_cache=False` turns the
+    prefix cache off: a load of one prompt repeated would otherwise measure the cache, not the engine."""
     port = free_port()
     env = dict(
         os.environ,
         **(extra_env or {}),
+        **({} if prefix_cache else {"NEUROADA_PREFIX_CACHE_BYTES": "0"}),
         NEUROADA_ADAPTER_DIR=str(store),
         NEUROADA_PORT=str(port),
         NEUROADA_MAX_BATCH_SIZE=str(max_batch),
@@ -195,7 +205,7 @@ def main() -> None:
         names = sorted(p.stem for p in store.glob("*.safetensors"))
         rows = []
         for engine in args.engines:
-            proc, url = start_server(engine, store, args.threads, args.max_batch)
+            proc, url = start_server(engine, store, args.threads, args.max_batch, prefix_cache=False)
             try:
                 # Warm-up (not recorded): the first requests after start-up run cold, on every path
                 # (base, one adapter, mixed); the base row at the lowest concurrency used to run slow.

@@ -20,9 +20,11 @@ explicit zero scales).
 
 Each scenario (c closed-loop clients, `--requests` streamed requests of the same prompt,
 `--new-tokens` tokens each with ignore_eos, greedy) runs on each engine in turn, round after round,
-so that a machine whose speed drifts moves every engine alike; llama.cpp's prompt cache is off
-(`cache_prompt: false`: we have none). Before the load, one greedy completion per engine shows
-whether they generate the same text from the same weights. Loopback only, bounded.
+so that a machine whose speed drifts moves every engine alike. Both engines' prompt caches are off
+(ours: `NEUROADA_PREFIX_CACHE_BYTES=0`; llama.cpp's: `cache_prompt: false`), every prefill computed;
+`--prompt-cache` turns both on (the same prompt every time: a cache's best case). Before the load,
+one greedy completion per engine shows whether they generate the same text from the same weights.
+Loopback only, bounded.
 """
 
 from __future__ import annotations
@@ -49,17 +51,25 @@ OURS_ENV = {
 
 
 async def llama_cpp_request(
-    client: httpx.AsyncClient, adapter: int | None, loaded: int, new_tokens: int
+    client: httpx.AsyncClient, adapter: int | None, loaded: int, new_tokens: int, cache_prompt: bool
 ) -> tuple[float, float]:
     body = {"prompt": PROMPT, "n_predict": new_tokens, "stream": True, "ignore_eos": True}
-    body |= {"temperature": 0, "cache_prompt": False}
+    body |= {"temperature": 0, "cache_prompt": cache_prompt}
     if loaded:
         body["lora"] = llama_cpp.lora_field(loaded, adapter)
     return await timed_stream(client, "/completion", body, "content")
 
 
 async def run_scenario(
-    url: str, engine: str, concurrency: int, requests: int, new_tokens: int, adapters: int, loaded: int, seed: int
+    url: str,
+    engine: str,
+    concurrency: int,
+    requests: int,
+    new_tokens: int,
+    adapters: int,
+    loaded: int,
+    seed: int,
+    prompt_cache: bool = False,
 ) -> dict:
     """One pass: `requests` requests, each for one of `adapters` adapters (uniform; 0: the base)."""
     rng = random.Random(seed)
@@ -74,7 +84,7 @@ async def run_scenario(
             while plan:
                 chosen = plan.pop()
                 if engine in PEERS:
-                    results.append(await llama_cpp_request(client, chosen, loaded, new_tokens))
+                    results.append(await llama_cpp_request(client, chosen, loaded, new_tokens, prompt_cache))
                 else:
                     name = f"task{chosen:02d}" if chosen is not None else None  # make_store's names
                     results.append(await one_request(client, name, new_tokens))
@@ -111,6 +121,11 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="both engines' prompt caches on (ours: the prefix cache; llama.cpp: cache_prompt); default: both off",
+    )
+    parser.add_argument(
         "--peer-log", type=Path, default=Path(tempfile.gettempdir()) / "llama-server.log", help="llama-server's output"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("vs_llama_cpp.json"))
@@ -140,7 +155,14 @@ def main() -> None:
                     )
                     servers[engine] = (proc, f"http://127.0.0.1:{port}")
                 else:
-                    servers[engine] = start_server("neuroada", store, args.threads, args.max_batch, OURS_ENV[engine])
+                    servers[engine] = start_server(
+                        "neuroada",
+                        store,
+                        args.threads,
+                        args.max_batch,
+                        OURS_ENV[engine],
+                        prefix_cache=args.prompt_cache,
+                    )
             texts = {engine: greedy_text(url, engine, len(loras)) for engine, (_, url) in servers.items()}
             if loaded:  # with the first adapter, for the record (whether it moves the text off the base's)
                 texts |= {f"{e}, adapter 0": greedy_text(url, e, len(loras), 0) for e, (_, url) in servers.items()}
@@ -155,8 +177,11 @@ def main() -> None:
                     for n in args.adapters:
                         for engine, (_, url) in servers.items():
                             result = asyncio.run(
-                                run_scenario(url, engine, c, args.requests, args.new_tokens, n, len(loras), round_)
-                            )
+                                run_scenario(
+                                    url, engine, c, args.requests, args.new_tokens, n, len(loras), round_,
+                                    args.prompt_cache,
+                                )
+                            )  # fmt: skip
                             passes[engine, n, c].append(result)
                             tok_s = args.requests * args.new_tokens / result["seconds"]
                             print(f"  round {round_}, concurrency {c}, {n} adapters, {engine}: {tok_s:.1f} tok/s")

@@ -32,6 +32,7 @@ from server.catalog import AdapterCatalog, TierBudgets
 from server.forward import batch_forward
 from server.forward.graphs import compile_decode
 from server.forward.llama import llama_unsupported
+from server.forward.prefix_cache import PrefixCache
 from server.generation import GenerationRequest
 from server.metrics import ServerMetrics
 from server.mixed import MixedAdapters
@@ -126,7 +127,11 @@ class Engine:
         eos_ids = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(eos_ids)
-        forward = batch_forward(self.model, pad, settings.runner)
+        self.prefix_cache = None  # on our decoder only
+        if settings.prefix_cache_bytes and unsupported is None:
+            self.prefix_cache = PrefixCache(settings.prefix_cache_bytes)
+            self.metrics.prefix_cache_bytes.set_function(lambda: self.prefix_cache.bytes)
+        forward = batch_forward(self.model, pad, settings.runner, self.prefix_cache)
         self.decode_graphs = None
         if settings.compile_decode:
             max_length = settings.max_prompt_tokens + settings.max_new_tokens

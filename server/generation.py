@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from server.batch_adapters import BatchAdapters, NoAdapters
-from server.forward import BatchForward, Runner, batch_forward
+from server.forward import BatchForward, PrefixKey, Runner, batch_forward
 
 if TYPE_CHECKING:
     from server.resident import ResidentAdapter
@@ -51,6 +51,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     first_token_at: float | None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,16 @@ class GenerationRequest:
         return self.deadline is not None and now > self.deadline
 
 
+def prefix_key(request: GenerationRequest) -> PrefixKey | None:
+    """What the request's prompt's keys and values depend on besides its tokens: the adapter
+    version it runs with (None: not to be cached, an adapter without a fixed version)."""
+    if request.adapter is None:
+        return ("base",)
+    if request.resident is None:
+        return None
+    return ("adapter", request.adapter, request.resident.version)
+
+
 class _RowState:
     """Incremental detokenization and stop handling for one request."""
 
@@ -94,6 +105,7 @@ class _RowState:
         self.finish_reason: str | None = None  # stop | length | cancelled | failed
         self.failure: Failed | None = None  # why this row failed, alone (finish_reason "failed")
         self.first_token_at: float | None = None
+        self.cached_tokens = 0  # of the prompt, from the prefix cache
         self.stable = 0  # text[:stable] can no longer change: stop strings were searched up to here
         self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
         self.generator = None
@@ -150,6 +162,7 @@ class _RowState:
                 prompt_tokens=len(self.request.prompt_ids),
                 completion_tokens=self.num_tokens,
                 first_token_at=self.first_token_at,
+                cached_tokens=self.cached_tokens,
             )
         )
 
@@ -224,7 +237,11 @@ class RunningBatch:
         """
         rows = [_RowState(r, self.tokenizer, self.eos_ids) for r in requests]
         adapters.bind(requests)
-        logits, newcomers = self.forward.prefill([r.prompt_ids for r in requests])
+        logits, cached, newcomers = self.forward.prefill(
+            [r.prompt_ids for r in requests], list(map(prefix_key, requests))
+        )
+        for row, tokens in zip(rows, cached):
+            row.cached_tokens = tokens
         pending = self._sample(rows, logits)
         self.forward.join(newcomers)
         self.rows += rows

@@ -35,6 +35,16 @@ class ServerMetrics:
         self.decode_compile_seconds = Gauge(
             "neuroada_decode_compile_seconds", "Time compiling the decode step's buckets at start-up", registry=r
         )
+        # vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits: the hit rate is hits / queries.
+        self.prefix_cache_queries = Counter(
+            "neuroada_prefix_cache_queries",
+            "Prompt tokens of finished requests, looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "neuroada_prefix_cache_hits", "Prompt tokens of finished requests found in the prefix cache", registry=r
+        )
+        self.prefix_cache_bytes = Gauge("neuroada_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r)
         self.running = Gauge("neuroada_running_requests", "Requests in the running batch", registry=r)
         self.switches = Counter("neuroada_adapter_switches", "Adapter switches (restore + apply)", registry=r)
         self.switch_seconds = Histogram(

@@ -6,13 +6,27 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from server.generation import SamplingParams
+from server.generation import Finished, SamplingParams
 
 
-class Usage(BaseModel):
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # of the prompt, whose keys and values came from the prefix cache
+
+
+class Usage(BaseModel):  # OpenAI's usage object, also /generate's
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+    @classmethod
+    def of(cls, done: Finished) -> Usage:
+        return cls(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            total_tokens=done.prompt_tokens + done.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_tokens),
+        )
 
 
 MIN_TEMPERATURE = 0.01  # below it logits / temperature overflow float32; 0 means greedy

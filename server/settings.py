@@ -125,6 +125,13 @@ class ServerSettings(BaseSettings):
         description="with compile_decode: the batch-size buckets, comma-separated (a batch runs as the smallest that "
         "holds it, padded); sizes above max_batch_size are dropped and max_batch_size is always one",
     )
+    prefix_cache_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="device bytes of keys and values kept of prompts' leading 16-token blocks, per adapter version, "
+        "so a later prompt that starts the same way skips computing them (a shared system prompt, a few-shot "
+        "preamble, a conversation's earlier turns); least recently used blocks leave first; 0: off. Our decoder only",
+    )
     mixed_batches: bool = Field(
         True, description="one running batch serves every adapter (mixed path); false: one adapter per batch"
     )

@@ -215,6 +215,8 @@ class Worker:
             status = "499" if event.finish_reason == "cancelled" else "200"
             self.metrics.requests.labels(adapter=label, status=status).inc()
             self.metrics.tokens.labels(adapter=label).inc(event.completion_tokens)
+            self.metrics.prefix_cache_queries.inc(event.prompt_tokens)
+            self.metrics.prefix_cache_hits.inc(event.cached_tokens)
             if event.first_token_at is not None:
                 self.metrics.ttft.observe(event.first_token_at - request.enqueued_at)
             self.metrics.e2e.observe(time.monotonic() - request.enqueued_at)

@@ -5,7 +5,8 @@
 
 - `LlamaForward` (`server.forward.llama`): our own decoder over a Llama-shaped model's modules
   (llama, mistral, qwen2, qwen3), with a slot KV cache that rows join and leave without
-  concatenation, and a decode step with little besides the linears' weight reads;
+  concatenation, a decode step with little besides the linears' weight reads, and a prefix
+  cache (`server.forward.prefix_cache`) that spares a prompt the blocks an earlier one computed;
 - `HFForward` (`server.forward.hf`): Hugging Face's forward with its dynamic cache, left-padded;
   every family in `neuroada.config.DEFAULT_TARGETS` runs on it.
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from server.forward.hf import HFForward
 from server.forward.llama import LlamaForward, llama_unsupported
+from server.forward.prefix_cache import PrefixCache, PrefixKey
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,12 @@ Runner = Literal["auto", "hf"]
 class BatchForward(Protocol):
     """The forward calls of one batch's rows, in row order, and their KV cache."""
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, object]:
-        """Logits [n, V] (float32) after each prompt's last token, and the newcomers' cache, to
-        `join` once they are accepted: until then the batch is unchanged."""
+    def prefill(
+        self, prompts: list[list[int]], prefix_keys: list[PrefixKey | None] | None = None
+    ) -> tuple[torch.Tensor, list[int], object]:
+        """Logits [n, V] (float32) after each prompt's last token, how many of each prompt's tokens
+        came from the prefix cache (under its key in `prefix_keys`; None: not cached), and the
+        newcomers' cache, to `join` once they are accepted: until then the batch is unchanged."""
 
     def join(self, newcomers: object) -> None:
         """Append the rows `prefill` computed."""
@@ -57,11 +62,14 @@ class BatchForward(Protocol):
         """No rows; their cache is freed."""
 
 
-def batch_forward(model: nn.Module, pad_id: int, runner: Runner = "auto") -> BatchForward:
-    """Our decoder where the model's family has it and `runner` is auto; Hugging Face's otherwise."""
+def batch_forward(
+    model: nn.Module, pad_id: int, runner: Runner = "auto", prefix_cache: PrefixCache | None = None
+) -> BatchForward:
+    """Our decoder where the model's family has it and `runner` is auto (with `prefix_cache`, if
+    given); Hugging Face's otherwise."""
     if runner == "auto":
         reason = llama_unsupported(model)
         if reason is None:
-            return LlamaForward(model)
+            return LlamaForward(model, prefix_cache=prefix_cache)
         log.debug("running Hugging Face's forward: %s", reason)
     return HFForward(model, pad_id)

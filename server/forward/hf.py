@@ -44,7 +44,10 @@ class HFForward:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, cache length]
         self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, _Newcomers]:
+    def prefill(
+        self, prompts: list[list[int]], prefix_keys: list | None = None
+    ) -> tuple[torch.Tensor, list[int], _Newcomers]:
+        """Every prompt computed whole: no prefix cache on this forward (`prefix_keys` is not read)."""
         T = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -55,7 +58,7 @@ class HFForward:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
         cache = DynamicCache()
         logits = self._forward(input_ids, mask, position_ids, cache)
-        return logits, _Newcomers(cache, mask, position_ids[:, -1] + 1)
+        return logits, [0] * len(prompts), _Newcomers(cache, mask, position_ids[:, -1] + 1)
 
     def join(self, newcomers: _Newcomers) -> None:
         if self.cache is None:

@@ -33,6 +33,7 @@ from torch import nn
 from kernels import DecodeLinear, decode_attention, decode_layers, gated_silu, linear, rms_norm
 from kernels.decode_attention import rotate_half
 from kernels.decode_linear import DECODE_MAX_ROWS
+from server.forward.prefix_cache import BLOCK, PrefixCache, PrefixKey
 from server.mixed import MixedForward
 
 if TYPE_CHECKING:
@@ -93,6 +94,19 @@ class SlotCache:
 
         keys, values = [grown(k) for k in self.keys], [grown(v) for v in self.values]
         self.keys, self.values = keys, values
+
+    def write(self, slot: int, kv: torch.Tensor) -> None:
+        """Positions [0, n) of `slot` from kv [2, layers, kv_heads, n, head_dim] (keys, then values)."""
+        n = kv.shape[3]
+        for buffers, layers in zip((self.keys, self.values), kv):
+            for b, layer in zip(buffers, layers):
+                b[slot, :, :n] = layer
+
+    def read(self, slot: int, start: int, stop: int) -> torch.Tensor:
+        """Positions [start, stop) of `slot`: [2, layers, kv_heads, stop - start, head_dim], a copy."""
+        return torch.stack(
+            [torch.stack([b[slot, :, start:stop] for b in buffers]) for buffers in (self.keys, self.values)]
+        )
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst`, whole: its tail too (see `clear_tails`)."""
@@ -202,8 +216,15 @@ class _Newcomers:
 
 
 class LlamaForward:
-    def __init__(self, model: nn.Module, cache: SlotCache | None = None, first: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: SlotCache | None = None,
+        first: int = 0,
+        prefix_cache: PrefixCache | None = None,  # prompts' leading blocks kept for later prompts
+    ):
         self.model = model
+        self.prefix_cache = prefix_cache
         config = model.config
         self.embed = model.model.embed_tokens
         self.layers = [_Layer.of(layer, config.hidden_act) for layer in model.model.layers]
@@ -240,19 +261,38 @@ class LlamaForward:
 
     # --- BatchForward -------------------------------------------------------------------------
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, _Newcomers]:
-        n, T = len(prompts), max(len(p) for p in prompts)
+    def prefill(
+        self, prompts: list[list[int]], prefix_keys: list[PrefixKey | None] | None = None
+    ) -> tuple[torch.Tensor, list[int], _Newcomers]:
+        n = len(prompts)
+        keys = prefix_keys if self.prefix_cache is not None and prefix_keys is not None else [None] * n
+        chains = [[] if key is None else self.prefix_cache.match(key, p) for key, p in zip(keys, prompts)]
+        cached = [len(chain) * BLOCK for chain in chains]
+        T = max(len(p) - c for p, c in zip(prompts, cached))  # the longest part left to compute
         start = self.first + len(self.lengths)
-        self.cache.reserve(start + n, T)
+        self.cache.reserve(start + n, max(cached) + T)
         ids = torch.zeros(n, T, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = torch.tensor(prompt)
-        positions = torch.arange(T, device=self.device).expand(n, T)  # [n, T]
-        hidden = self._layers(ids.to(self.device), positions, slots=slice(start, start + n))
-        self.cache.clear_tails(start, [len(p) for p in prompts])
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        for i, (prompt, chain) in enumerate(zip(prompts, chains)):
+            ids[i, : len(prompt) - cached[i]] = torch.tensor(prompt[cached[i] :])
+            if chain:
+                self.cache.write(start + i, PrefixCache.gather(chain))
+        offsets = torch.tensor(cached, device=self.device)[:, None]
+        positions = offsets + torch.arange(T, device=self.device)  # [n, T]
+        context = None
+        if any(cached):  # attention reads each row's slot up to `context`: past what the row writes, zeros
+            context = max(c + T for c in cached)
+            self.cache.clear_tails(start, [c + T for c in cached])
+        hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), prefill_context=context)
+        lengths = [len(p) for p in prompts]
+        self.cache.clear_tails(start, lengths)
+        last = torch.tensor([length - c - 1 for length, c in zip(lengths, cached)], device=self.device)
         hidden = hidden[torch.arange(n, device=self.device), last]  # [n, hidden]
-        return self._logits(hidden), _Newcomers([len(p) for p in prompts])
+        logits = self._logits(hidden)
+        for i, (key, prompt, chain) in enumerate(zip(keys, prompts, chains)):
+            if key is not None and len(prompt) >= len(chain) * BLOCK + BLOCK:  # a full block to keep
+                stop = len(prompt) // BLOCK * BLOCK
+                self.prefix_cache.insert(key, prompt, chain, self.cache.read(start + i, cached[i], stop))
+        return logits, cached, _Newcomers(lengths)
 
     def join(self, newcomers: _Newcomers) -> None:
         self.lengths += newcomers.lengths
@@ -290,7 +330,7 @@ class LlamaForward:
         self.lengths = [self.lengths[i] for i in rows]
 
     def split(self, half: int) -> LlamaForward:
-        other = LlamaForward(self.model, self.cache, self.first + half)
+        other = LlamaForward(self.model, self.cache, self.first + half, self.prefix_cache)
         other.lengths, self.lengths = self.lengths[half:], self.lengths[:half]
         self.parted += 1
         return other
@@ -318,11 +358,18 @@ class LlamaForward:
     # --- the model ----------------------------------------------------------------------------
 
     def _layers(
-        self, ids: torch.Tensor, positions: torch.Tensor, slots: slice, decode_length: int | None = None
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: slice,
+        decode_length: int | None = None,
+        prefill_context: int | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, hidden] after the last layer. A prefill attends causally within its
-        own tokens; a decode step (T = 1; `decode_length`: its longest row's length after this
-        token, known on the host) attends to each row's cache."""
+        own tokens, or (`prefill_context`: cache positions to read, where rows start past a cached
+        prefix) to its rows' caches up to each token's position; a decode step (T = 1;
+        `decode_length`: its longest row's length after this token, known on the host) attends to
+        each row's cache."""
         B, T = ids.shape
         x = self.embed(ids).to(self.dtype)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
@@ -331,6 +378,9 @@ class LlamaForward:
             if hidden is not None:
                 return hidden[:, None]  # [B, 1, hidden]
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
+        if prefill_context is not None:  # token t of row b sees the row's positions up to its own
+            visible = torch.arange(prefill_context, device=self.device) <= positions[:, :, None]  # [B, T, context]
+            visible = visible[:, None]  # [B, 1, T, context]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
             qkv = layer.qkv.weight()
@@ -362,14 +412,25 @@ class LlamaForward:
                 q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
                 keys[rows, :, positions] = k  # [B, T, kv_heads, head_dim] into each row's positions
                 values[rows, :, positions] = v
-                o = F.scaled_dot_product_attention(
-                    q.transpose(1, 2),
-                    k.transpose(1, 2),
-                    v.transpose(1, 2),
-                    is_causal=True,
-                    enable_gqa=True,
-                    scale=layer.scale,
-                ).transpose(1, 2)  # [B, T, heads, head_dim]
+                if prefill_context is None:
+                    o = F.scaled_dot_product_attention(
+                        q.transpose(1, 2),
+                        k.transpose(1, 2),
+                        v.transpose(1, 2),
+                        is_causal=True,
+                        enable_gqa=True,
+                        scale=layer.scale,
+                    )
+                else:
+                    o = F.scaled_dot_product_attention(
+                        q.transpose(1, 2),
+                        keys[slots, :, :prefill_context],  # [B, kv_heads, context, head_dim]
+                        values[slots, :, :prefill_context],
+                        attn_mask=visible,
+                        enable_gqa=True,
+                        scale=layer.scale,
+                    )
+                o = o.transpose(1, 2)  # [B, T, heads, head_dim]
             x = x + layer.o(o.reshape(B, T, -1))
             x = x + _mlp(layer, _rms_norm(x, layer.post_norm))
         return x

@@ -30,19 +30,16 @@ async def generate(
     if not body.stream:
         done = await job.result(http)
         response.headers.update(job.headers)
-        return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason, usage=_usage(done))
+        return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason, usage=Usage.of(done))
 
     def render(event: TextDelta | Finished) -> dict:
         if isinstance(event, TextDelta):
             return {"text": event.text}
-        return {"text": "", "finish_reason": event.finish_reason, "adapter": name, "usage": _usage(event).model_dump()}
+        return {
+            "text": "",
+            "finish_reason": event.finish_reason,
+            "adapter": name,
+            "usage": Usage.of(event).model_dump(),
+        }
 
     return job.streaming_response(render)
-
-
-def _usage(done: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
-        total_tokens=done.prompt_tokens + done.completion_tokens,
-    )

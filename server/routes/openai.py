@@ -17,7 +17,7 @@ from server.dispatch import Submitted, check_prompt_chars, submit, tokenize
 from server.engine import Engine
 from server.errors import ApiError
 from server.generation import Finished, TextDelta
-from server.schemas import STREAMING_RESPONSE, ChatCompletionRequest, CompletionRequest
+from server.schemas import STREAMING_RESPONSE, ChatCompletionRequest, CompletionRequest, Usage
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
@@ -71,7 +71,7 @@ async def completions(body: CompletionRequest, http: Request, response: Response
     done = await job.result(http)
     response.headers.update(job.headers)
     choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}
-    return _envelope(rid, "text_completion", created, body.model, choice, _usage(done))
+    return _envelope(rid, "text_completion", created, body.model, choice, Usage.of(done).model_dump())
 
 
 @router.post("/chat/completions", responses=STREAMING_RESPONSE)
@@ -109,7 +109,7 @@ async def chat_completions(
     done = await job.result(http)
     response.headers.update(job.headers)
     choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": _finish(done)}
-    return _envelope(rid, "chat.completion", created, body.model, choice, _usage(done))
+    return _envelope(rid, "chat.completion", created, body.model, choice, Usage.of(done).model_dump())
 
 
 def _envelope(rid: str, kind: str, created: int, model: str, choice: dict, usage: dict | None = None) -> dict:
@@ -129,11 +129,3 @@ def _stream(job: Submitted, chunk) -> StreamingResponse:
 
 def _finish(done: Finished) -> str:
     return "length" if done.finish_reason == "length" else "stop"
-
-
-def _usage(done: Finished) -> dict:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-    }

@@ -1,12 +1,22 @@
-"""Generation through a real server equals offline generation; adapters switch exactly."""
+"""Generation through a real server equals offline generation; adapters switch exactly; the prefix
+cache serves a prompt's blocks to later prompts of the same adapter version only."""
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.helpers import tiny_llama
-from tests.server.conftest import LONG_TOKENS, PROMPTS, generate, long_request, offline_greedy
+from neuroada.format import adapter_to_bytes, save_adapter
+from tests.helpers import random_adapter, tiny_llama
+from tests.server.conftest import (
+    LONG_TOKENS,
+    PROMPTS,
+    RunningServer,
+    generate,
+    long_request,
+    make_settings,
+    offline_greedy,
+)
 
 
 def test_greedy_output_equals_offline_merged_generation(server, store):
@@ -116,10 +126,6 @@ def test_a_failing_step_fails_only_its_requests_and_reverts(server, monkeypatch)
 
 
 def test_adapters_sharing_an_index_set_switch_exactly(tiny_model_dir, tmp_path):
-    from neuroada.format import save_adapter
-    from tests.helpers import random_adapter
-    from tests.server.conftest import RunningServer, make_settings
-
     store = tmp_path / "shared"
     model = tiny_llama(seed=0)
     save_adapter(random_adapter(model, k=3, seed=5, scale=0.3), store / "x.safetensors")
@@ -131,3 +137,66 @@ def test_adapters_sharing_an_index_set_switch_exactly(tiny_model_dir, tmp_path):
         x, y = s.engine.catalog.resident("x"), s.engine.catalog.resident("y")
         assert x.delta.offsets is y.delta.offsets  # one copy of the shared index set
         assert s.engine.base_weights_intact()
+
+
+LONG_PROMPT = "Tom has 3 apples and buys 5 more; Ann has twice as many. How many do they have?"  # 81 bytes
+
+
+def usage_of(client, prompt: str, adapter: str | None) -> tuple[str, dict]:
+    params = {"adapter": adapter} if adapter else {}
+    r = client.post("/generate", params=params, json={"prompt": prompt, "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    return r.json()["text"], r.json()["usage"]
+
+
+def metric(client, name: str) -> float:
+    line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_a_repeated_prompt_reuses_its_prefix_only_on_the_same_adapter_version(server, store, tmp_path):
+    replacement = adapter_to_bytes(random_adapter(tiny_llama(seed=0), k=2, seed=21, scale=0.3))
+    (tmp_path / "r.safetensors").write_bytes(replacement)
+    blocks = (len(LONG_PROMPT) - 1) // 16 * 16  # the full blocks before the last token
+    with server.client() as c:
+        for adapter in [None, "a", "b"]:
+            path = None if adapter is None else store / f"{adapter}.safetensors"
+            first, usage = usage_of(c, LONG_PROMPT, adapter)
+            assert usage["prompt_tokens_details"]["cached_tokens"] == 0, adapter  # no other key's blocks
+            again, usage = usage_of(c, LONG_PROMPT, adapter)
+            assert usage["prompt_tokens_details"]["cached_tokens"] == blocks
+            assert first == again == offline_greedy(path, LONG_PROMPT, 8), adapter
+        assert c.put("/adapters/a", content=replacement).status_code == 200
+        text, usage = usage_of(c, LONG_PROMPT, "a")  # a new version: its own blocks
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        assert text == offline_greedy(tmp_path / "r.safetensors", LONG_PROMPT, 8)
+        assert metric(c, "neuroada_prefix_cache_hits_total") == 3 * blocks
+        assert metric(c, "neuroada_prefix_cache_queries_total") == 7 * len(LONG_PROMPT)
+        described = c.get("/health").json()["prefix_cache"]
+        assert metric(c, "neuroada_prefix_cache_bytes") == described["bytes"] > 0
+        assert described["entries"] == 4 * (blocks // 16)  # base, a, b, and a's new version
+    assert server.engine.base_weights_intact()
+
+
+def test_mixed_batches_of_cached_and_new_prompts_match_offline(server, store):
+    """Many adapters at once (the mixed path), each prompt sent twice: the second time its prefix
+    comes from the cache while other rows of its prefill compute theirs whole."""
+    prompts = [LONG_PROMPT, LONG_PROMPT[:40] + " And Bob?", "short"]
+    jobs = [(adapter, prompt) for adapter in [None, "a", "b", "c"] for prompt in prompts]
+    expected = {
+        job: offline_greedy(None if job[0] is None else store / f"{job[0]}.safetensors", job[1], 8) for job in jobs
+    }
+    with server.client() as c, ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda job: (job, usage_of(c, job[1], job[0])), jobs + jobs[::-1]))
+        assert metric(c, "neuroada_prefix_cache_hits_total") > 0
+    for job, (text, _) in results:
+        assert text == expected[job], job
+
+
+def test_the_prefix_cache_can_be_turned_off(tiny_model_dir, store):
+    with RunningServer(make_settings(tiny_model_dir, store, prefix_cache_bytes=0)) as s, s.client() as c:
+        for _ in range(2):
+            _, usage = usage_of(c, LONG_PROMPT, None)
+            assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        assert metric(c, "neuroada_prefix_cache_hits_total") == 0
+        assert c.get("/health").json()["prefix_cache"] is None

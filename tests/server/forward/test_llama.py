@@ -13,6 +13,7 @@ from server.engine import round_linear_weights_
 from server.forward import HFForward, LlamaForward, batch_forward
 from server.forward import llama as llama_forward
 from server.forward.llama import SlotCache, llama_unsupported
+from server.forward.prefix_cache import BLOCK, PrefixCache
 from server.mixed import MixedAdapters
 from server.resident import AdapterLoader
 from tests.helpers import (
@@ -115,7 +116,7 @@ def test_a_mixed_step_adds_each_rows_deltas_inside_the_one_call_to_the_bit(monke
     def steps() -> list[torch.Tensor]:
         forward = LlamaForward(model)
         mixed.bind(rows)
-        logits, joined = forward.prefill(random_prompts(8, [5, 3, 7, 2]))
+        logits, _, joined = forward.prefill(random_prompts(8, [5, 3, 7, 2]))
         forward.join(joined)
         seen = [logits]
         for _ in range(4):
@@ -145,7 +146,7 @@ def test_a_decode_step_compiles_as_one_graph_that_reads_the_weights_where_they_a
     model = tiny_llama(seed=4, dtype=torch.bfloat16)
     packed = PackedWeights(model)
     forward = LlamaForward(model)
-    logits, rows = forward.prefill(random_prompts(5, [6, 3]))
+    logits, _, rows = forward.prefill(random_prompts(5, [6, 3]))
     forward.join(rows)
     forward.cache.reserve(2, 64)
     capacity = forward.cache.capacity
@@ -205,7 +206,7 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
     model = tiny_llama(seed=2)
     prompt_a, prompt_b, prompt_c = random_prompts(3, [20, 12, 2])
     forward = LlamaForward(model)
-    logits, rows = forward.prefill([prompt_a, prompt_b])
+    logits, _, rows = forward.prefill([prompt_a, prompt_b])
     forward.join(rows)
     tokens = logits.argmax(-1).tolist()
 
@@ -217,7 +218,7 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
     hook.remove()
     assert logits[0].isfinite().all() and not logits[1].isfinite().any()
     forward.keep([0])  # b leaves; its slot holds NaN values at position 12, past what c will write
-    logits_c, row_c = forward.prefill([prompt_c])  # c takes b's slot: 2 positions of its own
+    logits_c, _, row_c = forward.prefill([prompt_c])  # c takes b's slot: 2 positions of its own
     forward.join(row_c)
     tokens = [int(logits[0].argmax()), int(logits_c[0].argmax())]
     for _ in range(3):  # a's longer cache makes every step read c's slot up to a's length
@@ -225,10 +226,72 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
         tokens = logits.argmax(-1).tolist()
 
     alone = LlamaForward(model)
-    logits_alone, row = alone.prefill([prompt_c])
+    logits_alone, _, row = alone.prefill([prompt_c])
     alone.join(row)
     tokens_alone = [int(logits_alone[0].argmax())]
     for _ in range(3):
         last_alone = alone.decode(tokens_alone)
         tokens_alone = last_alone.argmax(-1).tolist()
     torch.testing.assert_close(logits[1], last_alone[0], rtol=1e-4, atol=1e-4)
+
+
+def prefill_and_decode(forward: LlamaForward, groups: list[list[list[int]]], steps: int = 4):
+    """Each group of prompts prefilled and joined in turn, the batch decoding `steps` greedy steps
+    after each; every call's logits, and each prefill's cached-token counts."""
+    seen, cached, tokens = [], [], []
+    for prompts in groups:
+        logits, from_cache, rows = forward.prefill(prompts, [("base",)] * len(prompts))
+        forward.join(rows)
+        seen.append(logits)
+        cached.append(from_cache)
+        tokens += logits.argmax(-1).tolist()
+        for _ in range(steps):
+            logits = forward.decode(tokens)
+            seen.append(logits)
+            tokens = logits.argmax(-1).tolist()
+    return seen, cached
+
+
+@pytest.mark.parametrize("family", OURS)
+@torch.inference_mode()
+def test_a_prefill_past_a_cached_prefix_equals_the_prompt_computed_whole(family):
+    model = tiny_family(family, seed=4)
+    shared, tail, other = random_prompts(9, [2 * BLOCK + 5, 30, 20])
+    groups = [
+        [shared],  # computed whole; its two full blocks are kept
+        [shared + tail, shared[: BLOCK + 3], other],  # two blocks found, one block, none
+        [shared + tail[:3], (shared + tail)[: 3 * BLOCK + 2]],  # the second prompt's third block too
+    ]
+    cache = PrefixCache(budget_bytes=1 << 30)
+    ours, cached = prefill_and_decode(LlamaForward(model, prefix_cache=cache), groups)
+    whole, none_cached = prefill_and_decode(LlamaForward(model), groups)
+    assert cached == [[0], [2 * BLOCK, BLOCK, 0], [2 * BLOCK, 3 * BLOCK]]
+    assert none_cached == [[0], [0, 0, 0], [0, 0]]
+    for a, b in zip(ours, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@torch.inference_mode()
+def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants_values():
+    model = tiny_llama(seed=2)
+    prompt_a, prompt_b, suffix = random_prompts(3, [2 * BLOCK + 8, 20, 2])
+    forward = LlamaForward(model, prefix_cache=PrefixCache(budget_bytes=1 << 30))
+    logits, _, rows = forward.prefill([prompt_a, prompt_b], [("base",)] * 2)
+    forward.join(rows)
+
+    def nan_values_for_row_1(module, inputs, out):  # b's values at position 20 turn NaN: b fails
+        out[1] = float("nan")
+
+    hook = model.model.layers[0].self_attn.v_proj.register_forward_hook(nan_values_for_row_1)
+    logits = forward.decode(logits.argmax(-1).tolist())
+    hook.remove()
+    assert not logits[1].isfinite().any()
+    forward.keep([0])
+    # c takes b's slot and computes positions 16 and 17 past a cached block; d's two cached blocks
+    # make attention read every slot up to position 34, past b's NaN at 20.
+    c, d = prompt_a[:BLOCK] + suffix, prompt_a[: 2 * BLOCK] + suffix
+    logits, cached, rows = forward.prefill([c, d], [("base",)] * 2)
+    assert cached == [BLOCK, 2 * BLOCK]
+    alone, _, _ = LlamaForward(model).prefill([c, d])
+    torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,115 @@
+"""PrefixCache: the keys and values of prompts' leading blocks, kept after their prefill so that a
+later prompt that starts with the same tokens, on the same weights, does not compute them again.
+
+As in vLLM's automatic prefix caching, a prompt is cut into blocks of `BLOCK` tokens and a block is
+found from the block before it and its own tokens: an entry stands for the whole prefix up to its
+end. The chain starts at the prompt's `PrefixKey` (the adapter version it runs with: keys and
+values depend on the weights), so one adapter's entries never serve another's prompts.
+
+Entries are copies ([2, layers, kv_heads, BLOCK, head_dim]: keys, then values), written into a
+row's slot before its prefill computes the rest of the prompt; they stay whatever happens to the
+row. Under the byte budget the least recently used entry with no entry after it goes first (a
+prefix is touched whenever a longer one is, so this is the least recently used entry nearly
+always). One thread uses it: the worker's.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+BLOCK = 16  # tokens per entry
+
+PrefixKey = Hashable  # what a prompt's keys and values depend on besides its tokens (its adapter version)
+
+_serial = itertools.count()
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: tuple  # (the entry before it, or the chain's PrefixKey; its BLOCK tokens)
+    kv: torch.Tensor  # [2, layers, kv_heads, BLOCK, head_dim]
+    parent: _Entry | None
+    children: int = 0  # entries after this one: it is evicted only once they are
+    chain: tuple = field(default_factory=lambda: ("entry", next(_serial)))  # what the entry after it is found under
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()  # least recently used first
+
+    def match(self, key: PrefixKey, prompt: Sequence[int]) -> list[_Entry]:
+        """The longest chain of entries that starts `prompt` under `key`, leaving at least the last
+        token to compute (its logits are the prefill's output). Touches the chain."""
+        chain: list[_Entry] = []
+        parent: tuple = ("root", key)
+        for start in range(0, len(prompt) - BLOCK, BLOCK):  # every full block before the last token
+            entry = self._entries.get((parent, tuple(prompt[start : start + BLOCK])))
+            if entry is None:
+                break
+            chain.append(entry)
+            parent = entry.chain
+        for entry in reversed(chain):  # the shortest prefix most recent: leaves are evicted first
+            self._entries.move_to_end(entry.key)
+        return chain
+
+    @staticmethod
+    def gather(chain: list[_Entry]) -> torch.Tensor:  # [2, layers, kv_heads, len(chain) * BLOCK, head_dim]
+        return torch.cat([entry.kv for entry in chain], dim=3)
+
+    def insert(self, key: PrefixKey, prompt: Sequence[int], chain: list[_Entry], kv: torch.Tensor) -> None:
+        """Add `prompt`'s full blocks past `chain` (what `match` found), their keys and values
+        `kv` ([2, layers, kv_heads, n, head_dim] for the prompt's tokens from the end of `chain` on,
+        n >= those blocks' tokens). Entries of non-finite values are not kept; nor, when the budget
+        cannot hold them without evicting the chain itself, are the blocks past that point."""
+        parent = chain[-1] if chain else None
+        first = len(chain) * BLOCK
+        for start in range(first, len(prompt) - BLOCK + 1, BLOCK):
+            block = kv[:, :, :, start - first : start - first + BLOCK]
+            entry_key = (parent.chain if parent else ("root", key), tuple(prompt[start : start + BLOCK]))
+            if entry_key in self._entries:  # another row of the same prefill stored it
+                parent = self._entries[entry_key]
+                continue
+            if not bool(block.isfinite().all()) or not self._make_room(block.nbytes, keep=parent):
+                break
+            entry = _Entry(entry_key, block.clone(), parent)
+            self._entries[entry_key] = entry
+            self.bytes += entry.kv.nbytes
+            if parent is not None:
+                parent.children += 1
+            parent = entry
+        while parent is not None:  # the shortest prefix most recent, as in `match`
+            self._entries.move_to_end(parent.key)
+            parent = parent.parent
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:  # entries
+        return len(self._entries)
+
+    def describe(self) -> dict:
+        return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget_bytes}
+
+    def _make_room(self, nbytes: int, keep: _Entry | None) -> bool:
+        """Evict least recently used leaves until `nbytes` more fit; never `keep` or what it extends."""
+        kept = set()
+        while keep is not None:
+            kept.add(id(keep))
+            keep = keep.parent
+        while self.bytes + nbytes > self.budget_bytes:
+            victim = next((e for e in self._entries.values() if e.children == 0 and id(e) not in kept), None)
+            if victim is None:
+                return False
+            del self._entries[victim.key]
+            self.bytes -= victim.kv.nbytes
+            if victim.parent is not None:
+                victim.parent.children -= 1
+        return True
