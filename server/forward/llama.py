@@ -282,11 +282,17 @@ class LlamaForward:
         if any(cached):  # attention reads each row's slot up to `context`: past what the row writes, zeros
             context = max(c + T for c in cached)
             self.cache.clear_tails(start, [c + T for c in cached])
-        hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), prefill_context=context)
         lengths = [len(p) for p in prompts]
+        computed = torch.tensor([length - c for length, c in zip(lengths, cached)], device=self.device)  # [n]
+        packed = None
+        if int(computed.sum()) < n * T and self._rows_independent():
+            packed = (torch.arange(T, device=self.device) < computed[:, None]).flatten().nonzero()[:, 0]  # [N]
+        hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, context, packed)
         self.cache.clear_tails(start, lengths)
-        last = torch.tensor([length - c - 1 for length, c in zip(lengths, cached)], device=self.device)
-        hidden = hidden[torch.arange(n, device=self.device), last]  # [n, hidden]
+        if packed is None:
+            hidden = hidden[torch.arange(n, device=self.device), computed - 1]  # [n, hidden]
+        else:
+            hidden = hidden[computed.cumsum(0) - 1]  # each row's last token in the packed [N, hidden]
         logits = self._logits(hidden)
         for i, (key, prompt, chain) in enumerate(zip(keys, prompts, chains)):
             if key is not None and len(prompt) >= len(chain) * BLOCK + BLOCK:  # a full block to keep
@@ -364,15 +370,20 @@ class LlamaForward:
         slots: slice,
         decode_length: int | None = None,
         prefill_context: int | None = None,
+        packed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [B, T, hidden] after the last layer. A prefill attends causally within its
-        own tokens, or (`prefill_context`: cache positions to read, where rows start past a cached
-        prefix) to its rows' caches up to each token's position; a decode step (T = 1;
-        `decode_length`: its longest row's length after this token, known on the host) attends to
-        each row's cache."""
+        """Hidden states [B, T, hidden] after the last layer ([N, hidden] where `packed`). A prefill
+        attends causally within its own tokens, or (`prefill_context`: cache positions to read,
+        where rows start past a cached prefix) to its rows' caches up to each token's position; a
+        decode step (T = 1; `decode_length`: its longest row's length after this token, known on
+        the host) attends to each row's cache. `packed` ([N]: the real tokens' places in the
+        flattened [B * T] grid) leaves the padding out of every product: only attention, which
+        needs each row's tokens together, runs on the padded grid."""
         B, T = ids.shape
         x = self.embed(ids).to(self.dtype)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
+        if packed is not None:
+            x = x.view(B * T, -1)[packed]  # [N, hidden]
         if decode_length is not None and self.layers_at_once:
             hidden = self._decode_layers_at_once(x[:, 0], cos[:, 0], sin[:, 0], positions[:, 0], slots.start)
             if hidden is not None:
@@ -385,9 +396,9 @@ class LlamaForward:
             h = _rms_norm(x, layer.input_norm)
             qkv = layer.qkv.weight()
             if qkv is not None:
-                q, k, v = linear(h, qkv).split(self.q_kv_widths, dim=-1)  # [B, T, width] each
+                q, k, v = _unpacked(linear(h, qkv), packed, B, T).split(self.q_kv_widths, dim=-1)  # [B, T, width] each
             else:
-                q, k, v = layer.q(h), layer.k(h), layer.v(h)
+                q, k, v = (_unpacked(m(h), packed, B, T) for m in (layer.q, layer.k, layer.v))
             q = q.view(B, T, self.heads, self.head_dim)
             k = k.view(B, T, self.kv_heads, self.head_dim)
             v = v.view(B, T, self.kv_heads, self.head_dim)
@@ -431,9 +442,16 @@ class LlamaForward:
                         scale=layer.scale,
                     )
                 o = o.transpose(1, 2)  # [B, T, heads, head_dim]
-            x = x + layer.o(o.reshape(B, T, -1))
+            o = o.reshape(B, T, -1) if packed is None else o.reshape(B * T, -1)[packed]
+            x = x + layer.o(o)
             x = x + _mlp(layer, _rms_norm(x, layer.post_norm))
         return x
+
+    def _rows_independent(self) -> bool:
+        """Whether every linear and MLP computes each token on its own, whatever the rows around it:
+        their own forwards, unhooked (the mixed path's per-row deltas need the batch's rows as
+        they were bound), so a prefill may leave its padding out of them."""
+        return all(unwrapped(m) for layer in self.layers for m in (*layer.linears, layer.mlp))
 
     def _decode_layers_at_once(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, first: int
@@ -511,6 +529,16 @@ def _bound_deltas(linear: nn.Module):
         return None
     deltas = forward.deltas() if isinstance(forward, MixedForward) else None
     return _OFF_OUR_KERNEL if deltas is None else deltas
+
+
+def _unpacked(t: torch.Tensor, packed: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
+    """[N, width] at `packed` of the [B * T] grid -> [B, T, width], zeros at the padding; as is where
+    not packed."""
+    if packed is None:
+        return t
+    grid = t.new_zeros(B * T, t.shape[-1])
+    grid[packed] = t
+    return grid.view(B, T, -1)
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -295,3 +295,25 @@ def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants
     assert cached == [BLOCK, 2 * BLOCK]
     alone, _, _ = LlamaForward(model).prefill([c, d])
     torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_prefill_leaves_its_padding_out_of_the_products_unless_rows_are_bound(monkeypatch):
+    model = tiny_llama(seed=5)
+    PackedWeights(model)  # q, k and v back to back: one product per layer
+    prompts = random_prompts(11, [5, 2, 9])
+    rows = []
+
+    def counted(x, weight, bias=None):
+        rows.append(x.shape[:-1].numel())
+        return kernels.linear(x, weight, bias)
+
+    monkeypatch.setattr(llama_forward, "linear", counted)
+    packed, _, _ = LlamaForward(model).prefill(prompts)
+    assert set(rows) == {5 + 2 + 9}  # the real tokens only, of 3 x 9 padded
+    rows.clear()
+    hook = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, inputs, out: None)
+    padded, _, _ = LlamaForward(model).prefill(prompts)  # a hook may read rows: the padded grid
+    hook.remove()
+    assert set(rows) == {3 * 9}
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
