@@ -128,8 +128,11 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(eos_ids)
         self.prefix_cache = None  # on our decoder only
-        if settings.prefix_cache_bytes and unsupported is None:
-            self.prefix_cache = PrefixCache(settings.prefix_cache_bytes)
+        prefix_cache_bytes = settings.prefix_cache_bytes
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = _memory_bytes(device) // 20
+        if prefix_cache_bytes and unsupported is None:
+            self.prefix_cache = PrefixCache(prefix_cache_bytes)
             self.metrics.prefix_cache_bytes.set_function(lambda: self.prefix_cache.bytes)
         forward = batch_forward(self.model, pad, settings.runner, self.prefix_cache)
         self.decode_graphs = None
@@ -186,11 +189,18 @@ class Engine:
         self.adapters.restore_base()
 
 
+def _memory_bytes(device: torch.device) -> int:
+    """The device's memory: the GPU's, or RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def tier_budgets(settings: ServerSettings, device: torch.device) -> TierBudgets:
     """The adapter tiers' budgets: as set, or a share of the memory each tier lives in."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = _memory_bytes(torch.device("cpu"))
     if device.type == "cuda":
-        resident_default = torch.cuda.get_device_properties(device).total_memory // 10
+        resident_default = _memory_bytes(device) // 10
     else:  # the host tier lives in RAM too
         resident_default = ram // 20
     return TierBudgets(

@@ -19,6 +19,7 @@ On the CPU each layer is its own unit and the C++ kernel adds straight into its 
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,19 @@ class MixedAdapters:
         self._unit_deltas = {}
         for name in {n for s in self._sets.values() for n in s.units} - self._patched:
             self._patch(name)
+
+    @contextmanager
+    def per_token(self, counts: torch.Tensor):  # [B] int64: tokens of each bound row
+        """Within it, each bound row's slot repeats once per token of the row: a forward over the
+        rows' tokens packed ([N, d_in], row b's counts[b] tokens in a run, N = counts.sum()) adds
+        each token its row's delta."""
+        bound = self._bound
+        self._bound = [(index_set, slots.repeat_interleave(counts)) for index_set, slots in bound]
+        self._unit_deltas = {}
+        try:
+            yield
+        finally:
+            self._bound, self._unit_deltas = bound, {}
 
     def unbind(self) -> None:
         """Leave the mixed path: the target linears get their own forward back, so the merged

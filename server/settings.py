@@ -125,12 +125,13 @@ class ServerSettings(BaseSettings):
         description="with compile_decode: the batch-size buckets, comma-separated (a batch runs as the smallest that "
         "holds it, padded); sizes above max_batch_size are dropped and max_batch_size is always one",
     )
-    prefix_cache_bytes: int = Field(
-        512 * 1024 * 1024,
+    prefix_cache_bytes: int | None = Field(
+        None,
         ge=0,
         description="device bytes of keys and values kept of prompts' leading 16-token blocks, per adapter version, "
         "so a later prompt that starts the same way skips computing them (a shared system prompt, a few-shot "
-        "preamble, a conversation's earlier turns); least recently used blocks leave first; 0: off. Our decoder only",
+        "preamble, a conversation's earlier turns); least recently used blocks leave first; 0: off; default: a "
+        "twentieth of the GPU's memory, or of RAM when serving on the CPU. Our decoder only",
     )
     mixed_batches: bool = Field(
         True, description="one running batch serves every adapter (mixed path); false: one adapter per batch"

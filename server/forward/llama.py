@@ -23,6 +23,7 @@ call changes no row: keys written past a row's length are never read, and are ov
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -284,10 +285,11 @@ class LlamaForward:
             self.cache.clear_tails(start, [c + T for c in cached])
         lengths = [len(p) for p in prompts]
         computed = torch.tensor([length - c for length, c in zip(lengths, cached)], device=self.device)  # [n]
-        packed = None
-        if int(computed.sum()) < n * T and self._rows_independent():
+        packed, packing = None, self._packing(computed) if int(computed.sum()) < n * T else None
+        if packing is not None:
             packed = (torch.arange(T, device=self.device) < computed[:, None]).flatten().nonzero()[:, 0]  # [N]
-        hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, context, packed)
+        with packing or nullcontext():
+            hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, context, packed)
         self.cache.clear_tails(start, lengths)
         if packed is None:
             hidden = hidden[torch.arange(n, device=self.device), computed - 1]  # [n, hidden]
@@ -447,11 +449,20 @@ class LlamaForward:
             x = x + _mlp(layer, _rms_norm(x, layer.post_norm))
         return x
 
-    def _rows_independent(self) -> bool:
-        """Whether every linear and MLP computes each token on its own, whatever the rows around it:
-        their own forwards, unhooked (the mixed path's per-row deltas need the batch's rows as
-        they were bound), so a prefill may leave its padding out of them."""
-        return all(unwrapped(m) for layer in self.layers for m in (*layer.linears, layer.mlp))
+    def _packing(self, computed: torch.Tensor):
+        """How a prefill of `computed[b]` tokens per row may leave its padding out of the products:
+        a context to run it in, or None (it may not). Every linear and MLP must compute each token
+        alone: their own forwards (nullcontext), or the mixed path's, told to add each token its
+        row's delta (`MixedAdapters.per_token`); a hook, or another replacement, may need the rows."""
+        modules = [m for layer in self.layers for m in (*layer.linears, layer.mlp)]
+        if not all(unwrapped(m) or _mixed_forward(m) for m in modules):
+            return None
+        mixed = {id(f.adapters): f.adapters for m in modules if (f := _mixed_forward(m))}
+        if not mixed:
+            return nullcontext()
+        if len(mixed) > 1:
+            return None
+        return next(iter(mixed.values())).per_token(computed)
 
     def _decode_layers_at_once(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, first: int
@@ -515,6 +526,14 @@ def unwrapped(module: nn.Module) -> bool:
 
 
 _OFF_OUR_KERNEL = object()
+
+
+def _mixed_forward(module: nn.Module) -> MixedForward | None:
+    """The mixed path's forward put in the module's place, where it is that alone (no hooks)."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, MixedForward) and not module._forward_hooks and not module._forward_pre_hooks:
+        return forward
+    return None
 
 
 def _bound_deltas(linear: nn.Module):

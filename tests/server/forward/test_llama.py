@@ -9,6 +9,7 @@ import kernels
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import adapter_to_bytes
 from neuroada.inplace import PackedWeights
+from server import mixed as server_mixed
 from server.engine import round_linear_weights_
 from server.forward import HFForward, LlamaForward, batch_forward
 from server.forward import llama as llama_forward
@@ -317,3 +318,37 @@ def test_a_prefill_leaves_its_padding_out_of_the_products_unless_rows_are_bound(
     hook.remove()
     assert set(rows) == {3 * 9}
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_mixed_prefill_packs_its_tokens_each_with_its_rows_delta(monkeypatch):
+    model = tiny_llama(seed=7)
+    packed_weights = PackedWeights(model)
+    kernels.use_decode_linears(model)
+    loader = AdapterLoader(packed_weights, BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
+    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=3, seed=2, scale=0.3)))
+    mixed = MixedAdapters(model, torch.device("cpu"))
+    prompts = random_prompts(12, [6, 2, 9, 4])
+    rows = []
+
+    def counted(x, weight, bias=None):
+        rows.append(x.shape[:-1].numel())
+        return kernels.linear(x, weight, bias)
+
+    monkeypatch.setattr(llama_forward, "linear", counted)
+    monkeypatch.setattr(server_mixed, "linear", counted)
+    mixed.bind([a, None, b, a])
+    packed, _, _ = LlamaForward(model).prefill(prompts)
+    assert set(rows) == {6 + 2 + 9 + 4}
+    rows.clear()
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda module, inputs, out: None)
+    padded, _, _ = LlamaForward(model).prefill(prompts)  # the hook may read rows: the padded grid
+    hook.remove()
+    assert set(rows) == {4 * 9}
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    mixed.bind([None] * 4)
+    base, _, _ = LlamaForward(model).prefill(prompts)
+    assert torch.equal(base[1], packed[1])  # the row without an adapter: the base's logits
+    assert not torch.allclose(base[0], packed[0]) and not torch.allclose(base[2], packed[2])
