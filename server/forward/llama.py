@@ -8,7 +8,10 @@ as much again on a CPU. This forward keeps only the model's arithmetic:
   written at its own position, so rows join (their prefill writes fresh slots, and zeroes what
   a previous occupant left past the prompt) and leave (the rows after them move down) without
   rebuilding the cache, and no row is padded;
-- a prefill per joining group, right-padded (causal attention keeps padding out of real tokens);
+- a prefill per joining group, right-padded (causal attention keeps padding out of real tokens),
+  its products over the real tokens only (packed) wherever every linear computes each token alone;
+  past a prompt's blocks found in the prefix cache (`server.forward.prefix_cache`), copied into
+  its slot, only the rest is computed, attending to them;
 - a decode step whose attention (`kernels.decode_attention`: rotary, the cache write and the
   attention of every row in one call per layer) reads each row's own keys;
 - one product for q, k and v where their weights lie back to back (`PackedWeights` packs a
