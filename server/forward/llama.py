@@ -268,42 +268,85 @@ class LlamaForward:
     def prefill(
         self, prompts: list[list[int]], prefix_keys: list[PrefixKey | None] | None = None
     ) -> tuple[torch.Tensor, list[int], _Newcomers]:
-        n = len(prompts)
+        n, lengths = len(prompts), [len(p) for p in prompts]
         keys = prefix_keys if self.prefix_cache is not None and prefix_keys is not None else [None] * n
-        chains = [[] if key is None else self.prefix_cache.match(key, p) for key, p in zip(keys, prompts)]
-        cached = [len(chain) * BLOCK for chain in chains]
-        T = max(len(p) - c for p, c in zip(prompts, cached))  # the longest part left to compute
         start = self.first + len(self.lengths)
-        self.cache.reserve(start + n, max(cached) + T)
-        ids = torch.zeros(n, T, dtype=torch.long)
-        for i, (prompt, chain) in enumerate(zip(prompts, chains)):
-            ids[i, : len(prompt) - cached[i]] = torch.tensor(prompt[cached[i] :])
-            if chain:
-                self.cache.write(start + i, PrefixCache.gather(chain))
-        offsets = torch.tensor(cached, device=self.device)[:, None]
-        positions = offsets + torch.arange(T, device=self.device)  # [n, T]
-        context = None
-        if any(cached):  # attention reads each row's slot up to `context`: past what the row writes, zeros
-            context = max(c + T for c in cached)
-            self.cache.clear_tails(start, [c + T for c in cached])
-        lengths = [len(p) for p in prompts]
-        computed = torch.tensor([length - c for length, c in zip(lengths, cached)], device=self.device)  # [n]
-        packed, packing = None, self._packing(computed) if int(computed.sum()) < n * T else None
-        if packing is not None:
-            packed = (torch.arange(T, device=self.device) < computed[:, None]).flatten().nonzero()[:, 0]  # [N]
-        with packing or nullcontext():
-            hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, context, packed)
+        chains = self._match(keys, prompts)
+        cached = [len(chain) * BLOCK for chain in chains]  # what each row found, for its usage
+        shared = self._shared_stops(keys, prompts, cached)
+        if shared is not None:  # blocks several newcomers share, not yet cached: computed once, first
+            self._compute(prompts, chains, start, shared)
+            self._keep(keys, [p[:stop] for p, stop in zip(prompts, shared)], chains, start)
+            chains = self._match(keys, prompts)
+            cached = [c if stop > c else len(chain) * BLOCK for c, stop, chain in zip(cached, shared, chains)]
+        hidden, computed, packed = self._compute(prompts, chains, start, lengths)
         self.cache.clear_tails(start, lengths)
         if packed is None:
             hidden = hidden[torch.arange(n, device=self.device), computed - 1]  # [n, hidden]
         else:
             hidden = hidden[computed.cumsum(0) - 1]  # each row's last token in the packed [N, hidden]
         logits = self._logits(hidden)
+        self._keep(keys, prompts, chains, start)
+        return logits, cached, _Newcomers(lengths)
+
+    def _match(self, keys: list[PrefixKey | None], prompts: list[list[int]]) -> list[list]:
+        return [[] if key is None else self.prefix_cache.match(key, p) for key, p in zip(keys, prompts)]
+
+    def _shared_stops(self, keys: list[PrefixKey | None], prompts: list[list[int]], cached: list[int]):
+        """Where newcomers that share full blocks past their cached ones (same key, same chain)
+        should stop a first pass: per row, the end of the blocks its group shares (one row of each
+        group computes them; the others stop where they are cached); None where no group does, or
+        where a pass cannot leave rows out (`_packing`)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (key, prompt, c) in enumerate(zip(keys, prompts, cached)):
+            if key is not None and len(prompt) - c > BLOCK:  # a full block past its chain, a token after it
+                groups.setdefault((key, tuple(prompt[: c + BLOCK])), []).append(i)
+        stops = list(cached)
+        for rows in groups.values():
+            if len(rows) < 2:
+                continue
+            first, *others = (prompts[i] for i in rows)
+            end = min(len(prompts[i]) - 1 for i in rows) // BLOCK * BLOCK  # each keeps its last token
+            stop = cached[rows[0]] + BLOCK
+            while stop + BLOCK <= end and all(p[stop : stop + BLOCK] == first[stop : stop + BLOCK] for p in others):
+                stop += BLOCK
+            stops[rows[0]] = stop
+        if stops == cached or self._packing(torch.zeros(len(prompts), dtype=torch.long)) is None:
+            return None
+        return stops
+
+    def _compute(self, prompts: list[list[int]], chains: list[list], start: int, stops: list[int]):
+        """Rows' tokens from their cached blocks (`chains`, copied into their slots) to `stops`, written
+        into slots [start, start + n): hidden states ([n, T, hidden], or [N, hidden] where packed), the
+        tokens computed per row ([n]) and the packed places (None: not packed)."""
+        n = len(prompts)
+        cached = [len(chain) * BLOCK for chain in chains]
+        T = max(stop - c for stop, c in zip(stops, cached))  # the longest part left to compute
+        self.cache.reserve(start + n, max(cached) + T)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        for i, (prompt, chain) in enumerate(zip(prompts, chains)):
+            ids[i, : stops[i] - cached[i]] = torch.tensor(prompt[cached[i] : stops[i]])
+            if chain:
+                self.cache.write(start + i, PrefixCache.gather(chain))
+        positions = torch.tensor(cached, device=self.device)[:, None] + torch.arange(T, device=self.device)  # [n, T]
+        context = None
+        if any(cached):  # attention reads each row's slot up to `context`: past what the row writes, zeros
+            context = max(c + T for c in cached)
+            self.cache.clear_tails(start, [c + T for c in cached])
+        computed = torch.tensor([stop - c for stop, c in zip(stops, cached)], device=self.device)  # [n]
+        packed, packing = None, self._packing(computed) if int(computed.sum()) < n * T else None
+        if packing is not None:
+            packed = (torch.arange(T, device=self.device) < computed[:, None]).flatten().nonzero()[:, 0]  # [N]
+        with packing or nullcontext():
+            hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, context, packed)
+        return hidden, computed, packed
+
+    def _keep(self, keys: list[PrefixKey | None], prompts: list[list[int]], chains: list[list], start: int) -> None:
+        """Store the prompts' full blocks past their chains, from their slots, in the prefix cache."""
         for i, (key, prompt, chain) in enumerate(zip(keys, prompts, chains)):
             if key is not None and len(prompt) >= len(chain) * BLOCK + BLOCK:  # a full block to keep
                 stop = len(prompt) // BLOCK * BLOCK
-                self.prefix_cache.insert(key, prompt, chain, self.cache.read(start + i, cached[i], stop))
-        return logits, cached, _Newcomers(lengths)
+                self.prefix_cache.insert(key, prompt, chain, self.cache.read(start + i, len(chain) * BLOCK, stop))
 
     def join(self, newcomers: _Newcomers) -> None:
         self.lengths += newcomers.lengths

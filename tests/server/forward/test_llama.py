@@ -352,3 +352,29 @@ def test_a_mixed_prefill_packs_its_tokens_each_with_its_rows_delta(monkeypatch):
     base, _, _ = LlamaForward(model).prefill(prompts)
     assert torch.equal(base[1], packed[1])  # the row without an adapter: the base's logits
     assert not torch.allclose(base[0], packed[0]) and not torch.allclose(base[2], packed[2])
+
+
+@torch.inference_mode()
+def test_blocks_newcomers_share_are_computed_once_in_a_cold_prefill(monkeypatch):
+    model = tiny_llama(seed=6)
+    PackedWeights(model)  # q, k and v back to back: one product per layer
+    shared, x, y, z, other = random_prompts(13, [3 * BLOCK + 5, 9, 12, 7, 30])
+    prompts = [shared + x, shared + y, shared[: BLOCK + 4] + z, other]  # three share a block, two share three
+    rows = []
+
+    def counted(x, weight, bias=None):
+        rows.append(x.shape[:-1].numel())
+        return kernels.linear(x, weight, bias)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(llama_forward, "linear", counted)
+        LlamaForward(model, prefix_cache=PrefixCache(1 << 30)).prefill(prompts, [("base",)] * 4)
+    layers = len(model.model.layers)
+    rest = sum(map(len, prompts)) - 3 * BLOCK
+    assert rows == [BLOCK] * layers + [rest] * layers  # the block the three share once, then the rest past it
+    ours, cached = prefill_and_decode(LlamaForward(model, prefix_cache=PrefixCache(1 << 30)), [prompts])
+    assert cached == [[0, BLOCK, BLOCK, 0]]  # the row that computed the block does not count it cached
+    whole, _ = prefill_and_decode(LlamaForward(model), [prompts])
+    for a, b in zip(ours, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
