@@ -1,7 +1,8 @@
 """The prefix cache: prefill time and serving with it on and off, on prompts that share a prefix or not.
 
     python benchmarks/prefix_cache.py [--shots 2] [--rounds 5] [--serve-rounds 2] [--requests 32]
-                                      [--adapters 0 8] [--threads 2]
+                                      [--adapters 0 8] [--kinds few-shot chat distinct]
+                                      [--budget-bytes N] [--threads 2]
 
 Prompts (embedded SmolLM2-135M's tokenizer; questions from `../shared/data/addsub_test.json`, a
 different one per request):
@@ -132,17 +133,26 @@ async def serve_pass(url: str, prompts: list[str], names: list[str], seed: int) 
     }
 
 
-def serving(texts: dict[str, list[str]], adapters: list[int], requests: int, rounds: int, threads: int) -> list[dict]:
+def serving(
+    texts: dict[str, list[str]],
+    warm_up: list[str],
+    adapters: list[int],
+    requests: int,
+    rounds: int,
+    threads: int,
+    budget: int | None,
+) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="neuroada-prefix-") as tmp:
         store = Path(tmp) / "store"
         make_store(store, max(adapters))
         servers = {}
         try:
-            servers["on"] = start_server("neuroada", store, threads, CLIENTS)
+            budget_env = {} if budget is None else {"NEUROADA_PREFIX_CACHE_BYTES": str(budget)}
+            servers["on"] = start_server("neuroada", store, threads, CLIENTS, budget_env)
             servers["off"] = start_server("neuroada", store, threads, CLIENTS, prefix_cache=False)
             names = {n: [f"task{i:02d}" for i in range(n)] for n in adapters}
             for _, url in servers.values():  # warm-up, unrecorded: prompts the passes do not send
-                asyncio.run(serve_pass(url, texts["distinct"][-8:], names[max(adapters)], seed=0))
+                asyncio.run(serve_pass(url, warm_up, names[max(adapters)], seed=0))
             passes = {(c, k, n): [] for c in CACHES for k in texts for n in adapters}
             for round_ in range(rounds):
                 order = CACHES if round_ % 2 == 0 else CACHES[::-1]
@@ -180,6 +190,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--adapters", type=int, nargs="+", default=[0, 8])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="prompt kinds served")
+    parser.add_argument("--budget-bytes", type=int, help="the cached server's budget (default: the server's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("prefix_cache.json"))
     args = parser.parse_args()
     set_threads(args.threads)
@@ -195,9 +207,13 @@ def main() -> None:
 
     few_shot = [tokenizer(t, add_special_tokens=False).input_ids for t in texts["few-shot"][:17]]
     speed_rows = prefill_speed(few_shot, args.rounds)
-    serving_rows = (
-        serving(texts, args.adapters, args.requests, args.serve_rounds, args.threads) if args.serve_rounds else []
-    )
+    serving_rows = []
+    if args.serve_rounds:
+        served = {kind: texts[kind] for kind in args.kinds}
+        warm_up = texts["distinct"][-8:]  # questions no pass asks
+        serving_rows = serving(
+            served, warm_up, args.adapters, args.requests, args.serve_rounds, args.threads, args.budget_bytes
+        )
 
     print(f"\nmachine: {machine()}; SmolLM2-135M fp32; {args.shots}-shot prompts; medians of {args.rounds} rounds\n")
     print_table(
