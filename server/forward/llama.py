@@ -301,7 +301,7 @@ class LlamaForward:
         for i, (key, prompt, c) in enumerate(zip(keys, prompts, cached)):
             if key is not None and len(prompt) - c > BLOCK:  # a full block past its chain, a token after it
                 groups.setdefault((key, tuple(prompt[: c + BLOCK])), []).append(i)
-        stops = list(cached)
+        stops, room = list(cached), self.prefix_cache.budget_bytes if self.prefix_cache is not None else 0
         for rows in groups.values():
             if len(rows) < 2:
                 continue
@@ -310,10 +310,17 @@ class LlamaForward:
             stop = cached[rows[0]] + BLOCK
             while stop + BLOCK <= end and all(p[stop : stop + BLOCK] == first[stop : stop + BLOCK] for p in others):
                 stop += BLOCK
-            stops[rows[0]] = stop
+            # Only what the budget holds at once: a block one group stores and another's evicts before
+            # the second pass finds it would be computed twice.
+            needed = (stop - cached[rows[0]]) // BLOCK * self._block_bytes()
+            if needed <= room:
+                stops[rows[0]], room = stop, room - needed
         if stops == cached or self._packing(torch.zeros(len(prompts), dtype=torch.long)) is None:
             return None
         return stops
+
+    def _block_bytes(self) -> int:  # one prefix-cache block: keys and values of every layer
+        return 2 * len(self.layers) * self.kv_heads * BLOCK * self.head_dim * self.cache.dtype.itemsize
 
     def _compute(self, prompts: list[list[int]], chains: list[list], start: int, stops: list[int]):
         """Rows' tokens from their cached blocks (`chains`, copied into their slots) to `stops`, written

@@ -33,7 +33,7 @@ async def health(request: Request, deep: bool = Query(False, description="also v
         # null: every decode step eager (compile_decode off, or its compilation failed)
         "compiled_decode": engine.decode_graphs.describe() if engine.decode_graphs else None,
         # null: off (prefix_cache_bytes 0, or Hugging Face's forward)
-        "prefix_cache": engine.prefix_cache.describe() if engine.prefix_cache else None,
+        "prefix_cache": engine.prefix_cache.describe() if engine.prefix_cache is not None else None,
         "adapters": engine.catalog.count(),
         "queue_depth": engine.scheduler.depth(),
     }

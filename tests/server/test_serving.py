@@ -159,6 +159,7 @@ def test_a_repeated_prompt_reuses_its_prefix_only_on_the_same_adapter_version(se
     (tmp_path / "r.safetensors").write_bytes(replacement)
     blocks = (len(LONG_PROMPT) - 1) // 16 * 16  # the full blocks before the last token
     with server.client() as c:
+        assert c.get("/health").json()["prefix_cache"]["entries"] == 0  # on, and empty
         for adapter in [None, "a", "b"]:
             path = None if adapter is None else store / f"{adapter}.safetensors"
             first, usage = usage_of(c, LONG_PROMPT, adapter)

@@ -378,3 +378,29 @@ def test_blocks_newcomers_share_are_computed_once_in_a_cold_prefill(monkeypatch)
     for a, b in zip(ours, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@torch.inference_mode()
+def test_a_cold_prefill_computes_first_only_the_shared_blocks_its_budget_holds(monkeypatch):
+    model = tiny_llama(seed=6)
+    PackedWeights(model)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    block_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK * head_dim * 4
+    one, two, tails = random_prompts(14, [2 * BLOCK]), random_prompts(15, [2 * BLOCK]), random_prompts(16, [5] * 4)
+    prompts = [one[0] + tails[0], one[0] + tails[1], two[0] + tails[2], two[0] + tails[3]]  # two pairs
+    rows = []
+
+    def counted(x, weight, bias=None):
+        rows.append(x.shape[:-1].numel())
+        return kernels.linear(x, weight, bias)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(llama_forward, "linear", counted)
+        forward = LlamaForward(model, prefix_cache=PrefixCache(3 * block_bytes))  # one pair's two blocks fit
+        logits, cached, _ = forward.prefill(prompts, [("base",)] * 4)
+    layers = config.num_hidden_layers
+    assert rows == [2 * BLOCK] * layers + [sum(map(len, prompts)) - 2 * 2 * BLOCK] * layers  # the pair, past them
+    assert cached == [0, 2 * BLOCK, 0, 0]
+    whole, _, _ = LlamaForward(model).prefill(prompts)
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
