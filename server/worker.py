@@ -188,6 +188,7 @@ class Worker:
                 log.exception("prefill failed")
                 newcomers[0].on_event(_failure(e))
                 return
+            log.warning("a prefill of %d requests failed (%r): retrying it in halves", len(newcomers), e)
             half = len(newcomers) // 2
             self._prefill(batch, newcomers[:half])
             self._prefill(batch, newcomers[half:])
@@ -202,6 +203,7 @@ class Worker:
                 log.exception("decode step failed")
                 batch.fail(_failure(e))
                 return
+            log.warning("a decode step of %d requests failed (%r): retrying it in halves", len(batch), e)
             other = batch.split()
             self._decode(batch)
             self._decode(other)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -276,7 +277,7 @@ class LlamaForward:
         shared = self._shared_stops(keys, prompts, cached)
         if shared is not None:  # blocks several newcomers share, not yet cached: computed once, first
             self._compute(prompts, chains, start, shared)
-            self._keep(keys, [p[:stop] for p, stop in zip(prompts, shared)], chains, start)
+            self._keep(keys, [p[:stop] for p, stop in zip(prompts, shared)], start)
             chains = self._match(keys, prompts)
             cached = [c if stop > c else len(chain) * BLOCK for c, stop, chain in zip(cached, shared, chains)]
         hidden, computed, packed = self._compute(prompts, chains, start, lengths)
@@ -286,7 +287,7 @@ class LlamaForward:
         else:
             hidden = hidden[computed.cumsum(0) - 1]  # each row's last token in the packed [N, hidden]
         logits = self._logits(hidden)
-        self._keep(keys, prompts, chains, start)
+        self._keep(keys, prompts, start)
         return logits, cached, _Newcomers(lengths)
 
     def _match(self, keys: list[PrefixKey | None], prompts: list[list[int]]) -> list[list]:
@@ -348,12 +349,11 @@ class LlamaForward:
             hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, context, packed)
         return hidden, computed, packed
 
-    def _keep(self, keys: list[PrefixKey | None], prompts: list[list[int]], chains: list[list], start: int) -> None:
-        """Store the prompts' full blocks past their chains, from their slots, in the prefix cache."""
-        for i, (key, prompt, chain) in enumerate(zip(keys, prompts, chains)):
-            if key is not None and len(prompt) >= len(chain) * BLOCK + BLOCK:  # a full block to keep
-                stop = len(prompt) // BLOCK * BLOCK
-                self.prefix_cache.insert(key, prompt, chain, self.cache.read(start + i, len(chain) * BLOCK, stop))
+    def _keep(self, keys: list[PrefixKey | None], prompts: list[list[int]], start: int) -> None:
+        """Store the prompts' full blocks the prefix cache lacks, from their slots."""
+        for i, (key, prompt) in enumerate(zip(keys, prompts)):
+            if key is not None:
+                self.prefix_cache.insert(key, prompt, partial(self.cache.read, start + i))
 
     def join(self, newcomers: _Newcomers) -> None:
         self.lengths += newcomers.lengths

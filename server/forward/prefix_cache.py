@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,13 +48,11 @@ class PrefixCache:
         """The longest chain of entries that starts `prompt` under `key`, leaving at least the last
         token to compute (its logits are the prefill's output). Touches the chain."""
         chain: list[_Entry] = []
-        parent: tuple = ("root", key)
         for start in range(0, len(prompt) - BLOCK, BLOCK):  # every full block before the last token
-            entry = self._entries.get((parent, tuple(prompt[start : start + BLOCK])))
+            entry = self._entries.get(_entry_key(key, chain[-1] if chain else None, prompt[start : start + BLOCK]))
             if entry is None:
                 break
             chain.append(entry)
-            parent = entry.chain
         for entry in reversed(chain):  # the shortest prefix most recent: leaves are evicted first
             self._entries.move_to_end(entry.key)
         return chain
@@ -63,23 +61,25 @@ class PrefixCache:
     def gather(chain: list[_Entry]) -> torch.Tensor:  # [2, layers, kv_heads, len(chain) * BLOCK, head_dim]
         return torch.cat([entry.kv for entry in chain], dim=3)
 
-    def insert(self, key: PrefixKey, prompt: Sequence[int], chain: list[_Entry], kv: torch.Tensor) -> None:
-        """Add `prompt`'s full blocks past `chain` (what `match` found), their keys and values
-        `kv` ([2, layers, kv_heads, n, head_dim] for the prompt's tokens from the end of `chain` on,
-        n >= those blocks' tokens). Entries of non-finite values are not kept; nor, when the budget
-        cannot hold them without evicting the chain itself, are the blocks past that point."""
-        parent = chain[-1] if chain else None
-        first = len(chain) * BLOCK
-        for start in range(first, len(prompt) - BLOCK + 1, BLOCK):
-            block = kv[:, :, :, start - first : start - first + BLOCK]
-            entry_key = (parent.chain if parent else ("root", key), tuple(prompt[start : start + BLOCK]))
-            if entry_key in self._entries:  # another row of the same prefill stored it
-                parent = self._entries[entry_key]
-                continue
+    def insert(self, key: PrefixKey, prompt: Sequence[int], kv: Callable[[int, int], torch.Tensor]) -> None:
+        """Add `prompt`'s full blocks that are not cached under `key`, `kv(start, stop)` giving the
+        keys and values of its tokens [start, stop) ([2, layers, kv_heads, stop - start, head_dim]).
+        Blocks a prompt found by `match` may have been evicted since (by other prompts' blocks):
+        they are stored again. Entries of non-finite values are not kept; nor, when the budget
+        cannot hold them without evicting the prompt's own earlier blocks, are the blocks past that."""
+        parent, first, stop = None, 0, len(prompt) // BLOCK * BLOCK
+        while first < stop:
+            found = self._entries.get(_entry_key(key, parent, prompt[first : first + BLOCK]))
+            if found is None:
+                break
+            parent, first = found, first + BLOCK
+        new = kv(first, stop) if first < stop else None  # [2, layers, kv_heads, stop - first, head_dim]
+        for start in range(first, stop, BLOCK):
+            block = new[:, :, :, start - first : start - first + BLOCK]
             if not bool(block.isfinite().all()) or not self._make_room(block.nbytes, keep=parent):
                 break
-            entry = _Entry(entry_key, block.clone(), parent)
-            self._entries[entry_key] = entry
+            entry = _Entry(_entry_key(key, parent, prompt[start : start + BLOCK]), block.clone(), parent)
+            self._entries[entry.key] = entry
             self.bytes += entry.kv.nbytes
             if parent is not None:
                 parent.children += 1
@@ -113,3 +113,8 @@ class PrefixCache:
             if victim.parent is not None:
                 victim.parent.children -= 1
         return True
+
+
+def _entry_key(key: PrefixKey, parent: _Entry | None, block: Sequence[int]) -> tuple:
+    """What a block's entry is found under: the entry before it (the chain's key for the first), its tokens."""
+    return (parent.chain if parent else ("root", key), tuple(block))

@@ -236,6 +236,12 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
     torch.testing.assert_close(logits[1], last_alone[0], rtol=1e-4, atol=1e-4)
 
 
+def block_bytes(model) -> int:  # one prefix-cache block of a float32 model: keys and values of every layer
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK * head_dim * 4
+
+
 def prefill_and_decode(forward: LlamaForward, groups: list[list[list[int]]], steps: int = 4):
     """Each group of prompts prefilled and joined in turn, the batch decoding `steps` greedy steps
     after each; every call's logits, and each prefill's cached-token counts."""
@@ -385,8 +391,6 @@ def test_a_cold_prefill_computes_first_only_the_shared_blocks_its_budget_holds(m
     model = tiny_llama(seed=6)
     PackedWeights(model)
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    block_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK * head_dim * 4
     one, two, tails = random_prompts(14, [2 * BLOCK]), random_prompts(15, [2 * BLOCK]), random_prompts(16, [5] * 4)
     prompts = [one[0] + tails[0], one[0] + tails[1], two[0] + tails[2], two[0] + tails[3]]  # two pairs
     rows = []
@@ -397,10 +401,26 @@ def test_a_cold_prefill_computes_first_only_the_shared_blocks_its_budget_holds(m
 
     with monkeypatch.context() as patch:
         patch.setattr(llama_forward, "linear", counted)
-        forward = LlamaForward(model, prefix_cache=PrefixCache(3 * block_bytes))  # one pair's two blocks fit
+        forward = LlamaForward(model, prefix_cache=PrefixCache(3 * block_bytes(model)))  # one pair's two blocks fit
         logits, cached, _ = forward.prefill(prompts, [("base",)] * 4)
     layers = config.num_hidden_layers
     assert rows == [2 * BLOCK] * layers + [sum(map(len, prompts)) - 2 * 2 * BLOCK] * layers  # the pair, past them
     assert cached == [0, 2 * BLOCK, 0, 0]
     whole, _, _ = LlamaForward(model).prefill(prompts)
     torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_row_whose_cached_blocks_another_rows_evict_in_the_same_prefill_keeps_its_own():
+    model = tiny_llama(seed=8)
+    prompt, other, tail = random_prompts(17, [3 * BLOCK + 1, 4 * BLOCK + 1, BLOCK + 1])
+    forward = LlamaForward(model, prefix_cache=PrefixCache(4 * block_bytes(model)))
+    forward.prefill([prompt], [("base",)])  # its three blocks cached
+    longer = prompt[: 3 * BLOCK] + tail
+    # `other`'s four blocks, kept first, evict the three blocks `longer` found before it stores its fourth.
+    logits, cached, _ = forward.prefill([other, longer], [("adapter", "a", 1), ("base",)])
+    assert cached == [0, 3 * BLOCK]
+    whole, _, _ = LlamaForward(model).prefill([other, longer])
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
+    _, cached, _ = forward.prefill([longer + tail], [("base",)])
+    assert cached == [4 * BLOCK]  # its own four blocks, stored again from its slot

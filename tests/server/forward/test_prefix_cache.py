@@ -27,9 +27,16 @@ def stored(cache: PrefixCache, key, prompt: list[int]) -> int:
     return len(chain) * BLOCK
 
 
-def put(cache: PrefixCache, key, prompt: list[int]) -> None:
-    chain = cache.match(key, prompt)
-    cache.insert(key, prompt, chain, kv_for(prompt, len(chain) * BLOCK))
+def put(cache: PrefixCache, key, prompt: list[int]) -> list[tuple[int, int]]:
+    """Store the prompt's blocks; the token ranges whose keys and values the cache read."""
+    reads = []
+
+    def kv(start: int, stop: int) -> torch.Tensor:
+        reads.append((start, stop))
+        return kv_for(prompt[:stop], start)
+
+    cache.insert(key, prompt, kv)
+    return reads
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -48,7 +55,7 @@ def test_a_prompt_finds_its_full_blocks_and_leaves_its_last_token_to_compute():
     assert stored(cache, BASE, prompt[: BLOCK - 1]) == 0
     longer = prompt + tokens(1, 40)
     assert stored(cache, BASE, longer) == 3 * BLOCK
-    put(cache, BASE, longer)  # adds only the blocks past the three it found
+    assert put(cache, BASE, longer) == [(3 * BLOCK, 5 * BLOCK)]  # reads only the blocks past the three it found
     assert len(cache) == 5
     assert stored(cache, BASE, longer) == 5 * BLOCK
 
@@ -78,7 +85,7 @@ def test_non_finite_keys_or_values_are_not_kept():
     prompt = tokens(0, 3 * BLOCK + 1)
     kv = kv_for(prompt)
     kv[1, 2, 0, BLOCK + 3, 1] = float("nan")  # in the second block's values
-    cache.insert(BASE, prompt, [], kv)
+    cache.insert(BASE, prompt, lambda start, stop: kv[:, :, :, start:stop])
     assert len(cache) == 1  # the first block; nothing from the poisoned one on
     assert stored(cache, BASE, prompt) == BLOCK
 
@@ -118,3 +125,16 @@ def test_a_prompt_longer_than_the_budget_keeps_what_fits_and_evicts_none_of_its_
     cache.clear()
     assert len(cache) == 0 and cache.bytes == 0
     assert stored(cache, BASE, prompt) == 0
+
+
+def test_blocks_evicted_after_a_prompt_found_them_are_stored_again_with_the_blocks_past_them():
+    cache = PrefixCache(budget_bytes=4 * BLOCK_BYTES)
+    prompt, other = tokens(0, 3 * BLOCK + 1), tokens(1, 4 * BLOCK + 1)
+    put(cache, BASE, prompt)
+    assert len(cache.match(BASE, prompt)) == 3  # found: its prefill would start past them
+    put(cache, BASE, other)  # another prompt of the same prefill needs the whole budget
+    assert stored(cache, BASE, prompt) == 0
+    longer = prompt[: 3 * BLOCK] + tokens(2, BLOCK + 1)
+    assert put(cache, BASE, longer) == [(0, 4 * BLOCK)]  # its slot holds every block: all four stored
+    assert stored(cache, BASE, longer) == 4 * BLOCK
+    assert len(cache) == 4 and cache.bytes == 4 * BLOCK_BYTES
