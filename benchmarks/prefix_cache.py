@@ -12,9 +12,10 @@ different one per request):
   a few dozen tokens, is the shared part);
 - distinct: the bare question (nothing shared past a block; the cache's overhead).
 First `LlamaForward.prefill` of 1 and of 16 few-shot prompts, with no prefix cache (every token
-computed), with an empty one (blocks the prompts share are computed once) and with the examples
-cached (a prompt before them stored the blocks), round after round, in one process: milliseconds,
-medians. Then serving: two `neuroada serve` on loopback, one as shipped and one with
+computed), with an empty one (blocks the prompts share are computed once), with the examples
+cached (a prompt before them stored the blocks) and with them cached for half the prompts (the
+others under other adapters' keys: a wave of cached and uncached prompts), round after round, in
+one process: milliseconds, medians. Then serving: two `neuroada serve` on loopback, one as shipped and one with
 `NEUROADA_PREFIX_CACHE_BYTES=0`, driven in turn (the order alternating by round): 16 closed-loop
 clients, `--requests` streamed requests of 32 tokens per pass, on the base and on `--adapters`
 adapters (uniform); output tokens/s, time to first token, and the share of prompt tokens served
@@ -63,12 +64,15 @@ def prompt_texts(kind: str, shots: int, questions: list[dict], tokenizer) -> lis
     return [q["instruction"] for q in questions]
 
 
-STATES = ("off", "cold", "warm")  # no prefix cache; an empty one; one holding the examples
+# No prefix cache; an empty one; one holding the examples; the examples held for half the prompts, the
+# others each under a key of their own (other adapters) with nothing held for them.
+STATES = ("off", "cold", "warm", "half")
 
 
 def prefill_speed(prompts: list[list[int]], rounds: int) -> list[dict]:
     """Prefill ms of 1 and of 16 prompts: with no prefix cache (every token computed), with an empty
-    one (blocks the prompts share computed once), and with the examples cached by a prompt before."""
+    one (blocks the prompts share computed once), with the examples cached by a prompt before, and
+    with them cached for half the prompts (the first (n + 1) // 2; the rest under other keys)."""
     model = load_base_model()
     place_for_serving_(model, torch.device("cpu"))  # as the server lays it out
     times = {(n, state): [] for n in (1, 16) for state in STATES}
@@ -80,11 +84,14 @@ def prefill_speed(prompts: list[list[int]], rounds: int) -> list[dict]:
                 for state in STATES:
                     cache = PrefixCache(budget_bytes=1 << 30) if state != "off" else None
                     forward = LlamaForward(model, prefix_cache=cache)
-                    if state == "warm":  # another prompt stored the examples' blocks
+                    if state in ("warm", "half"):  # another prompt stored the examples' blocks
                         forward.prefill(prompts[:1], [("base",)])
                         forward = LlamaForward(model, prefix_cache=cache)
+                    keys = [("base",)] * n
+                    if state == "half":
+                        keys[(n + 1) // 2 :] = [("adapter", f"task{i:02d}", 1) for i in range(n - (n + 1) // 2)]
                     started = time.perf_counter()
-                    _, found, _ = forward.prefill(batch, [("base",)] * n)
+                    _, found, _ = forward.prefill(batch, keys)
                     times[n, state].append(time.perf_counter() - started)
                     cached[n, state] = sum(found) / n
     return [
@@ -217,10 +224,11 @@ def main() -> None:
 
     print(f"\nmachine: {machine()}; SmolLM2-135M fp32; {args.shots}-shot prompts; medians of {args.rounds} rounds\n")
     print_table(
-        ["prompts", "tokens each", "ms, no cache", "ms, empty cache", "ms, examples cached", "cached each"],
+        ["prompts", "tokens each", "ms, no cache", "ms, empty cache", "ms, examples cached", "cached each",
+         "ms, cached for half"],
         [
             [r["prompts"], f"{r['tokens']:.0f}", f"{r['ms_off']:.0f}", f"{r['ms_cold']:.0f}",
-             f"{r['ms_warm']:.0f}", f"{r['cached_tokens_warm']:.0f}"]
+             f"{r['ms_warm']:.0f}", f"{r['cached_tokens_warm']:.0f}", f"{r['ms_half']:.0f}"]
             for r in speed_rows
         ],
     )  # fmt: skip

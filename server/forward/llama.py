@@ -337,16 +337,13 @@ class LlamaForward:
             if chain:
                 self.cache.write(start + i, PrefixCache.gather(chain))
         positions = torch.tensor(cached, device=self.device)[:, None] + torch.arange(T, device=self.device)  # [n, T]
-        context = None
-        if any(cached):  # attention reads each row's slot up to `context`: past what the row writes, zeros
-            context = max(c + T for c in cached)
-            self.cache.clear_tails(start, [c + T for c in cached])
+        spans = [(c, stop - c) for c, stop in zip(cached, stops)] if any(cached) else None
         computed = torch.tensor([stop - c for stop, c in zip(stops, cached)], device=self.device)  # [n]
         packed, packing = None, self._packing(computed) if int(computed.sum()) < n * T else None
         if packing is not None:
             packed = (torch.arange(T, device=self.device) < computed[:, None]).flatten().nonzero()[:, 0]  # [N]
         with packing or nullcontext():
-            hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, context, packed)
+            hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, spans, packed)
         return hidden, computed, packed
 
     def _keep(self, keys: list[PrefixKey | None], prompts: list[list[int]], start: int) -> None:
@@ -424,12 +421,12 @@ class LlamaForward:
         positions: torch.Tensor,
         slots: slice,
         decode_length: int | None = None,
-        prefill_context: int | None = None,
+        prefill_spans: list[tuple[int, int]] | None = None,
         packed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, hidden] after the last layer ([N, hidden] where `packed`). A prefill
-        attends causally within its own tokens, or (`prefill_context`: cache positions to read,
-        where rows start past a cached prefix) to its rows' caches up to each token's position; a
+        attends causally within its own tokens, or (`prefill_spans`: per row, the cached tokens it
+        starts past and the tokens it computes) to its row's cache up to each token's position; a
         decode step (T = 1; `decode_length`: its longest row's length after this token, known on
         the host) attends to each row's cache. `packed` ([N]: the real tokens' places in the
         flattened [B * T] grid) leaves the padding out of every product: only attention, which
@@ -444,9 +441,6 @@ class LlamaForward:
             if hidden is not None:
                 return hidden[:, None]  # [B, 1, hidden]
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
-        if prefill_context is not None:  # token t of row b sees the row's positions up to its own
-            visible = torch.arange(prefill_context, device=self.device) <= positions[:, :, None]  # [B, T, context]
-            visible = visible[:, None]  # [B, 1, T, context]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
             qkv = layer.qkv.weight()
@@ -478,7 +472,7 @@ class LlamaForward:
                 q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
                 keys[rows, :, positions] = k  # [B, T, kv_heads, head_dim] into each row's positions
                 values[rows, :, positions] = v
-                if prefill_context is None:
+                if prefill_spans is None:
                     o = F.scaled_dot_product_attention(
                         q.transpose(1, 2),
                         k.transpose(1, 2),
@@ -486,17 +480,9 @@ class LlamaForward:
                         is_causal=True,
                         enable_gqa=True,
                         scale=layer.scale,
-                    )
+                    ).transpose(1, 2)  # [B, T, heads, head_dim]
                 else:
-                    o = F.scaled_dot_product_attention(
-                        q.transpose(1, 2),
-                        keys[slots, :, :prefill_context],  # [B, kv_heads, context, head_dim]
-                        values[slots, :, :prefill_context],
-                        attn_mask=visible,
-                        enable_gqa=True,
-                        scale=layer.scale,
-                    )
-                o = o.transpose(1, 2)  # [B, T, heads, head_dim]
+                    o = _attend_past_prefixes(q, keys, values, slots.start, prefill_spans, layer.scale)
             o = o.reshape(B, T, -1) if packed is None else o.reshape(B * T, -1)[packed]
             x = x + layer.o(o)
             x = x + _mlp(layer, _rms_norm(x, layer.post_norm))
@@ -601,6 +587,33 @@ def _bound_deltas(linear: nn.Module):
         return None
     deltas = forward.deltas() if isinstance(forward, MixedForward) else None
     return _OFF_OUR_KERNEL if deltas is None else deltas
+
+
+def _attend_past_prefixes(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int, spans: list[tuple[int, int]], scale: float
+) -> torch.Tensor:
+    """Prefill attention where rows start past cached prefixes, row by row: row b (slot first + b),
+    with (c, t) = spans[b], has its t new tokens' queries (q [B, T, heads, head_dim]) attend to its
+    slot's first c + t positions, token j to those up to c + j. One padded call would have every row
+    read as far as the longest prefix plus the longest part computed, and a mask spares no work:
+    in a prefill of cached and uncached prompts that is most of its attention. Returns
+    [B, T, heads, head_dim], zeros at the padding."""
+    o = torch.zeros_like(q)
+    for b, (c, t) in enumerate(spans):
+        if t == 0:
+            continue
+        slot = slice(first + b, first + b + 1)
+        visible = torch.ones(t, c + t, dtype=torch.bool, device=q.device).tril(c) if c else None  # [t, c + t]
+        o[b, :t] = F.scaled_dot_product_attention(
+            q[b : b + 1, :t].transpose(1, 2),  # [1, heads, t, head_dim]
+            keys[slot, :, : c + t],  # [1, kv_heads, c + t, head_dim]
+            values[slot, :, : c + t],
+            attn_mask=visible,
+            is_causal=visible is None,
+            enable_gqa=True,
+            scale=scale,
+        )[0].transpose(0, 1)
+    return o
 
 
 def _unpacked(t: torch.Tensor, packed: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
