@@ -29,6 +29,14 @@ class ServerMetrics:
             ["path"],
             registry=r,
         )
+        # A batch whose forward raised is split and run again in halves until the failing request is
+        # alone; a bug that fails whole batches shows here before anywhere else.
+        self.split_batches = Counter(
+            "neuroada_split_batches",
+            "Prefills and decode steps that raised and were run again in halves, by stage",
+            ["stage"],
+            registry=r,
+        )
         self.compiled_steps = Counter(
             "neuroada_compiled_decode_steps", "Decode steps run as a compiled graph (--compile-decode)", registry=r
         )

@@ -189,6 +189,7 @@ class Worker:
                 newcomers[0].on_event(_failure(e))
                 return
             log.warning("a prefill of %d requests failed (%r): retrying it in halves", len(newcomers), e)
+            self.metrics.split_batches.labels(stage="prefill").inc()
             half = len(newcomers) // 2
             self._prefill(batch, newcomers[:half])
             self._prefill(batch, newcomers[half:])
@@ -204,6 +205,7 @@ class Worker:
                 batch.fail(_failure(e))
                 return
             log.warning("a decode step of %d requests failed (%r): retrying it in halves", len(batch), e)
+            self.metrics.split_batches.labels(stage="decode").inc()
             other = batch.split()
             self._decode(batch)
             self._decode(other)

@@ -128,6 +128,16 @@ def long_request(client: httpx.Client, adapter: str | None = None):
         yield lines
 
 
+def metric(client: httpx.Client, sample: str) -> float:
+    """A sample of `/metrics`, named with its labels (`neuroada_requests_total{adapter="a",status="200"}`);
+    0 where it is not there yet."""
+    for line in client.get("/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
 def make_settings(model_dir: Path, store: Path, **overrides) -> ServerSettings:
     values = dict(
         model=str(model_dir),

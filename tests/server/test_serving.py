@@ -15,6 +15,7 @@ from tests.server.conftest import (
     generate,
     long_request,
     make_settings,
+    metric,
     offline_greedy,
 )
 
@@ -85,25 +86,18 @@ def test_sampling_is_seeded_and_stop_strings_cut_the_text(server):
     assert cut["text"] == greedy[: greedy.find(stop)]
 
 
-def _metric(server, line_prefix: str) -> float:
-    with server.client() as c:
-        for line in c.get("/metrics").text.splitlines():
-            if line.startswith(line_prefix):
-                return float(line.split()[-1])
-    return 0.0
-
-
 def test_a_client_that_disconnects_stops_its_generation(server):
     import time
 
     with server.client() as c, long_request(c):
         pass  # generation is running; now hang up
-    deadline = time.monotonic() + 30
-    cancelled = 'neuroada_requests_total{adapter="base",status="499"}'
-    while _metric(server, cancelled) < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _metric(server, cancelled) == 1
-    assert _metric(server, 'neuroada_generated_tokens_total{adapter="base"}') < LONG_TOKENS
+    with server.client() as c:
+        deadline = time.monotonic() + 30
+        cancelled = 'neuroada_requests_total{adapter="base",status="499"}'
+        while metric(c, cancelled) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(c, cancelled) == 1
+        assert metric(c, 'neuroada_generated_tokens_total{adapter="base"}') < LONG_TOKENS
 
 
 def test_a_failing_step_fails_only_its_requests_and_reverts(server, monkeypatch):
@@ -147,11 +141,6 @@ def usage_of(client, prompt: str, adapter: str | None) -> tuple[str, dict]:
     r = client.post("/generate", params=params, json={"prompt": prompt, "max_new_tokens": 8})
     assert r.status_code == 200, r.text
     return r.json()["text"], r.json()["usage"]
-
-
-def metric(client, name: str) -> float:
-    line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith(name + " "))
-    return float(line.split()[1])
 
 
 def test_a_repeated_prompt_reuses_its_prefix_only_on_the_same_adapter_version(server, store, tmp_path):

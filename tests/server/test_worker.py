@@ -14,6 +14,7 @@ from neuroada.format import LayerDelta, adapter_to_bytes, build_adapter
 from server.batch_adapters import SparseDeltaAdapters
 from server.generation import RunningBatch
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama
+from tests.server.conftest import metric
 
 LONG = 150  # tokens of the long request: it runs through every hostile request below
 BODY = {"prompt": "hello there", "max_new_tokens": LONG, "ignore_eos": True, "stream": True}
@@ -120,6 +121,9 @@ def test_a_forward_that_raises_for_one_adapter_fails_only_its_request(server, mo
         hook.remove()
         alone = c.post("/generate", params={"adapter": "b"}, json={"prompt": "hi", "max_new_tokens": 9})
         assert good.result().json()["text"] == alone.json()["text"]
+        # The failing steps were split until the requests on c ran alone, and counted.
+        assert metric(c, 'neuroada_split_batches_total{stage="decode"}') >= 1
+        assert metric(c, 'neuroada_split_batches_total{stage="prefill"}') == 0
     assert server.engine.base_weights_intact()
 
 
