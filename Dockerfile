@@ -12,7 +12,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 
 WORKDIR /opt/neuroada
 COPY pyproject.toml README.md ./
-COPY kernels ./kernels
+COPY neuroada_kernels ./neuroada_kernels
 COPY neuroada ./neuroada
 COPY server ./server
 RUN pip install --no-cache-dir .

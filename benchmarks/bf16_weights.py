@@ -24,12 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, print_table, set_threads, write_json  # noqa: E402
 
-from kernels import use_decode_linears  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from neuroada.data import build_prompt  # noqa: E402
 from neuroada.evaluate import is_correct  # noqa: E402
 from neuroada.format import read_adapter  # noqa: E402
 from neuroada.inplace import apply_adapter_  # noqa: E402
+from neuroada_kernels import use_decode_linears  # noqa: E402
 from server.engine import round_linear_weights_  # noqa: E402
 from server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
 

@@ -6,9 +6,9 @@ On the embedded SmolLM2-135M (fp32), a `RunningBatch` of B requests decodes `--s
 (ignore_eos) and each step is timed, and the prefill of its prompts; four engines take turns,
 round after round:
 - hf+F.linear: Hugging Face's forward with torch's own linear (the engine before our decoder);
-- hf: Hugging Face's forward, linears on `kernels.decode_linear`;
-- ours: `server.forward.llama` with `kernels.decode_linear`, every layer of a step in one C++ call
-  (`kernels.decode_layers`);
+- hf: Hugging Face's forward, linears on `neuroada_kernels.decode_linear`;
+- ours: `server.forward.llama` with `neuroada_kernels.decode_linear`, every layer of a step in one C++ call
+  (`neuroada_kernels.decode_layers`);
 - ours by layer: the same, its Python loop calling the kernels layer by layer;
 - ours mixed 8 (and by layer): the mixed path, each row with one of 8 adapters in turn (random
   deltas on magnitude-selected k = 1 indices, one index set, as `serve_load.py` makes them);
@@ -18,7 +18,7 @@ The floor is what a step must read, the weights once, over the copy bandwidth me
 (read + write bytes of a 256 MiB copy per second), as issue 15 defines it: the fp32 weights' bytes,
 and for bf16w also its own (half). A second table times the linears alone: one pass over every
 linear weight of the model (each read from memory, not cache) at 1, 4, 8 and 16 rows,
-`kernels.decode_linear` (fp32 and bf16 weights) against `F.linear`. Prints the median step time
+`neuroada_kernels.decode_linear` (fp32 and bf16 weights) against `F.linear`. Prints the median step time
 per engine and batch, and writes JSON beside this file.
 """
 
@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, print_table, set_threads, write_json  # noqa: E402
 from switch import random_adapter  # noqa: E402
 
-from kernels import DecodeLinear, linear, use_decode_linears  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from neuroada.fingerprint import BaseModelSpec  # noqa: E402
+from neuroada_kernels import DecodeLinear, linear, use_decode_linears  # noqa: E402
 from server.batch_adapters import SparseDeltaAdapters  # noqa: E402
 from server.engine import place_for_serving_, round_linear_weights_  # noqa: E402
 from server.generation import NO_ADAPTERS, GenerationRequest, RunningBatch, SamplingParams  # noqa: E402

@@ -45,7 +45,7 @@ triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | t
     python3 benchmarks/random_model.py /tmp/smollm2-random --like .gpu/smollm2 2>&1 | tail -1
     timeout 180 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random \
         --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check.json" 2>&1 | tee "$OUT/serve_check.log"
-    timeout 120 python3 -m pytest -q -x tests/kernels 2>&1 | tail -5 | tee "$OUT/kernel_tests.log"
+    timeout 120 python3 -m pytest -q -x tests/neuroada_kernels 2>&1 | tail -5 | tee "$OUT/kernel_tests.log"
     # Last, as the one most likely cut off: the server with its decode step compiled (CUDA graphs).
     timeout 240 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random --compile-decode 1,4,16 \
         --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check_compiled.json" 2>&1 |

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, print_table, write_json  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kernels import (  # noqa: E402
+from neuroada_kernels import (  # noqa: E402
     apply_delta_flat_,
     flat_offsets,
     mixed_delta,

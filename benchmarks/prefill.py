@@ -3,7 +3,7 @@
     python benchmarks/prefill.py [--shapes 1x38 4x38 16x38 1x512 4x512] [--rounds 5]
                                  [--limit 100] [--max-new-tokens 128] [--serve-rounds 4] [--threads 2]
 
-Past a decode step's rows, `kernels.linear` computes the float32 CPU products of a prefill with
+Past a decode step's rows, `neuroada_kernels.linear` computes the float32 CPU products of a prefill with
 oneDNN's GEMM (`use_prefill_gemm`); before, they went to `F.linear`. On the embedded SmolLM2-135M
 (fp32, laid out as the server lays it out), each GEMM in turn, round after round:
 - linears: one layer's products (q/k/v as one, o, gate, up, down) at the rows of each shape, GFLOP/s;
@@ -39,10 +39,10 @@ from bf16_weights import CASES, DATA, agreement, generate, serving_model  # noqa
 from common import machine, print_table, set_threads, write_json  # noqa: E402
 from serve_load import PROMPT, make_store, scenario, start_server, summary  # noqa: E402
 
-from kernels import linear, use_decode_linears  # noqa: E402
-from kernels.decode_linear import ONEDNN_AVAILABLE, use_prefill_gemm  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from neuroada.data import build_prompt  # noqa: E402
+from neuroada_kernels import linear, use_decode_linears  # noqa: E402
+from neuroada_kernels.decode_linear import ONEDNN_AVAILABLE, use_prefill_gemm  # noqa: E402
 from server.engine import place_for_serving_  # noqa: E402
 from server.forward.llama import LlamaForward  # noqa: E402
 
@@ -151,7 +151,7 @@ def serving(rounds: int, threads: int) -> list[dict]:
         site = folder / "site"
         site.mkdir()
         (site / "sitecustomize.py").write_text(
-            'from kernels.decode_linear import use_prefill_gemm\n\nuse_prefill_gemm("torch")\n'
+            'from neuroada_kernels.decode_linear import use_prefill_gemm\n\nuse_prefill_gemm("torch")\n'
         )
         servers = {}
         try:

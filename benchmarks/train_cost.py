@@ -5,7 +5,7 @@
 
 Embedded SmolLM2-135M, float32, batch 4 x 256 tokens, all seven Llama projections targeted.
 Variants: floor (the frozen base's forward+backward, activation gradients only), ours
-(`kernels.sparse_linear`: on the CPU the frozen GEMM with the deltas merged in place),
+(`neuroada_kernels.sparse_linear`: on the CPU the frozen GEMM with the deltas merged in place),
 ours_bf16_inputs (the same, keeping the layer inputs for grad_values in bfloat16), reference
 (the NeuroAda authors' formulation: a dense W + scatter_add rebuilt every forward), mask (dense
 W trainable, gradient masked to the k positions, AdamW over W), lora (PEFT LoRA r=8; needs the

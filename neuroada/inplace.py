@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import apply_delta_, apply_delta_flat_, flat_offsets, reapply_delta_flat_, restore_, restore_flat_
 from neuroada import host_memory
 from neuroada.errors import TiedWeightError
 from neuroada.fingerprint import untied_linear_layers
 from neuroada.format import SparseAdapter
+from neuroada_kernels import apply_delta_, apply_delta_flat_, flat_offsets, reapply_delta_flat_, restore_, restore_flat_
 
 
 def apply_adapter_(model: nn.Module, adapter: SparseAdapter) -> dict[str, torch.Tensor]:

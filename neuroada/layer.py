@@ -2,7 +2,7 @@
 
     y = base(x) + delta(x),   delta(x)[..., i] = sum_j values[i, j] * x[..., indices[i, j]]
 
-The delta is the gather product in `kernels` (`sparse_linear` fuses it with the frozen linear
+The delta is the gather product in `neuroada_kernels` (`sparse_linear` fuses it with the frozen linear
 on the CPU), which never forms a dense [d_out, d_in] tensor.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import CsrLayout, cpu_kernels, csr_layout, sparse_linear
-from kernels.sparse_csr import CSR_MIN_K
+from neuroada_kernels import CsrLayout, cpu_kernels, csr_layout, sparse_linear
+from neuroada_kernels.sparse_csr import CSR_MIN_K
 
 
 class NeuroAdaLinear(nn.Module):
@@ -27,7 +27,7 @@ class NeuroAdaLinear(nn.Module):
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int64).contiguous())  # [d_out, k]
         # Trainable deltas stay float32 while training whatever the base dtype; exported as bf16.
         self.values = nn.Parameter(torch.zeros(indices.shape, dtype=torch.float32, device=device))  # [d_out, k]
-        self.saved_input_dtype = saved_input_dtype  # see kernels.sparse_linear
+        self.saved_input_dtype = saved_input_dtype  # see neuroada_kernels.sparse_linear
         self._layout: CsrLayout | None = None  # the CSR fallback's pattern, derived once from indices
 
     @property

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kernels import use_decode_linears
 from neuroada import host_memory
 from neuroada.base_model import load_base_model, load_tokenizer, resolve_model_name
 from neuroada.fingerprint import BaseModelSpec, linear_layers
 from neuroada.inplace import PackedWeights
+from neuroada_kernels import use_decode_linears
 from server.batch_adapters import SparseDeltaAdapters
 from server.catalog import AdapterCatalog, TierBudgets
 from server.forward import batch_forward
@@ -68,7 +68,7 @@ def round_linear_weights_(model: nn.Module, dtype: torch.dtype) -> None:
 def place_for_serving_(model: nn.Module, device: torch.device) -> PackedWeights:
     """Lay a loaded model out for serving on `device`, in place: its linear weights packed into one
     buffer (on the CPU, on huge pages, with whatever else a step streams: a tied embedding read as
-    lm_head), and its linears on `kernels.decode_linear`. Returns the packed weights."""
+    lm_head), and its linears on `neuroada_kernels.decode_linear`. Returns the packed weights."""
     packed = PackedWeights(model, device=device)
     model.to(device)
     if device.type == "cpu":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels import add_delta_, add_mixed_delta_, cpu_kernels, linear, mixed_delta
+from neuroada_kernels import add_delta_, add_mixed_delta_, cpu_kernels, linear, mixed_delta
 from server.resident import ResidentAdapter
 
 MAX_INDEX_SETS = 16  # index sets kept on the device; past it, unused ones are dropped (oldest first)

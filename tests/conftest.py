@@ -5,7 +5,7 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before any @triton.jit runs, i.e. before `kernels` is imported.
+    # Must be set before any @triton.jit runs, i.e. before `neuroada_kernels` is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

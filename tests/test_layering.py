@@ -1,4 +1,4 @@
-"""Imports point one way: kernels <- neuroada <- server; the server never imports the trainer."""
+"""Imports point one way: neuroada_kernels <- neuroada <- server; the server never imports the trainer."""
 
 import subprocess
 import sys
@@ -18,7 +18,7 @@ def loaded_after_import(module: str) -> set[str]:
 @pytest.mark.parametrize(
     "module, forbidden",
     [
-        ("kernels", {"neuroada", "server"}),
+        ("neuroada_kernels", {"neuroada", "server"}),
         ("neuroada.format", {"server"}),
         ("neuroada.cli", {"server"}),
         ("server.app", {"neuroada.trainer", "neuroada.layer", "neuroada.model"}),

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kernels.cpu import cpu_kernels
+from neuroada_kernels.cpu import cpu_kernels
 from server.forward.llama import LlamaForward, unwrapped
 
 log = logging.getLogger(__name__)

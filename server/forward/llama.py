@@ -12,11 +12,11 @@ as much again on a CPU. This forward keeps only the model's arithmetic:
   its products over the real tokens only (packed) wherever every linear computes each token alone;
   past a prompt's blocks found in the prefix cache (`server.forward.prefix_cache`), copied into
   its slot, only the rest is computed, attending to them;
-- a decode step whose attention (`kernels.decode_attention`: rotary, the cache write and the
+- a decode step whose attention (`neuroada_kernels.decode_attention`: rotary, the cache write and the
   attention of every row in one call per layer) reads each row's own keys;
 - one product for q, k and v where their weights lie back to back (`PackedWeights` packs a
   layer's linears in order), read as one [q + k + v rows, hidden] matrix.
-- on the CPU in float32, a decode step's layers all in one C++ call (`kernels.decode_layers`: the
+- on the CPU in float32, a decode step's layers all in one C++ call (`neuroada_kernels.decode_layers`: the
   same kernels as the loop in `_layers`, in its order, to the bit) wherever every layer is on them.
 
 It calls the model's own embedding, linear, MLP and rotary modules (and RMSNorm's weights), so
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import DecodeLinear, decode_attention, decode_layers, gated_silu, linear, rms_norm
-from kernels.decode_attention import rotate_half
-from kernels.decode_linear import DECODE_MAX_ROWS
+from neuroada_kernels import DecodeLinear, decode_attention, decode_layers, gated_silu, linear, rms_norm
+from neuroada_kernels.decode_attention import rotate_half
+from neuroada_kernels.decode_linear import DECODE_MAX_ROWS
 from server.forward.prefix_cache import BLOCK, PrefixCache, PrefixKey
 from server.mixed import MixedForward
 
@@ -577,7 +577,7 @@ def _mixed_forward(module: nn.Module) -> MixedForward | None:
 
 def _bound_deltas(linear: nn.Module):
     """What the one-call layers need to compute this linear as calling it would: None where it is
-    `kernels.linear` alone (a `DecodeLinear` of its own), the deltas its mixed-path forward adds
+    `neuroada_kernels.linear` alone (a `DecodeLinear` of its own), the deltas its mixed-path forward adds
     (`server.mixed.MixedForward`, over the same kernel), or _OFF_OUR_KERNEL (a plain `nn.Linear`:
     `F.linear`'s sums; a hook; another replacement)."""
     if type(linear) is not DecodeLinear or linear._forward_hooks or linear._forward_pre_hooks:

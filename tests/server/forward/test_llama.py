@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import neuroada_kernels as kernels
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import adapter_to_bytes
 from neuroada.inplace import PackedWeights

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import tl, triton, use_triton
-from kernels.cpu import cpu_kernels, use_cpu_kernels
-from kernels.reference import mixed_delta_ref
+from neuroada_kernels._triton import tl, triton, use_triton
+from neuroada_kernels.cpu import cpu_kernels, use_cpu_kernels
+from neuroada_kernels.reference import mixed_delta_ref
 
 _BLOCK_T = 16
 _BLOCK_O = 64
@@ -73,7 +73,7 @@ def mixed_delta(
     backend: str = "auto",
     check_ranges: bool = True,
 ) -> torch.Tensor:  # [B, L, d_out] (or [B, d_out]) float32
-    """Each row's own sparse delta: Triton on CUDA; on the CPU the C++ kernel of `kernels.cpu`
+    """Each row's own sparse delta: Triton on CUDA; on the CPU the C++ kernel of `neuroada_kernels.cpu`
     for float32 inputs where it is built, else the torch twin. `backend` forces one: "triton",
     "cpu" or "torch". check_ranges=False skips the C++ kernel's bounds checks of indices and
     slots, for a caller that validated them once (the serving hot path)."""

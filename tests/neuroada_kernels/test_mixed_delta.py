@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import add_delta_, add_mixed_delta_, mixed_delta, triton_available
+from neuroada_kernels import add_delta_, add_mixed_delta_, mixed_delta, triton_available
 
 BACKENDS = [
     "torch",

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_kernels
-from kernels.decode_linear import (
+from neuroada_kernels import cpu_kernels
+from neuroada_kernels.decode_linear import (
     DECODE_MAX_ROWS,
     ONEDNN_AVAILABLE,
     DecodeLinear,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_kernels, decode_attention
-from kernels.decode_attention import decode_attention_ref
+from neuroada_kernels import cpu_kernels, decode_attention
+from neuroada_kernels.decode_attention import decode_attention_ref
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
 

@@ -5,7 +5,7 @@ owns one slot of a KV cache laid out `[slots, kv_heads, capacity, head_dim]`. Th
 new query and key (Hugging Face's rotate-half convention), writes the key and value at the row's
 position, and attends each query head to its row's keys 0..position (grouped-query: head h reads
 kv head h // (heads / kv_heads)). On the CPU in float32 it is one C++ pass
-(`kernels/csrc/decode_attention.cpp`); elsewhere the torch twin below, which reads every row up to
+(`neuroada_kernels/csrc/decode_attention.cpp`); elsewhere the torch twin below, which reads every row up to
 the longest and masks: positions past a row's own must hold finite values (zeros), or a masked
 NaN would still poison the row (`server.forward.llama.SlotCache.clear_tails` keeps them clean).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu import cpu_kernels
+from neuroada_kernels.cpu import cpu_kernels
 
 
 def decode_attention(

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import tl, triton, use_triton
-from kernels.cpu import cpu_kernels, use_cpu_kernels
-from kernels.reference import sparse_delta_bwd_ref, sparse_delta_fwd_ref
-from kernels.sparse_csr import CSR_MIN_K, CsrLayout, csr_layout, sparse_delta_bwd_csr, sparse_delta_fwd_csr
+from neuroada_kernels._triton import tl, triton, use_triton
+from neuroada_kernels.cpu import cpu_kernels, use_cpu_kernels
+from neuroada_kernels.reference import sparse_delta_bwd_ref, sparse_delta_fwd_ref
+from neuroada_kernels.sparse_csr import CSR_MIN_K, CsrLayout, csr_layout, sparse_delta_bwd_csr, sparse_delta_fwd_csr
 
 _BLOCK_T = 32
 _BLOCK_O = 64
@@ -165,7 +165,7 @@ def sparse_delta(
 ) -> torch.Tensor:  # [..., d_out], x.dtype
     """Differentiable sparse bypass product, accumulated in float32.
 
-    backend: "auto" (Triton for CUDA tensors; on the CPU the C++ kernels of `kernels.cpu`, or where
+    backend: "auto" (Triton for CUDA tensors; on the CPU the C++ kernels of `neuroada_kernels.cpu`, or where
     they cannot be built the CSR kernels for k >= CSR_MIN_K, else per-j gathers), "triton", "cpu",
     "csr", or "torch" (per-j gathers: the reference). `layout` (from `csr_layout`) saves
     re-deriving the pattern on every call of the CSR path; pass it wherever the indices are fixed.

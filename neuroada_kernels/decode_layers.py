@@ -1,4 +1,4 @@
-"""A decode step's decoder layers in one call on the CPU (`kernels/csrc/decode_layers.cpp`).
+"""A decode step's decoder layers in one call on the CPU (`neuroada_kernels/csrc/decode_layers.cpp`).
 
 Each layer of a Llama-shaped decoder is a dozen calls from Python (two RMSNorms, the q/k/v product,
 attention, the output projection, the gated MLP, two residual adds, views); at a small batch their
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu import cpu_kernels
+from neuroada_kernels.cpu import cpu_kernels
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # a layer's entries in `deltas`, in order
 Delta = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # indices, values, slots

@@ -17,9 +17,9 @@ from typing import Literal
 
 import torch
 
-from kernels._triton import tl, triton, use_triton
-from kernels.cpu import cpu_kernels
-from kernels.reference import BITS_DTYPE, apply_delta_flat_ref_, reapply_delta_flat_ref_, restore_flat_ref_
+from neuroada_kernels._triton import tl, triton, use_triton
+from neuroada_kernels.cpu import cpu_kernels
+from neuroada_kernels.reference import BITS_DTYPE, apply_delta_flat_ref_, reapply_delta_flat_ref_, restore_flat_ref_
 
 Backend = Literal["auto", "torch", "triton", "cpu"]
 

@@ -1,4 +1,4 @@
-"""RMSNorm, with float32 CPU inputs on one C++ pass (`kernels/csrc/rms_norm.cpp`).
+"""RMSNorm, with float32 CPU inputs on one C++ pass (`neuroada_kernels/csrc/rms_norm.cpp`).
 
 torch's CPU `rms_norm` runs as several dispatched ops; at a decode step's size their overhead
 is most of its cost, sixty-one times a step on a 30-layer model. Elsewhere (CUDA, bf16,
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu import cpu_kernels
+from neuroada_kernels.cpu import cpu_kernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

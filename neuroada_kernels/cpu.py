@@ -1,9 +1,9 @@
-"""The C++ CPU kernels (`kernels/csrc/`), built on first use by torch's extension loader.
+"""The C++ CPU kernels (`neuroada_kernels/csrc/`), built on first use by torch's extension loader.
 
 The build needs a C++ compiler and takes about 30 s once; the result is cached (under
 TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, one build per python, torch and CPU
 kind) for every later process. Where it cannot
-be built, or NEUROADA_CPU_KERNELS=0, the CPU runs the torch twins in `kernels.reference`.
+be built, or NEUROADA_CPU_KERNELS=0, the CPU runs the torch twins in `neuroada_kernels.reference`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ many on oneDNN's.
 
 A decode step multiplies a handful of token rows by each weight: a pass over the weight's bytes.
 On the CPU, `F.linear` (MKL's sgemm) reads the weight at a fraction of the memory bandwidth for
-such a skinny product; `kernels/csrc/decode_linear.cpp` reads every weight row once for all the
+such a skinny product; `neuroada_kernels/csrc/decode_linear.cpp` reads every weight row once for all the
 rows. A prefill's product is compute-bound; on the CPU in float32 it goes to oneDNN's GEMM (the
 one torch's own compiler uses for CPU linears), faster there than MKL's sgemm, which `F.linear`
 calls (benchmarks/RESULTS.md, `benchmarks/prefill.py`). Where oneDNN is missing, a gradient is
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu import cpu_kernels
+from neuroada_kernels.cpu import cpu_kernels
 
 # Past this many rows the product is compute-bound and a GEMM is as fast (benchmarks/RESULTS.md).
 DECODE_MAX_ROWS = 32

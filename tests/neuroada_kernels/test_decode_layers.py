@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_kernels, decode_attention, decode_layers, gated_silu, linear, rms_norm
+from neuroada_kernels import cpu_kernels, decode_attention, decode_layers, gated_silu, linear, rms_norm
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 48, 6, 2, 8, 80, 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_kernels, rms_norm
+from neuroada_kernels import cpu_kernels, rms_norm
 
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu_kernels
-from kernels.cpu import build_directory, build_lock
+from neuroada_kernels import cpu_kernels
+from neuroada_kernels.cpu import build_directory, build_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HOLDER = """
 import sys
 from pathlib import Path
-from kernels.cpu import build_lock
+from neuroada_kernels.cpu import build_lock
 d = Path(sys.argv[1])
 with build_lock(d):
     (d / "lock").touch()
@@ -93,7 +93,7 @@ def test_the_kernels_load_beside_a_lock_file_a_killed_build_left(tmp_path: Path)
     """The hang this lock exists for: a built module, torch's lock file beside it, a new process."""
     root = tmp_path / "extensions"
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(root))
-    code = "from kernels.cpu import build_directory; print(build_directory())"
+    code = "from neuroada_kernels.cpu import build_directory; print(build_directory())"
     build_dir = Path(
         subprocess.run(
             [sys.executable, "-c", code], env=env, cwd=ROOT, text=True, capture_output=True, check=True
@@ -101,7 +101,7 @@ def test_the_kernels_load_beside_a_lock_file_a_killed_build_left(tmp_path: Path)
     )
     shutil.copytree(build_directory(), build_dir)  # the build this process made: nothing to rebuild
     (build_dir / "lock").touch()
-    code = "from kernels import cpu_kernels; print(cpu_kernels() is not None)"
+    code = "from neuroada_kernels import cpu_kernels; print(cpu_kernels() is not None)"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, text=True, capture_output=True, timeout=300)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
     assert not (build_dir / "lock").exists()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import sparse_delta_bwd_ref
+from neuroada_kernels.reference import sparse_delta_bwd_ref
 
 CSR_MIN_K = 4  # below this, per-j gathers are faster on the CPU
 

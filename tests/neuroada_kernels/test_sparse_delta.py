@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import sparse_delta, triton_available
-from kernels.cpu import cpu_kernels
+from neuroada_kernels import sparse_delta, triton_available
+from neuroada_kernels.cpu import cpu_kernels
 
 BACKENDS = [
     "torch",
@@ -73,7 +73,7 @@ def test_bad_shapes_are_refused():
 
 
 def test_csr_layout_handles_unsorted_rows_and_is_reusable():
-    from kernels.sparse_csr import csr_layout
+    from neuroada_kernels.sparse_csr import csr_layout
 
     d_in, d_out, k = 24, 10, 4
     indices = torch.rand(d_out, d_in).argsort(dim=1)[:, :k].contiguous()  # rows not sorted
@@ -130,7 +130,7 @@ def test_without_the_cpu_kernels_auto_uses_the_torch_path(monkeypatch):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("k", [1, 6])
 def test_sparse_linear_equals_the_dense_bypassed_layer_with_gradients(with_bias, k):
-    from kernels import sparse_linear
+    from neuroada_kernels import sparse_linear
 
     d_in, d_out = 40, 72
     g = torch.Generator().manual_seed(k)
@@ -155,7 +155,7 @@ def test_sparse_linear_equals_the_dense_bypassed_layer_with_gradients(with_bias,
 
 
 def test_sparse_linear_keeps_only_its_inputs_for_backward_and_refuses_a_trainable_base():
-    from kernels import sparse_linear
+    from neuroada_kernels import sparse_linear
 
     d_in, d_out, k = 32, 48, 8
     weight = torch.randn(d_out, d_in)
@@ -175,7 +175,7 @@ def test_sparse_linear_used_twice_in_one_graph_and_with_a_column_listed_twice():
     # A layer applied twice merges into its weight twice before either backward runs, and a row
     # may name a column twice (two deltas on one weight): both must still give the reference
     # gradients and leave the weight's bits as they were.
-    from kernels import sparse_linear
+    from neuroada_kernels import sparse_linear
 
     d = 24
     g = torch.Generator().manual_seed(5)
@@ -200,7 +200,7 @@ def test_sparse_linear_used_twice_in_one_graph_and_with_a_column_listed_twice():
 def test_sparse_linear_can_keep_its_input_in_bfloat16_one_copy_per_input():
     # q/k/v (and gate/up) take the same x: in bfloat16 they keep one narrow copy between them,
     # as in float32 they share x itself; only grad_values sees the rounding.
-    from kernels import sparse_linear
+    from neuroada_kernels import sparse_linear
 
     d_in, k = 48, 5
     g = torch.Generator().manual_seed(11)
@@ -255,7 +255,7 @@ def test_cpu_backward_reads_bfloat16_inputs_as_their_exact_float32_values(with_g
 
 
 def test_sparse_linear_failing_mid_product_leaves_the_weight_untouched():
-    from kernels import sparse_linear
+    from neuroada_kernels import sparse_linear
 
     weight = torch.randn(16, 8)
     bias = torch.randn(15)  # wrong size: the GEMM raises after the deltas went into the weight

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import (
+from neuroada_kernels import (
     apply_delta_,
     apply_delta_flat_,
     flat_offsets,
@@ -10,7 +10,7 @@ from kernels import (
     restore_flat_,
     triton_available,
 )
-from kernels.reference import apply_delta_flat_ref_, restore_flat_ref_
+from neuroada_kernels.reference import apply_delta_flat_ref_, restore_flat_ref_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = [

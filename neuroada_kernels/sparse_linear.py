@@ -21,16 +21,16 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu import cpu_kernels, use_cpu_kernels
-from kernels.sparse_csr import CsrLayout
-from kernels.sparse_product import sparse_delta
+from neuroada_kernels.cpu import cpu_kernels, use_cpu_kernels
+from neuroada_kernels.sparse_csr import CsrLayout
+from neuroada_kernels.sparse_product import sparse_delta
 
 
 @contextmanager
 def _merged(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> Iterator[None]:
     """W[i, indices[i, j]] += values[i, j] for the duration of the block; W's bits afterwards.
 
-    Not `kernels.scatter.apply_delta_` / `restore_`: those take flat offsets (a tensor built per
+    Not `neuroada_kernels.scatter.apply_delta_` / `restore_`: those take flat offsets (a tensor built per
     call) and need unique positions; merge_rows_ walks the [d_out, k] indices row by row and
     restores each row backwards, so even a column listed twice comes back exact.
     """
