@@ -338,6 +338,8 @@ class LlamaForward:
                 self.cache.write(start + i, PrefixCache.gather(chain))
         positions = torch.tensor(cached, device=self.device)[:, None] + torch.arange(T, device=self.device)  # [n, T]
         spans = [(c, stop - c) for c, stop in zip(cached, stops)] if any(cached) else None
+        if spans is not None and _attends_padded(spans):  # attention reads past what some rows write: zeros
+            self.cache.clear_tails(start, [c + T for c in cached])
         computed = torch.tensor([stop - c for stop, c in zip(stops, cached)], device=self.device)  # [n]
         packed, packing = None, self._packing(computed) if int(computed.sum()) < n * T else None
         if packing is not None:
@@ -592,13 +594,25 @@ def _bound_deltas(linear: nn.Module):
 def _attend_past_prefixes(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int, spans: list[tuple[int, int]], scale: float
 ) -> torch.Tensor:
-    """Prefill attention where rows start past cached prefixes, row by row: row b (slot first + b),
-    with (c, t) = spans[b], has its t new tokens' queries (q [B, T, heads, head_dim]) attend to its
-    slot's first c + t positions, token j to those up to c + j. One padded call would have every row
-    read as far as the longest prefix plus the longest part computed, and a mask spares no work:
-    in a prefill of cached and uncached prompts that is most of its attention. Returns
-    [B, T, heads, head_dim], zeros at the padding."""
-    o = torch.zeros_like(q)
+    """Prefill attention where rows start past cached prefixes: row b (slot first + b), with
+    (c, t) = spans[b], has its t new tokens' queries (q [B, T, heads, head_dim]) attend to its
+    slot's first c + t positions, token j to those up to c + j. Returns [B, T, heads, head_dim].
+    One padded call has every row read as far as the longest prefix plus the longest part computed,
+    and its mask spares no work; row by row, each reads its own. See `_attends_padded`."""
+    B, T = q.shape[:2]
+    if _attends_padded(spans):
+        context = max(c + T for c, _ in spans)
+        positions = torch.tensor([c for c, _ in spans], device=q.device)[:, None] + torch.arange(T, device=q.device)
+        visible = torch.arange(context, device=q.device) <= positions[:, :, None]  # [B, T, context]
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys[first : first + B, :, :context],  # [B, kv_heads, context, head_dim]: tails cleared (`_compute`)
+            values[first : first + B, :, :context],
+            attn_mask=visible[:, None],
+            enable_gqa=True,
+            scale=scale,
+        ).transpose(1, 2)
+    o = torch.zeros_like(q)  # zeros at the padding
     for b, (c, t) in enumerate(spans):
         if t == 0:
             continue
@@ -614,6 +628,16 @@ def _attend_past_prefixes(
             scale=scale,
         )[0].transpose(0, 1)
     return o
+
+
+def _attends_padded(spans: list[tuple[int, int]]) -> bool:
+    """Whether a prefill past cached prefixes (per row: cached tokens, tokens computed) attends in one
+    padded call: where that scores at most twice the (query, key) pairs the rows need. Rows of like
+    lengths (a wave of prompts past one system prompt) pay a call per row for nothing; a wave that
+    mixes cached and uncached prompts would score mostly padding."""
+    T = max(t for _, t in spans)
+    context = max(c + T for c, _ in spans)
+    return len(spans) * T * context <= 2 * sum(t * (c + t) for c, t in spans)
 
 
 def _unpacked(t: torch.Tensor, packed: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
