@@ -632,12 +632,12 @@ def _attend_past_prefixes(
 
 def _attends_padded(spans: list[tuple[int, int]]) -> bool:
     """Whether a prefill past cached prefixes (per row: cached tokens, tokens computed) attends in one
-    padded call: where that scores at most twice the (query, key) pairs the rows need. Rows of like
-    lengths (a wave of prompts past one system prompt) pay a call per row for nothing; a wave that
-    mixes cached and uncached prompts would score mostly padding."""
+    padded call: where that scores at most a quarter more (query, key) pairs than the rows need.
+    Rows of one length (one prompt repeated) pay a call per row for nothing; past that, the padding
+    costs more than the calls."""
     T = max(t for _, t in spans)
     context = max(c + T for c, _ in spans)
-    return len(spans) * T * context <= 2 * sum(t * (c + t) for c, t in spans)
+    return 4 * len(spans) * T * context <= 5 * sum(t * (c + t) for c, t in spans)
 
 
 def _unpacked(t: torch.Tensor, packed: torch.Tensor | None, B: int, T: int) -> torch.Tensor:

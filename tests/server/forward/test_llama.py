@@ -282,12 +282,12 @@ def test_a_prefill_past_a_cached_prefix_equals_the_prompt_computed_whole(family)
 @torch.inference_mode()
 def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants_values():
     model = tiny_llama(seed=2)
-    prompt_a, prompt_b, suffix = random_prompts(3, [2 * BLOCK + 8, 20, 2])
+    prompt_a, prompt_b, suffix = random_prompts(3, [2 * BLOCK + 8, 30, 8])
     forward = LlamaForward(model, prefix_cache=PrefixCache(budget_bytes=1 << 30))
     logits, _, rows = forward.prefill([prompt_a, prompt_b], [("base",)] * 2)
     forward.join(rows)
 
-    def nan_values_for_row_1(module, inputs, out):  # b's values at position 20 turn NaN: b fails
+    def nan_values_for_row_1(module, inputs, out):  # b's values at position 30 turn NaN: b fails
         out[1] = float("nan")
 
     hook = model.model.layers[0].self_attn.v_proj.register_forward_hook(nan_values_for_row_1)
@@ -295,8 +295,8 @@ def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants
     hook.remove()
     assert not logits[1].isfinite().any()
     forward.keep([0])
-    # c takes b's slot and computes positions 16 and 17 past a cached block; d's two cached blocks
-    # make attention read every slot up to position 34, past b's NaN at 20.
+    # c takes b's slot and computes positions 16-23 past a cached block; d's two cached blocks make
+    # the one padded attention call (rows this alike) read every slot up to position 40, past b's NaN at 30.
     c, d = prompt_a[:BLOCK] + suffix, prompt_a[: 2 * BLOCK] + suffix
     logits, cached, rows = forward.prefill([c, d], [("base",)] * 2)
     assert cached == [BLOCK, 2 * BLOCK]
