@@ -14,7 +14,7 @@ WORKDIR /opt/neuroada
 COPY pyproject.toml README.md ./
 COPY neuroada_kernels ./neuroada_kernels
 COPY neuroada ./neuroada
-COPY server ./server
+COPY neuroada_server ./neuroada_server
 RUN pip install --no-cache-dir .
 
 COPY adapters /adapters

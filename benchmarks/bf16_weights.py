@@ -2,7 +2,7 @@
 
     python benchmarks/bf16_weights.py [--limit 100] [--max-new-tokens 128] [--threads 2]
 
-On the embedded SmolLM2-135M, our decoder (`server.forward.llama`, through `RunningBatch`) answers
+On the embedded SmolLM2-135M, our decoder (`neuroada_server.forward.llama`, through `RunningBatch`) answers
 the first `--limit` examples of shared dev sets greedily twice: over the fp32 weights, and over
 the same weights rounded to bf16 (activations and arithmetic float32, as the server runs them).
 A shipped adapter is merged into each the way the server merges it (exactly into fp32; into bf16
@@ -30,8 +30,8 @@ from neuroada.evaluate import is_correct  # noqa: E402
 from neuroada.format import read_adapter  # noqa: E402
 from neuroada.inplace import apply_adapter_  # noqa: E402
 from neuroada_kernels import use_decode_linears  # noqa: E402
-from server.engine import round_linear_weights_  # noqa: E402
-from server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
+from neuroada_server.engine import round_linear_weights_  # noqa: E402
+from neuroada_server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -68,8 +68,8 @@ class RowDeltas:
 
 def loop_runner(model, tokenizer, batch: int, new_tokens: int, residents: list, mixed):
     """One run of the server's decode loop; rows use residents[i % len(residents)] (None: the base alone)."""
-    from server.batch_adapters import NoAdapters
-    from server.generation import GenerationRequest, RunningBatch, SamplingParams
+    from neuroada_server.batch_adapters import NoAdapters
+    from neuroada_server.generation import GenerationRequest, RunningBatch, SamplingParams
 
     ids = tokenizer(PROMPT).input_ids
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -93,8 +93,8 @@ def mixed_rows(model, tokenizer, base, packed, args) -> list[dict]:
     once (base included), so a machine that speeds up or slows down over minutes moves all of
     them alike; medians over the rounds."""
     from neuroada.format import adapter_to_bytes
-    from server.mixed import MixedAdapters
-    from server.resident import AdapterLoader
+    from neuroada_server.mixed import MixedAdapters
+    from neuroada_server.resident import AdapterLoader
 
     loader = AdapterLoader(packed, base, fidelity_threshold=0.0)
     mixed = MixedAdapters(model, next(model.parameters()).device)

@@ -7,7 +7,7 @@ On the embedded SmolLM2-135M (fp32), a `RunningBatch` of B requests decodes `--s
 round after round:
 - hf+F.linear: Hugging Face's forward with torch's own linear (the engine before our decoder);
 - hf: Hugging Face's forward, linears on `neuroada_kernels.decode_linear`;
-- ours: `server.forward.llama` with `neuroada_kernels.decode_linear`, every layer of a step in one C++ call
+- ours: `neuroada_server.forward.llama` with `neuroada_kernels.decode_linear`, every layer of a step in one C++ call
   (`neuroada_kernels.decode_layers`);
 - ours by layer: the same, its Python loop calling the kernels layer by layer;
 - ours mixed 8 (and by layer): the mixed path, each row with one of 8 adapters in turn (random
@@ -41,12 +41,12 @@ from switch import random_adapter  # noqa: E402
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from neuroada.fingerprint import BaseModelSpec  # noqa: E402
 from neuroada_kernels import DecodeLinear, linear, use_decode_linears  # noqa: E402
-from server.batch_adapters import SparseDeltaAdapters  # noqa: E402
-from server.engine import place_for_serving_, round_linear_weights_  # noqa: E402
-from server.generation import NO_ADAPTERS, GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
-from server.metrics import ServerMetrics  # noqa: E402
-from server.mixed import MixedAdapters  # noqa: E402
-from server.resident import AdapterLoader  # noqa: E402
+from neuroada_server.batch_adapters import SparseDeltaAdapters  # noqa: E402
+from neuroada_server.engine import place_for_serving_, round_linear_weights_  # noqa: E402
+from neuroada_server.generation import NO_ADAPTERS, GenerationRequest, RunningBatch, SamplingParams  # noqa: E402
+from neuroada_server.metrics import ServerMetrics  # noqa: E402
+from neuroada_server.mixed import MixedAdapters  # noqa: E402
+from neuroada_server.resident import AdapterLoader  # noqa: E402
 
 ENGINES = ("hf+F.linear", "hf", "ours", "ours by layer", "ours mixed 8", "ours mixed 8 by layer", "ours bf16w")
 MIXED_ADAPTERS = 8

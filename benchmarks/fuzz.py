@@ -7,7 +7,7 @@ tokens so each generated request is cheap), runs `schemathesis run` over every o
 server's OpenAPI schema with the response checks (no 5xx; status code, content type, headers and
 body as the schema declares), then checks the base weights (`/health?deep=1`) and that the
 adapters on disk are the adapters served. Exit status 0 only if all of that holds.
-`tests/server/test_fuzz.py` is the short version of this run.
+`tests/neuroada_server/test_fuzz.py` is the short version of this run.
 """
 
 from __future__ import annotations

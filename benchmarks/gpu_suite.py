@@ -47,9 +47,9 @@ from neuroada_kernels import (  # noqa: E402
     restore_flat_,
     sparse_delta,
 )
-from server.engine import place_for_serving_  # noqa: E402
-from server.forward.graphs import DecodeGraphs  # noqa: E402
-from server.forward.llama import LlamaForward  # noqa: E402
+from neuroada_server.engine import place_for_serving_  # noqa: E402
+from neuroada_server.forward.graphs import DecodeGraphs  # noqa: E402
+from neuroada_server.forward.llama import LlamaForward  # noqa: E402
 
 LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 SMOKE_LAYER = [(64, 64)] * 4 + [(172, 64)] * 2 + [(64, 172)]

@@ -43,8 +43,8 @@ from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from neuroada.data import build_prompt  # noqa: E402
 from neuroada_kernels import linear, use_decode_linears  # noqa: E402
 from neuroada_kernels.decode_linear import ONEDNN_AVAILABLE, use_prefill_gemm  # noqa: E402
-from server.engine import place_for_serving_  # noqa: E402
-from server.forward.llama import LlamaForward  # noqa: E402
+from neuroada_server.engine import place_for_serving_  # noqa: E402
+from neuroada_server.forward.llama import LlamaForward  # noqa: E402
 
 GEMMS = ("torch", "onednn")
 ROOT = Path(__file__).resolve().parents[1]

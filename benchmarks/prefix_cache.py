@@ -44,9 +44,9 @@ from serve_load import make_store, start_server, summary, timed_stream  # noqa: 
 
 from neuroada.base_model import load_base_model, load_tokenizer  # noqa: E402
 from neuroada.data import build_prompt  # noqa: E402
-from server.engine import place_for_serving_  # noqa: E402
-from server.forward.llama import LlamaForward  # noqa: E402
-from server.forward.prefix_cache import PrefixCache  # noqa: E402
+from neuroada_server.engine import place_for_serving_  # noqa: E402
+from neuroada_server.forward.llama import LlamaForward  # noqa: E402
+from neuroada_server.forward.prefix_cache import PrefixCache  # noqa: E402
 
 KINDS = ("few-shot", "chat", "distinct")
 CACHES = ("on", "off")

@@ -1,6 +1,6 @@
 """The `neuroada` console script: a thin argparse layer over the Python API.
 
-Subcommands of packages above this one (`serve` and `eval`, from `server`: they run the serving
+Subcommands of packages above this one (`serve` and `eval`, from `neuroada_server`: they run the serving
 engine) register through the `neuroada.commands` entry-point group, so nothing here imports upward.
 """
 

@@ -1,6 +1,6 @@
 """Scoring a generation against an LLM-Adapters answer, as the shared data's README does:
 arithmetic answers by the last number in the generation, multiple choice by the first answer
-token it names. (`neuroada eval`, in `server.cli`, generates the answers with the serving engine.)
+token it names. (`neuroada eval`, in `neuroada_server.cli`, generates the answers with the serving engine.)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ position, and attends each query head to its row's keys 0..position (grouped-que
 kv head h // (heads / kv_heads)). On the CPU in float32 it is one C++ pass
 (`neuroada_kernels/csrc/decode_attention.cpp`); elsewhere the torch twin below, which reads every row up to
 the longest and masks: positions past a row's own must hold finite values (zeros), or a masked
-NaN would still poison the row (`server.forward.llama.SlotCache.clear_tails` keeps them clean).
+NaN would still poison the row (`neuroada_server.forward.llama.SlotCache.clear_tails` keeps them clean).
 """
 
 from __future__ import annotations

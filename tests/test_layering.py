@@ -1,4 +1,4 @@
-"""Imports point one way: neuroada_kernels <- neuroada <- server; the server never imports the trainer."""
+"""Imports point one way: neuroada_kernels <- neuroada <- neuroada_server; the server never imports the trainer."""
 
 import subprocess
 import sys
@@ -18,10 +18,10 @@ def loaded_after_import(module: str) -> set[str]:
 @pytest.mark.parametrize(
     "module, forbidden",
     [
-        ("neuroada_kernels", {"neuroada", "server"}),
-        ("neuroada.format", {"server"}),
-        ("neuroada.cli", {"server"}),
-        ("server.app", {"neuroada.trainer", "neuroada.layer", "neuroada.model"}),
+        ("neuroada_kernels", {"neuroada", "neuroada_server"}),
+        ("neuroada.format", {"neuroada_server"}),
+        ("neuroada.cli", {"neuroada_server"}),
+        ("neuroada_server.app", {"neuroada.trainer", "neuroada.layer", "neuroada.model"}),
     ],
 )
 def test_imports_point_one_way(module, forbidden):

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from server.engine import Engine  # noqa: E402
-from server.generation import GenerationRequest  # noqa: E402
-from server.settings import ServerSettings  # noqa: E402
+from neuroada_server.engine import Engine  # noqa: E402
+from neuroada_server.generation import GenerationRequest  # noqa: E402
+from neuroada_server.settings import ServerSettings  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -90,7 +90,7 @@ def main() -> None:
 
     import uvicorn
 
-    from server.app import create_app
+    from neuroada_server.app import create_app
 
     settings = ServerSettings(adapter_dir=args.adapter_dir, port=args.port, max_batch_size=args.max_batch_size)
     app = create_app(settings, engine_factory=lambda s: LoraEngine(s, rank=args.rank))

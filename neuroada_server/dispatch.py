@@ -1,0 +1,179 @@
+"""From an HTTP handler to the engine's worker and back: checks, queueing, events, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from neuroada_server.engine import Engine
+from neuroada_server.errors import ApiError, error_body
+from neuroada_server.generation import Event, Failed, Finished, GenerationRequest, SamplingParams, TextDelta
+from neuroada_server.scheduler import QueueFull, ShuttingDown
+from neuroada_server.worker import UnknownAdapter
+
+MAX_STOP_STRINGS = 8
+
+
+class Submitted:
+    """One queued request and the asyncio queue its events arrive on."""
+
+    def __init__(self, request: GenerationRequest, events: asyncio.Queue):
+        self.request = request
+        self.events = events
+
+    def cancel(self) -> None:
+        self.request.cancelled.set()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The adapter's tier when the request was queued: resident (a hit), host or disk (it waited for a load)."""
+        tier = self.request.adapter_tier
+        return {"X-Adapter-Tier": tier} if tier else {}
+
+    def streaming_response(self, render: Callable[[TextDelta | Finished], dict]) -> StreamingResponse:
+        return StreamingResponse(self.sse(render), media_type="text/event-stream", headers=self.headers)
+
+    async def stream(self, http: Request | None = None) -> AsyncIterator[Event]:
+        """Events until the final one. With `http`, a client that hangs up ends the stream at once
+        and cancels the generation (it leaves the batch at the next step)."""
+        hangup = asyncio.ensure_future(_client_gone(http)) if http is not None else None
+        done = False
+        try:
+            while True:
+                event = await self._next(hangup)
+                if event is None:
+                    return
+                done = isinstance(event, (Finished, Failed))
+                yield event
+                if done:
+                    return
+        finally:
+            if hangup is not None:
+                hangup.cancel()
+            if not done:
+                self.cancel()
+
+    async def _next(self, hangup: asyncio.Future | None) -> Event | None:
+        """The next event, or None if the client hung up first."""
+        if hangup is None or not self.events.empty():
+            return await self.events.get()
+        get = asyncio.ensure_future(self.events.get())
+        await asyncio.wait({get, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
+
+    async def sse(self, render: Callable[[TextDelta | Finished], dict]) -> AsyncIterator[str]:
+        """Server-sent events: a `data:` line per event (errors in the shared JSON shape), then [DONE]."""
+        try:
+            async for event in self.stream():
+                if isinstance(event, Failed):
+                    payload = error_body(event.status, event.message, event.code)
+                else:
+                    payload = render(event)
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.cancel()  # a client that went away stops its generation (a no-op once finished)
+
+    async def result(self, http: Request | None = None) -> Finished:
+        async for event in self.stream(http):
+            if isinstance(event, Failed):
+                raise ApiError(event.status, event.message, event.code)
+            if isinstance(event, Finished):
+                return event
+        raise ApiError(499, "the client closed the connection")
+
+
+async def _client_gone(http: Request) -> None:
+    """Returns when the client closes the connection. The body has been read by now, so the
+    server's next ASGI message for this request is the disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def tokenize(engine: Engine, text: str) -> list[int]:
+    """Token ids of a prompt, computed off the event loop; a prompt too long to fit
+    max_prompt_tokens whatever it says is refused (413) before any tokenizing."""
+    check_prompt_chars(engine, len(text))
+    return await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_prompt_chars(engine: Engine, num_chars: int) -> None:
+    """No token is longer than the tokenizer's longest vocabulary entry: more characters than
+    max_prompt_tokens of those cannot fit."""
+    limit = engine.settings.max_prompt_tokens * engine.max_token_chars
+    if num_chars > limit:
+        raise ApiError(
+            413,
+            f"prompt has {num_chars} characters, more than max_prompt_tokens ({engine.settings.max_prompt_tokens}) "
+            f"tokens of at most {engine.max_token_chars} characters each can hold",
+        )
+
+
+def submit(
+    engine: Engine,
+    prompt_ids: list[int],
+    adapter: str | None,
+    params: SamplingParams,
+    timeout_s: float | None = None,
+) -> Submitted:
+    """Check a request against the server's limits and queue it (raises ApiError)."""
+    settings = engine.settings
+    if adapter is not None and not engine.catalog.servable(adapter):
+        _unknown_adapter(engine, adapter)
+    if len(prompt_ids) > settings.max_prompt_tokens:
+        raise ApiError(
+            413, f"prompt has {len(prompt_ids)} tokens; the limit (max_prompt_tokens) is {settings.max_prompt_tokens}"
+        )
+    if not prompt_ids:
+        raise ApiError(422, "prompt is empty after tokenization")
+    if params.max_new_tokens > settings.max_new_tokens:
+        raise ApiError(
+            422, f"max_new_tokens {params.max_new_tokens} exceeds the server's limit of {settings.max_new_tokens}"
+        )
+    if engine.context_length is not None and len(prompt_ids) + params.max_new_tokens > engine.context_length:
+        raise ApiError(
+            422,
+            f"the prompt's {len(prompt_ids)} tokens plus max_new_tokens {params.max_new_tokens} exceed the model's "
+            f"context length of {engine.context_length} tokens",
+            "context_length_exceeded",
+        )
+    if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > 64 for s in params.stop):
+        raise ApiError(422, f"at most {MAX_STOP_STRINGS} stop strings of at most 64 characters each")
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    request = GenerationRequest(
+        prompt_ids=prompt_ids,
+        adapter=adapter,
+        params=params,
+        on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        deadline=time.monotonic() + min(settings.request_timeout_s, timeout_s or settings.request_timeout_s),
+        # A deadline the client chose and missed is the client's (408), the server's own is 504.
+        deadline_status=408 if timeout_s is not None and timeout_s < settings.request_timeout_s else 504,
+    )
+    try:
+        engine.submit(request)
+    except UnknownAdapter:  # deleted since the check above
+        _unknown_adapter(engine, adapter)
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), "shutting_down") from None
+    except QueueFull as e:
+        engine.metrics.requests.labels(adapter=adapter or "base", status="429").inc()
+        raise ApiError(429, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
+    return Submitted(request, events)
+
+
+def _unknown_adapter(engine: Engine, adapter: str) -> NoReturn:
+    # Label "unknown", not the name: clients must not be able to grow the metric's label set.
+    engine.metrics.requests.labels(adapter="unknown", status="404").inc()
+    why = engine.catalog.unavailable(adapter)
+    raise ApiError(why.status, why.message, why.code)

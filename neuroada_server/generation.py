@@ -1,0 +1,320 @@
+"""Batched generation with our own KV-cache decode loop, open to requests joining and leaving.
+
+Continuous batching: requests join a running batch between decode steps (their prefill is one
+forward call, its KV cache added to the batch's) and leave it as soon as they finish. Each
+request samples with its own parameters and generator. The forward calls and the cache are a
+`BatchForward`'s (`neuroada_server.forward`): our Llama-shaped decoder, or Hugging Face's forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from neuroada_server.batch_adapters import BatchAdapters, NoAdapters
+from neuroada_server.forward import BatchForward, PrefixKey, Runner, batch_forward
+
+if TYPE_CHECKING:
+    from neuroada_server.resident import ResidentAdapter
+
+log = logging.getLogger(__name__)
+NO_ADAPTERS = NoAdapters()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_at: float | None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+    code: str | None = None  # machine-readable cause, passed to the client as error.code
+
+
+Event = TextDelta | Finished | Failed
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    adapter: str | None  # None = the base model
+    params: SamplingParams
+    on_event: Callable[[Event], None]  # called from the worker thread
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+    deadline_status: int = 504  # 408 when the client's own timeout_s set the deadline
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    resident: ResidentAdapter | None = None  # the adapter version it runs with, fixed when it joins a batch
+    adapter_tier: str | None = None  # where its adapter was when it was queued: resident, host or disk
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+
+def prefix_key(request: GenerationRequest) -> PrefixKey | None:
+    """What the request's prompt's keys and values depend on besides its tokens: the adapter
+    version it runs with (None: not to be cached, an adapter without a fixed version)."""
+    if request.adapter is None:
+        return ("base",)
+    if request.resident is None:
+        return None
+    return ("adapter", request.adapter, request.resident.version)
+
+
+class _RowState:
+    """Incremental detokenization and stop handling for one request."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int]):
+        self.request = request
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.ids: list[int] = []  # generated tokens, eos excluded
+        self.num_tokens = 0  # generated tokens, eos included
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None  # stop | length | cancelled | failed
+        self.failure: Failed | None = None  # why this row failed, alone (finish_reason "failed")
+        self.first_token_at: float | None = None
+        self.cached_tokens = 0  # of the prompt, from the prefix cache
+        self.stable = 0  # text[:stable] can no longer change: stop strings were searched up to here
+        self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        self.generator = None
+        if request.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(request.params.seed)
+
+    def push(self, token: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.num_tokens += 1
+        if token in self.eos_ids and not self.request.params.ignore_eos:
+            self.finish_reason = "stop"
+        else:
+            self.ids.append(token)
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            for stop in self.request.params.stop:
+                # Only the text that is new since the last token can hold a new match: searching
+                # from the start every token would cost the worker time quadratic in the length.
+                at = self.text.find(stop, max(0, self.stable - len(stop) + 1))
+                if at >= 0:
+                    self.text = self.text[:at]
+                    self.finish_reason = "stop"
+            self.stable = len(self.text.rstrip("\ufffd"))
+            if self.finish_reason is None and len(self.ids) >= self.request.params.max_new_tokens:
+                self.finish_reason = "length"
+        if self.finish_reason is None and self.request.cancelled.is_set():
+            self.finish_reason = "cancelled"
+        self._emit()
+
+    def _emit(self) -> None:
+        if self.finish_reason is None:
+            # Hold back a possibly incomplete UTF-8 character and a possible stop-string prefix.
+            safe = len(self.text.rstrip("\ufffd")) - self.holdback
+        else:
+            safe = len(self.text)
+        if safe > self.emitted:
+            self.request.on_event(TextDelta(self.text[self.emitted : safe]))
+            self.emitted = safe
+
+    def fail(self, error: Exception) -> None:
+        """This row alone failed (its sampling, its logits, its stop strings or detokenisation)."""
+        code = error.code if isinstance(error, RowError) else None
+        self.failure = Failed(500, f"generation failed: {type(error).__name__}: {error}", code)
+        self.finish_reason = "failed"
+
+    def finish(self) -> None:
+        if self.failure is not None:
+            self.request.on_event(self.failure)
+            return
+        self.request.on_event(
+            Finished(
+                text=self.text,
+                finish_reason=self.finish_reason or "length",
+                prompt_tokens=len(self.request.prompt_ids),
+                completion_tokens=self.num_tokens,
+                first_token_at=self.first_token_at,
+                cached_tokens=self.cached_tokens,
+            )
+        )
+
+
+class RowError(RuntimeError):
+    """A fault of one row's own making, found while sampling it."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from logits [V] (float32) under temperature / top-k / top-p."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    try:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    except RuntimeError as e:  # it checks its input: NaN or infinite probabilities (a logit overflowed)
+        raise RowError(f"sampling at temperature {params.temperature} failed: {e}", "non_finite") from None
+
+
+class RunningBatch:
+    """The requests decoding together, and their KV cache; requests join and leave between steps.
+
+    `join` prefills newcomers (as their own forward call) and appends their rows to the cache;
+    `step` feeds every row its last sampled token. Rows that finish (eos, stop string, length,
+    cancelled, failed) leave at once and their cache rows with them. Both take the step's
+    `BatchAdapters` and bind each forward call's rows to it just before the call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: set[int],
+        pad_id: int,
+        runner: Runner = "auto",
+        forward: BatchForward | None = None,  # the rows' cache and forward calls (default: a new one)
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.forward: BatchForward = forward or batch_forward(model, pad_id, runner)
+        self.rows: list[_RowState] = []
+        self.pending: list[int] = []  # each row's last sampled token, fed by the next step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [row.request for row in self.rows]
+
+    @torch.inference_mode()
+    def join(self, requests: list[GenerationRequest], adapters: BatchAdapters = NO_ADAPTERS) -> None:
+        """Prefill `requests`, sample their first tokens and add them to the batch.
+
+        Atomic: if the prefill raises, the batch is as it was (the newcomers' cache is their own
+        until it is joined); a newcomer whose sampling fails leaves alone, with its error.
+        """
+        rows = [_RowState(r, self.tokenizer, self.eos_ids) for r in requests]
+        adapters.bind(requests)
+        logits, cached, newcomers = self.forward.prefill(
+            [r.prompt_ids for r in requests], list(map(prefix_key, requests))
+        )
+        for row, tokens in zip(rows, cached):
+            row.cached_tokens = tokens
+        pending = self._sample(rows, logits)
+        self.forward.join(newcomers)
+        self.rows += rows
+        self.pending += pending
+        self._drop_finished()
+
+    @torch.inference_mode()
+    def step(self, adapters: BatchAdapters = NO_ADAPTERS) -> None:
+        """One decode step for every row. Atomic: if the forward raises, the batch is as it was."""
+        adapters.bind(self.requests)
+        logits = self.forward.decode(self.pending)
+        self.pending = self._sample(self.rows, logits)
+        self._drop_finished()
+
+    def split(self) -> RunningBatch:
+        """Move the second half of the rows into a batch of their own (to find a failing row)."""
+        half = len(self.rows) // 2
+        other = RunningBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, forward=self.forward.split(half))
+        other.rows, other.pending = self.rows[half:], self.pending[half:]
+        self.rows, self.pending = self.rows[:half], self.pending[:half]
+        return other
+
+    def merge(self, other: RunningBatch) -> None:
+        """Take back the rows of a batch made by `split` (after each half stepped on its own)."""
+        self.forward.merge(other.forward)
+        self.rows += other.rows
+        self.pending += other.pending
+        other.rows, other.pending = [], []
+
+    def fail(self, event: Failed) -> None:
+        """End every row with `event` (the batch raised) and empty the batch."""
+        for row in self.rows:
+            row.request.on_event(event)
+        self.rows, self.pending = [], []
+        self.forward.clear()
+
+    def _sample(self, rows: list[_RowState], logits: torch.Tensor) -> list[int]:
+        """Each row's next token; a row whose logits or sampling fail is marked failed, alone."""
+        # A row's sum is finite exactly when all its logits are (they are far too small to overflow it).
+        finite = logits.sum(-1).isfinite().tolist()  # [B]
+        # One device sync for every greedy row; max's indices are argmax's (the first maximum), at a
+        # third of its cost on the CPU.
+        greedy = logits.max(-1).indices.tolist()
+        tokens = []
+        for slot, row in enumerate(rows):
+            params = row.request.params
+            token = self.pad_id
+            try:
+                if not finite[slot]:
+                    raise RowError("the model's logits for this request are not finite (NaN or infinity)", "non_finite")
+                if params.temperature == 0:
+                    token = greedy[slot]
+                else:
+                    token = sample_next(logits[slot].cpu(), params, row.generator)
+                row.push(token)
+            except Exception as e:
+                row.fail(e)
+            tokens.append(token)
+        return tokens
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+        if len(keep) == len(self.rows):
+            return
+        for row in self.rows:
+            if row.finish_reason is not None:
+                try:
+                    row.finish()
+                except Exception:  # its listener is gone (e.g. the event loop closed): it leaves anyway
+                    log.exception("a finished request's final event could not be delivered")
+        if keep:
+            self.forward.keep(keep)
+        else:
+            self.forward.clear()
+        self.rows = [self.rows[i] for i in keep]
+        self.pending = [self.pending[i] for i in keep]

@@ -1,0 +1,144 @@
+"""HTTP request and response bodies (ours and the OpenAI-compatible ones)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from neuroada_server.generation import Finished, SamplingParams
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # of the prompt, whose keys and values came from the prefix cache
+
+
+class Usage(BaseModel):  # OpenAI's usage object, also /generate's
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+    @classmethod
+    def of(cls, done: Finished) -> Usage:
+        return cls(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            total_tokens=done.prompt_tokens + done.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_tokens),
+        )
+
+
+MIN_TEMPERATURE = 0.01  # below it logits / temperature overflow float32; 0 means greedy
+
+
+def _greedy_or_sampling(t: float) -> float:
+    if 0 < t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return t
+
+
+Temperature = Annotated[
+    float,
+    Field(ge=0.0, le=5.0, description=f"0 = greedy, else {MIN_TEMPERATURE} to 5"),
+    AfterValidator(_greedy_or_sampling),
+]
+
+
+class SamplingFields(BaseModel):
+    temperature: Temperature = 0.0
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1000, description="0 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description="stop strings (at most 8)")
+    stream: bool = False
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token (benchmarks)")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="drop the request if still queued after this long (the server's request_timeout_s caps it)",
+    )
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(s for s in stops if s),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=200_000)
+    adapter: str | None = Field(None, description="adapter name; none = the base model")
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    adapter: str | None
+    finish_reason: str
+    usage: Usage
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
+    max_tokens: int = Field(16, ge=1)
+    temperature: Temperature = 1.0
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: Temperature = 1.0
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in the OpenAI shape (the official client parses it)."""
+
+    error: ErrorDetail
+
+
+_ERROR_STATUSES = {
+    400: "bad request",
+    401: "missing or wrong bearer token",
+    404: "unknown adapter or model",
+    408: "the request's own timeout_s passed while it was queued",
+    413: "body, upload or prompt over its limit",
+    422: "invalid field (a temperature below 0.01, a prompt past the context, ...), or an adapter file refused",
+    429: "queue full, uploads at max_concurrent_uploads, or a deep health check running (see Retry-After)",
+    500: "generation failed (this request only: e.g. non-finite logits from its adapter)",
+    503: "not ready, or shutting down",
+    504: "the server's request_timeout_s passed while it was queued",
+}
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_STATUSES.items()
+}
+# Generation endpoints answer JSON, or server-sent events when the body asks for stream=true.
+STREAMING_RESPONSE: dict[int | str, dict] = {
+    200: {"description": "the result, or with stream=true its events", "content": {"text/event-stream": {}}}
+}

@@ -1,0 +1,166 @@
+"""The compiled decode step: padded to its bucket, over a cache that never moves, eager where it must be.
+
+The models are bf16, the pure-torch path a GPU runs (the C++ CPU kernels take float32 and are not
+traceable); the compiler is dynamo's, its graphs run as traced (inductor's code generation would
+add minutes and test nothing of ours)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from neuroada.inplace import PackedWeights
+from neuroada_server.forward import HFForward, LlamaForward
+from neuroada_server.forward.graphs import DecodeGraphs, compile_decode
+from tests.helpers import logits_over_a_batch_life, random_adapter, random_prompts, tiny_llama
+
+PAD = 0
+
+
+class Captured:
+    """A torch.compile backend that keeps dynamo's graphs and runs each as traced; `fail` makes
+    every compiled call raise."""
+
+    def __init__(self):
+        self.graphs = []
+        self.fail = False
+
+    def __call__(self, graph, example_inputs):
+        self.graphs.append(graph)
+
+        def run(*args):
+            if self.fail:
+                raise RuntimeError("the captured graph failed")
+            return graph.forward(*args)
+
+        return run
+
+
+def packed_bf16_model(seed: int) -> tuple[torch.nn.Module, PackedWeights]:
+    model = tiny_llama(seed=seed, dtype=torch.bfloat16)
+    return model, PackedWeights(model)
+
+
+def compiled_forward(model, buckets=(4, 8), max_length=64) -> tuple[LlamaForward, DecodeGraphs, Captured, list]:
+    forward, backend, steps = LlamaForward(model), Captured(), []
+    graphs = DecodeGraphs(forward, buckets, max_length, backend=backend, on_step=lambda: steps.append(1))
+    graphs.warm_up()
+    forward.graphs = graphs
+    return forward, graphs, backend, steps
+
+
+def test_compiled_steps_equal_eager_through_joins_leaves_and_splits_one_graph_per_bucket():
+    model, _ = packed_bf16_model(seed=1)
+    forward, graphs, backend, steps = compiled_forward(model)
+    assert len(backend.graphs) == 2  # both buckets compiled at warm-up
+    keys = forward.cache.keys[0]
+    compiled = logits_over_a_batch_life(forward)
+    eager = logits_over_a_batch_life(LlamaForward(model))
+    for a, b in zip(compiled, eager, strict=True):
+        # bf16: attention over the whole capacity sums its masked zeros in another order
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    # Every decode step but the split one: its first half (2 rows) would pad into the second's slots.
+    assert len(steps) == 11
+    assert len(backend.graphs) == 2  # 3, 5 and 4 rows ran as 4 and 8: no recompilation
+    assert forward.cache.keys[0] is keys and forward.cache.capacity == graphs.capacity >= 64
+    forward.clear()  # the batch empties: the cache the graphs read stays
+    assert forward.cache.keys[0] is keys
+
+
+@torch.inference_mode()
+def last_logits_after_rows_leave_and_newcomers_take_their_slots(forward) -> torch.Tensor:
+    logits, _, rows = forward.prefill(random_prompts(3, [7, 4, 9]))
+    forward.join(rows)
+    tokens = logits.argmax(-1).tolist()
+    for _ in range(3):
+        tokens = forward.decode(tokens).argmax(-1).tolist()
+    forward.keep([0])  # slots 1 and 2 are free: the padding writes there now
+    tokens = tokens[:1]
+    for _ in range(3):
+        tokens = forward.decode(tokens).argmax(-1).tolist()
+    logits, _, rows = forward.prefill(random_prompts(4, [3, 2]))  # newcomers take slots 1 and 2
+    forward.join(rows)
+    return forward.decode(tokens + logits.argmax(-1).tolist())
+
+
+def test_padding_rows_leave_the_slots_of_rows_that_left_clean_for_the_next_newcomer():
+    model, _ = packed_bf16_model(seed=2)
+    forward, _, _, steps = compiled_forward(model, buckets=(4,))
+    compiled = last_logits_after_rows_leave_and_newcomers_take_their_slots(forward)
+    eager = last_logits_after_rows_leave_and_newcomers_take_their_slots(LlamaForward(model))
+    assert len(steps) == 7
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
+@torch.inference_mode()
+def test_weights_switched_in_place_run_compiled_and_a_mixed_step_runs_eager_without_recompiling():
+    model, packed = packed_bf16_model(seed=3)
+    compiled, _, backend, steps = compiled_forward(model, buckets=(2,))
+    eager = LlamaForward(model)
+    tokens = []
+    for forward in (compiled, eager):
+        logits, _, rows = forward.prefill(random_prompts(5, [6, 3]))
+        forward.join(rows)
+        tokens = logits.argmax(-1).tolist()
+
+    def step_both() -> torch.Tensor:  # the same step compiled (where it may) and eager, equal
+        nonlocal tokens
+        a, b = compiled.decode(tokens), eager.decode(tokens)
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        tokens = a.argmax(-1).tolist()
+        return a
+
+    step_both()
+    delta = packed.pack(random_adapter(model, k=3, scale=0.5, seed=7))
+    saved = packed.apply_(delta)  # the merged path: an adapter scattered into the packed buffer
+    step_both()
+    assert len(steps) == 2  # compiled, reading the switched weights (equal to eager's)
+    packed.restore_(delta, saved)
+
+    down = model.model.layers[0].mlp.down_proj
+    down.forward = lambda x: F.linear(x, down.weight) + 1.0  # as the mixed path replaces target forwards
+    step_both()
+    assert len(steps) == 2  # eager: the replaced forward ran
+    del down.forward
+    step_both()
+    assert len(steps) == 3 and len(backend.graphs) == 1  # back to the one graph, not a new one
+
+
+@torch.inference_mode()
+def test_a_compiled_step_that_raises_is_rerun_eager_and_later_steps_stay_eager(caplog):
+    model, _ = packed_bf16_model(seed=4)
+    forward, graphs, backend, steps = compiled_forward(model, buckets=(2,))
+    eager = LlamaForward(model)
+    outcomes = []
+    for f in (forward, eager):
+        logits, _, rows = f.prefill(random_prompts(6, [4, 6]))
+        f.join(rows)
+        tokens = logits.argmax(-1).tolist()
+        backend.fail = True
+        with caplog.at_level(logging.ERROR, logger="neuroada_server.forward.graphs"):
+            outcomes.append([f.decode(tokens) for _ in range(2)])
+    for a, b in zip(*outcomes, strict=True):
+        torch.testing.assert_close(a, b)  # both steps eager: exactly the eager forward's
+    assert graphs.broken == "RuntimeError: the captured graph failed" and not steps
+    assert sum("compiled decode step failed" in r.message for r in caplog.records) == 1
+
+
+def test_where_it_cannot_compile_every_step_runs_eager(caplog):
+    model, _ = packed_bf16_model(seed=5)
+    with caplog.at_level(logging.WARNING, logger="neuroada_server.forward.graphs"):
+        assert compile_decode(HFForward(model, PAD), [1, 2], 64) is None
+
+        def unavailable(graph, example_inputs):
+            raise RuntimeError("no compiler here")
+
+        forward, steps = LlamaForward(model), []
+        graphs = compile_decode(forward, [1, 2], 64, lambda: steps.append(1), backend=unavailable)
+        assert graphs.warm_up() is False
+    assert "no compiler here" in graphs.broken
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "Hugging Face's forward" in messages and "no compiler here" in messages
+    logits, _, rows = forward.prefill(random_prompts(7, [3]))
+    forward.join(rows)
+    assert forward.decode(logits.argmax(-1).tolist()).isfinite().all() and not steps

@@ -1,0 +1,141 @@
+"""RunningBatch: a failing row leaves alone, a failing forward changes nothing, split + merge is exact.
+
+Every test runs on both forwards: ours for Llama-shaped models ("auto") and Hugging Face's ("hf").
+Faults are injected through the model's own modules, which both forwards call.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from neuroada_server.generation import Failed, Finished, GenerationRequest, RunningBatch, SamplingParams
+from tests.helpers import tiny_llama, tiny_tokenizer
+
+PROMPTS = ["hello there", "what does the cow say?", "1 + 2 =", "a"]
+
+
+def _request(prompt: str, events: dict, n: int = 12, **params) -> GenerationRequest:
+    ids = tiny_tokenizer()(prompt, add_special_tokens=False).input_ids
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True, **params)
+    return GenerationRequest(ids, None, params, lambda e: events.setdefault(prompt, []).append(e))
+
+
+@pytest.fixture(params=["auto", "hf"])
+def runner(request) -> str:
+    return request.param
+
+
+def _batch(runner: str = "auto") -> RunningBatch:
+    tokenizer = tiny_tokenizer()
+    return RunningBatch(tiny_llama(seed=0), tokenizer, {tokenizer.eos_token_id}, tokenizer.eos_token_id, runner)
+
+
+def _run(batch: RunningBatch, events: dict, between_steps=lambda step: None) -> dict[str, Finished | Failed]:
+    batch.join([_request(p, events) for p in PROMPTS])
+    for step in range(30):
+        if not batch:
+            break
+        between_steps(step)
+        batch.step()
+    assert not batch
+    return {prompt: got[-1] for prompt, got in events.items()}
+
+
+@pytest.fixture(scope="module")
+def solo() -> dict[str, str]:
+    return {p: t.text for p, t in _run(_batch("hf"), {}).items()}
+
+
+def test_both_forwards_give_the_same_tokens(solo):
+    assert {p: t.text for p, t in _run(_batch("auto"), {}).items()} == solo
+
+
+def test_a_row_whose_sampling_fails_leaves_alone_and_the_others_keep_their_tokens(solo, runner):
+    batch, events = _batch(runner), {}
+    # Logits / 1e-40 overflow to infinity: sampling this row cannot give a token.
+    hostile = _request("hi", events, temperature=1e-40)
+    batch.join([_request(p, events) for p in PROMPTS[:2]] + [hostile] + [_request(p, events) for p in PROMPTS[2:]])
+    assert len(batch) == len(PROMPTS)  # the hostile row never joined
+    while batch:
+        batch.step()
+    failed = events["hi"]
+    assert len(failed) == 1 and isinstance(failed[0], Failed) and failed[0].code == "non_finite"
+    assert {p: events[p][-1].text for p in PROMPTS} == solo
+
+
+def test_non_finite_logits_fail_their_row_only(solo, runner):
+    batch, events = _batch(runner), {}
+    poisoned_prompt = tiny_tokenizer()("1 + 2 =", add_special_tokens=False).input_ids
+
+    def poison(module, inputs, logits):  # [B, (1,) V] of a decode step: the batch's rows
+        for row, r in enumerate(batch.requests):
+            if r.prompt_ids == poisoned_prompt:
+                logits[row, ..., 5] = float("nan")
+
+    def poison_after_three_steps(step):
+        if step == 3:
+            batch.model.lm_head.register_forward_hook(poison)
+
+    ended = _run(batch, events, poison_after_three_steps)
+    assert isinstance(ended["1 + 2 ="], Failed) and "not finite" in ended["1 + 2 ="].message
+    assert sum(isinstance(e, (Finished, Failed)) for e in events["1 + 2 ="]) == 1
+    assert {p: ended[p].text for p in PROMPTS if p != "1 + 2 ="} == {p: t for p, t in solo.items() if p != "1 + 2 ="}
+
+
+def test_a_stop_string_that_raises_fails_its_row_only(solo, runner):
+    class Hostile(str):
+        def __len__(self):
+            raise RuntimeError("no length for you")
+
+    batch, events = _batch(runner), {}
+    tokenizer = tiny_tokenizer()
+    bad = GenerationRequest(
+        tokenizer("hi", add_special_tokens=False).input_ids,
+        None,
+        SamplingParams(max_new_tokens=12, stop=(Hostile("x"),)),
+        lambda e: events.setdefault("hi", []).append(e),
+    )
+    with pytest.raises(RuntimeError):
+        batch.join([bad])  # the row's state cannot even be built: the batch raises, unchanged
+    assert not batch and "hi" not in events
+    assert {p: t.text for p, t in _run(batch, events).items()} == solo
+
+
+def test_a_forward_that_raises_leaves_the_batch_as_it_was(solo, runner):
+    batch, events = _batch(runner), {}
+    calls = {"n": 0}
+
+    def fails_in_the_second_layer(module, inputs):
+        # The first layer has written this step's keys and values to the cache by now.
+        calls["n"] += 1
+        if calls["n"] == 4:  # a decode step
+            raise RuntimeError("device fell over")
+
+    batch.model.model.layers[1].mlp.register_forward_pre_hook(fails_in_the_second_layer)
+
+    def step_with_retry(step):
+        if step == 2:
+            rows, pending = batch.requests, list(batch.pending)
+            with pytest.raises(RuntimeError):
+                batch.step()
+            assert batch.requests == rows and batch.pending == pending
+
+    ended = _run(batch, events, step_with_retry)
+    assert calls["n"] > 4
+    assert {p: t.text for p, t in ended.items()} == solo
+
+
+def test_split_then_merge_gives_every_row_its_tokens(solo, runner):
+    batch, events = _batch(runner), {}
+
+    def split_and_step_halves(step):
+        if step in (1, 4):
+            other = batch.split()
+            assert len(batch) == 2 and len(other) == 2
+            batch.step()
+            other.step()
+            batch.merge(other)
+            assert not other and len(batch) == 4
+
+    ended = _run(batch, events, split_and_step_halves)
+    assert {p: t.text for p, t in ended.items()} == solo
