@@ -5,6 +5,9 @@ attention, the output projection, the gated MLP, two residual adds, views); at a
 dispatch and argument checks cost about a sixth of the step. The C++ loop makes the same kernel
 calls in the same order (the result is the Python loop's to the bit) without returning to Python
 between them, and without the GIL; with the mixed path's per-row deltas too.
+
+A short prefill runs here as well: each of its tokens a row, at its slot and position, attending to
+the positions before it in its slot (the cached prefix and the tokens before it in the call).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ def decode_layers(
     gate: list[torch.Tensor],  # per layer [inter, hidden]
     up: list[torch.Tensor],  # per layer [inter, hidden]
     down: list[torch.Tensor],  # per layer [hidden, inter]
-    keys: list[torch.Tensor],  # per layer [slots, kv_heads, capacity, head_dim]; row b is slot first + b
+    keys: list[torch.Tensor],  # per layer [slots, kv_heads, capacity, head_dim]
     values: list[torch.Tensor],  # like keys
     cos: torch.Tensor,  # [B, head_dim]
     sin: torch.Tensor,  # [B, head_dim]
+    slots: torch.Tensor,  # [B] int64: each row's cache slot (rows of one slot: a prefill's tokens)
     positions: torch.Tensor,  # [B] int64: each row's new position
-    first: int,
     heads: int,
     kv_heads: int,
     scale: float,
@@ -39,7 +42,7 @@ def decode_layers(
     deltas: list[list[list[Delta] | None]] = (),  # per layer, per projection: None, or the bound deltas
 ) -> torch.Tensor | None:
     """The hidden states [B, hidden] after the last layer (each row's key and value written into its
-    slot), or None where the C++ kernels are not built: the caller runs its own loop.
+    slot at its position), or None where the C++ kernels are not built: the caller runs its own loop.
 
     `deltas` (none, or per layer one entry per projection in PROJECTIONS order) are the mixed
     path's: None for a projection on its own weights, else the deltas its wrapped forward would add,
@@ -62,8 +65,8 @@ def decode_layers(
         values,
         cos,
         sin,
+        slots.cpu(),
         positions.cpu(),
-        first,
         heads,
         kv_heads,
         scale,

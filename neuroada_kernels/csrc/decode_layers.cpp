@@ -2,7 +2,9 @@
 // (one matrix: the layer's q, k and v weights back to back), attention (rotary, the cache write and each
 // row against its own keys), the output projection and the residual, RMSNorm, the gated MLP and the
 // residual, each on the kernel the Python loop would call for it (decode_linear.cpp, rms_norm.cpp,
-// decode_attention.cpp), in the same order, so the result is the Python loop's to the bit.
+// decode_attention.cpp), in the same order, so a decode step's result is the Python loop's to the bit.
+// A short prefill may run here too, each of its tokens a row (`slots`, `positions`): there the
+// attention is ours where the loop calls torch's, the same to rounding.
 //
 // With the mixed path's per-row deltas (`deltas`), a projection wrapped by it gets its deltas added
 // into its output (mixed_delta_add_, sparse_cpu.cpp) as its wrapped forward would, and a layer whose
@@ -35,7 +37,9 @@ void add_deltas(torch::Tensor out, const torch::Tensor& in, const std::optional<
 // x [B, hidden] float32 (the embedded tokens); per layer i: input_norms[i] [hidden], qkv[i]
 // [(heads + 2 kv_heads) * head_dim, hidden], o[i] [hidden, heads * head_dim], post_norms[i] [hidden],
 // gate[i] and up[i] [inter, hidden], down[i] [hidden, inter], keys[i] and values[i] [slots, kv_heads,
-// capacity, head_dim]; cos and sin [B, head_dim]; positions [B] int64; deltas: empty (no projection
+// capacity, head_dim]; cos and sin [B, head_dim]; slots and positions [B] int64, each row's cache
+// slot and new position (a row is a decode step's token, or one of a short prefill's tokens: rows
+// of one slot at consecutive positions, each attending to those before it); deltas: empty (no projection
 // wrapped) or per layer a LayerDeltas. Returns the hidden states [B, hidden] after the last layer;
 // writes each row's new key and value into its cache slot.
 torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Tensor>& input_norms,
@@ -43,8 +47,8 @@ torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Ten
                             const std::vector<torch::Tensor>& post_norms, const std::vector<torch::Tensor>& gate,
                             const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                             std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions,
-                            int64_t first, int64_t heads, int64_t kv_heads, double scale, double eps,
+                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
+                            const torch::Tensor& positions, int64_t heads, int64_t kv_heads, double scale, double eps,
                             const std::vector<LayerDeltas>& deltas) {
   const size_t L = input_norms.size();
   TORCH_CHECK(deltas.empty() || deltas.size() == L, "decode_layers: deltas for every layer, or none");
@@ -72,8 +76,8 @@ torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Ten
     add_deltas(q, normed, wrapped[Q]);
     add_deltas(k, normed, wrapped[K]);
     add_deltas(v, normed, wrapped[V]);
-    const auto attended = decode_attention(q.view({B, heads, D}), k.view({B, kv_heads, D}), v.view({B, kv_heads, D}),
-                                           cos, sin, keys[i], values[i], first, positions, scale)
+    const auto attended = attend_at_slots(q.view({B, heads, D}), k.view({B, kv_heads, D}), v.view({B, kv_heads, D}),
+                                          cos, sin, keys[i], values[i], slots, positions, scale)
                               .view({B, q_width});
     auto projected_o = decode_linear(attended, o[i], c10::nullopt);
     add_deltas(projected_o, attended, wrapped[O]);

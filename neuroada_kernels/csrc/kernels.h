@@ -15,6 +15,10 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
                                torch::Tensor& values, int64_t first, const torch::Tensor& positions, double scale);
+torch::Tensor attend_at_slots(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
+                              torch::Tensor& values, const torch::Tensor& slots, const torch::Tensor& positions,
+                              double scale);
 void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& indices,
                       const torch::Tensor& values, const torch::Tensor& slots, bool check_ranges);
 
@@ -29,6 +33,6 @@ torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Ten
                             const std::vector<torch::Tensor>& post_norms, const std::vector<torch::Tensor>& gate,
                             const std::vector<torch::Tensor>& up, const std::vector<torch::Tensor>& down,
                             std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions,
-                            int64_t first, int64_t heads, int64_t kv_heads, double scale, double eps,
+                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
+                            const torch::Tensor& positions, int64_t heads, int64_t kv_heads, double scale, double eps,
                             const std::vector<LayerDeltas>& deltas);

@@ -17,7 +17,8 @@ as much again on a CPU. This forward keeps only the model's arithmetic:
 - one product for q, k and v where their weights lie back to back (`PackedWeights` packs a
   layer's linears in order), read as one [q + k + v rows, hidden] matrix.
 - on the CPU in float32, a decode step's layers all in one C++ call (`neuroada_kernels.decode_layers`: the
-  same kernels as the loop in `_layers`, in its order, to the bit) wherever every layer is on them.
+  same kernels as the loop in `_layers`, in its order, to the bit) wherever every layer is on them;
+  a prefill of a few tokens (past a cached prefix, most often) too, each token a row of the call.
 
 It calls the model's own embedding, linear, MLP and rotary modules (and RMSNorm's weights), so
 switched weights and the mixed path's per-row deltas apply here as in the HF forward. A failed
@@ -127,11 +128,14 @@ class SlotCache:
         zero, and a value left there by the slot's previous occupant may be NaN (a request that
         failed for it). So a slot gets a new occupant with a clean tail: nothing of one request
         reaches another."""
-        past = torch.arange(self.capacity, device=self.device) >= torch.tensor(lengths, device=self.device)[:, None]
-        past = past[:, None, :, None]  # [n, 1, capacity, 1]
+        start = min(lengths, default=self.capacity)  # nothing before it is cleared
+        past = (
+            torch.arange(start, self.capacity, device=self.device) >= torch.tensor(lengths, device=self.device)[:, None]
+        )
+        past = past[:, None, :, None]  # [n, 1, capacity - start, 1]
         for buffers in (self.keys, self.values):
             for b in buffers:
-                b[first : first + len(lengths)].masked_fill_(past, 0)
+                b[first : first + len(lengths), :, start:].masked_fill_(past, 0)
 
 
 class _BackToBack:
@@ -245,7 +249,7 @@ class LlamaForward:
         self.first = first  # our rows are slots [first, first + len(lengths))
         self.lengths: list[int] = []  # tokens in each row's cache
         self.graphs: DecodeGraphs | None = None  # the compiled step, where the server compiles it
-        # A float32 CPU decode step may run all its layers in one C++ call (`_decode_layers_at_once`)
+        # A float32 CPU decode step, or short prefill, may run all its layers in one C++ call (`_layers_at_once`)
         # where every layer has the shape that call computes: norms of one epsilon, attention of one
         # scale, no q/k norms, a gated MLP, no output biases.
         self.scale, self.eps = self.layers[0].scale, self.layers[0].input_norm.variance_epsilon
@@ -338,10 +342,12 @@ class LlamaForward:
                 self.cache.write(start + i, PrefixCache.gather(chain))
         positions = torch.tensor(cached, device=self.device)[:, None] + torch.arange(T, device=self.device)  # [n, T]
         spans = [(c, stop - c) for c, stop in zip(cached, stops)] if any(cached) else None
-        if spans is not None and _attends_padded(spans):  # attention reads past what some rows write: zeros
-            self.cache.clear_tails(start, [c + T for c in cached])
         computed = torch.tensor([stop - c for stop, c in zip(stops, cached)], device=self.device)  # [n]
-        packed, packing = None, self._packing(computed) if int(computed.sum()) < n * T else None
+        # Packed where padding would cost products, or where the one C++ call may take the tokens as its
+        # rows (`_layers_at_once`: a prefill of a few tokens past cached prefixes, the usual case).
+        N = int(computed.sum())
+        packs = N < n * T or (self.layers_at_once and N <= DECODE_MAX_ROWS)
+        packed, packing = None, self._packing(computed) if packs else None
         if packing is not None:
             packed = (torch.arange(T, device=self.device) < computed[:, None]).flatten().nonzero()[:, 0]  # [N]
         with packing or nullcontext():
@@ -438,10 +444,12 @@ class LlamaForward:
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim] each
         if packed is not None:
             x = x.view(B * T, -1)[packed]  # [N, hidden]
-        if decode_length is not None and self.layers_at_once:
-            hidden = self._decode_layers_at_once(x[:, 0], cos[:, 0], sin[:, 0], positions[:, 0], slots.start)
+        if self.layers_at_once and (decode_length is not None or packed is not None):
+            hidden = self._layers_at_once(x, cos, sin, positions, slots, packed)
             if hidden is not None:
-                return hidden[:, None]  # [B, 1, hidden]
+                return hidden
+        if prefill_spans is not None and _attends_padded(prefill_spans):  # reads past what some rows write: zeros
+            self.cache.clear_tails(slots.start, [c + T for c, _ in prefill_spans])
         rows = torch.arange(slots.start, slots.stop, device=self.device)[:, None]  # [B, 1]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
@@ -505,14 +513,29 @@ class LlamaForward:
             return None
         return next(iter(mixed.values())).per_token(computed)
 
-    def _decode_layers_at_once(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, first: int
+    def _layers_at_once(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: slice, packed
     ) -> torch.Tensor | None:
-        """The loop below for a decode step (x [B, hidden], cos and sin [B, head_dim], positions [B]),
-        all layers in one C++ call, to the bit, the mixed path's per-row deltas included; None where
-        a layer is not on our kernels: its q, k and v not one matrix, a linear a plain `nn.Linear`
-        (`F.linear`'s sums; the server makes them `DecodeLinear`s) or hooked or replaced by other
-        than the mixed path, or too many rows."""
+        """`_layers` in one C++ call, each token a row of it: a decode step's (x [B, 1, hidden];
+        returns [B, 1, hidden], the loop's to the bit), or a packed prefill's (x [N, hidden]; returns
+        [N, hidden]; each token attends to its slot's positions up to its own, the cached prefix's
+        and its row's tokens before it). None where the call cannot take them (`_call_layers`)."""
+        B, T = positions.shape
+        if packed is None:  # a decode step
+            row_slots = torch.arange(slots.start, slots.stop, device=self.device)  # [B]
+            hidden = self._call_layers(x[:, 0], cos[:, 0], sin[:, 0], row_slots, positions[:, 0])
+            return None if hidden is None else hidden[:, None]
+        token_slots = packed // T + slots.start  # [N]
+        cos, sin = (t.reshape(B * T, -1)[packed] for t in (cos, sin))  # [N, head_dim] each
+        return self._call_layers(x, cos, sin, token_slots, positions.reshape(-1)[packed])
+
+    def _call_layers(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The layers of x [R, hidden] (cos and sin [R, head_dim], slots and positions [R]) in one C++
+        call, the mixed path's deltas included; None where a layer is not on our kernels: its q, k
+        and v not one matrix, a linear a plain `nn.Linear` (`F.linear`'s sums; the server makes them
+        `DecodeLinear`s) or hooked or replaced by other than the mixed path, or too many rows."""
         if x.shape[0] > DECODE_MAX_ROWS:
             return None
         weights: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [], [])
@@ -540,8 +563,8 @@ class LlamaForward:
             cache.values,
             cos,
             sin,
+            slots,
             positions,
-            first,
             self.heads,
             self.kv_heads,
             self.scale,

@@ -51,7 +51,8 @@ def test_one_call_equals_the_kernels_called_layer_by_layer(B, weight_dtype):
     x, layers, (keys, values), cos, sin, positions = model_case(B, weight_dtype)
     first = 8 - B  # the rows' slots end the cache
     keys_ref, values_ref = list(keys.clone()), list(values.clone())
-    out = decode_layers(x, *layers, list(keys), list(values), cos, sin, positions, first, HEADS, KV_HEADS, SCALE, EPS)
+    slots = torch.arange(first, first + B)
+    out = decode_layers(x, *layers, list(keys), list(values), cos, sin, slots, positions, HEADS, KV_HEADS, SCALE, EPS)
     expected = layer_by_layer(x, layers, keys_ref, values_ref, cos, sin, positions, first)
     assert torch.equal(out, expected)
     assert torch.equal(keys, torch.stack(keys_ref)) and torch.equal(values, torch.stack(values_ref))
@@ -62,4 +63,47 @@ def test_a_missing_layer_is_refused():
     x, layers, (keys, values), cos, sin, positions = model_case(2, torch.float32)
     short = (layers[0][:2],) + layers[1:]
     with pytest.raises(RuntimeError, match="per layer"):
-        decode_layers(x, *short, list(keys), list(values), cos, sin, positions, 0, HEADS, KV_HEADS, SCALE, EPS)
+        decode_layers(
+            x, *short, list(keys), list(values), cos, sin, torch.arange(2), positions, HEADS, KV_HEADS, SCALE, EPS
+        )
+
+
+@needs_kernels
+def test_a_prefills_tokens_as_rows_of_their_slots_equal_them_decoded_one_at_a_time():
+    """Rows may share a slot: a prefill's tokens, each at its own position past the slot's cached
+    prefix, each attending to the prefix and the tokens before it. Decoding them one by one (each a
+    call of one row, its keys written before the next) computes the same, to the bit."""
+    tokens = 7
+    x, layers, (keys, values), cos, sin, _ = model_case(tokens, torch.float32)  # the random cache: the prefixes
+    slots = torch.tensor([3, 3, 3, 3, 6, 6, 6])  # 4 tokens past slot 3's prefix, 3 of a fresh prompt in slot 6
+    positions = torch.tensor([5, 6, 7, 8, 0, 1, 2])
+    keys_ref, values_ref = list(keys.clone()), list(values.clone())
+    out = decode_layers(x, *layers, list(keys), list(values), cos, sin, slots, positions, HEADS, KV_HEADS, SCALE, EPS)
+    one_by_one = [
+        decode_layers(
+            x[r : r + 1],
+            *layers,
+            keys_ref,
+            values_ref,
+            cos[r : r + 1],
+            sin[r : r + 1],
+            slots[r : r + 1],
+            positions[r : r + 1],
+            HEADS,
+            KV_HEADS,
+            SCALE,
+            EPS,
+        )
+        for r in range(tokens)
+    ]
+    assert torch.equal(out, torch.cat(one_by_one))
+    assert torch.equal(keys, torch.stack(keys_ref)) and torch.equal(values, torch.stack(values_ref))
+
+
+@needs_kernels
+def test_a_slot_outside_the_cache_is_refused():
+    x, layers, (keys, values), cos, sin, positions = model_case(2, torch.float32)
+    with pytest.raises(RuntimeError, match="slot is outside the cache"):
+        decode_layers(
+            x, *layers, list(keys), list(values), cos, sin, torch.tensor([0, 8]), positions, HEADS, KV_HEADS, SCALE, EPS
+        )

@@ -30,6 +30,21 @@ OURS = ("llama", "mistral", "qwen2", "qwen3")
 PAD = 0
 
 
+def decode_steps_at_once(calls: list):
+    """`decode_layers` for decode steps alone (a slot per row), their arguments kept in `calls`; a
+    prefill (tokens sharing a slot) gets None and runs the loop: steps compared to the bit with the
+    loop's must start from the loop's prefill."""
+
+    def decode_layers(*args):
+        slots = args[12]
+        if len(set(slots.tolist())) < len(slots):
+            return None
+        calls.append(args)
+        return kernels.decode_layers(*args)
+
+    return decode_layers
+
+
 @pytest.mark.parametrize("family", OURS)
 def test_ours_equals_hugging_face_through_joins_leaves_and_splits(family):
     model = tiny_family(family, seed=1)
@@ -74,14 +89,10 @@ def test_a_decode_step_runs_every_layer_in_one_call_to_the_bit(family, weight_dt
     PackedWeights(model)  # q, k and v back to back: one matrix
     kernels.use_decode_linears(model)  # as the server serves it: every linear on our kernel
     calls = []
-
-    def counted(*args):
-        calls.append(len(args[0]))
-        return kernels.decode_layers(*args)
-
+    counted = decode_steps_at_once(calls)
     monkeypatch.setattr(llama_forward, "decode_layers", counted)
     at_once = logits_over_a_batch_life(LlamaForward(model))
-    assert calls == [3] * 3 + [5] * 3 + [4] * 3 + [2, 2] + [4] * 2  # every decode step, split halves too
+    assert [len(args[0]) for args in calls] == [3] * 3 + [5] * 3 + [4] * 3 + [2, 2] + [4] * 2  # split halves too
     monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)  # as where C++ is not built
     by_layer = logits_over_a_batch_life(LlamaForward(model))
     for a, b in zip(at_once, by_layer, strict=True):
@@ -110,10 +121,6 @@ def test_a_mixed_step_adds_each_rows_deltas_inside_the_one_call_to_the_bit(monke
     mixed = MixedAdapters(model, torch.device("cpu"))
     calls = []
 
-    def counted(*args):
-        calls.append(args[-1])
-        return kernels.decode_layers(*args)
-
     def steps() -> list[torch.Tensor]:
         forward = LlamaForward(model)
         mixed.bind(rows)
@@ -126,10 +133,10 @@ def test_a_mixed_step_adds_each_rows_deltas_inside_the_one_call_to_the_bit(monke
         mixed.unbind()
         return seen
 
-    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    monkeypatch.setattr(llama_forward, "decode_layers", decode_steps_at_once(calls))
     at_once = steps()
-    assert len(calls) == 4 and all(len(deltas) == 2 for deltas in calls)  # every step, with the deltas
-    bound = calls[0][0]  # layer 0: q, k, v, o, gate, up, down; a's on each, b's on q, v and down
+    assert len(calls) == 4 and all(len(args[-1]) == 2 for args in calls)  # every step, with the deltas
+    bound = calls[0][-1][0]  # layer 0: q, k, v, o, gate, up, down; a's on each, b's on q, v and down
     assert [len(d) for d in bound] == [2, 1, 2, 1, 1, 1, 2]
     monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)  # the loop, layer by layer
     by_layer = steps()
@@ -279,9 +286,15 @@ def test_a_prefill_past_a_cached_prefix_equals_the_prompt_computed_whole(family)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
+@pytest.mark.parametrize("one_call", [False, True], ids=["loop", "one call"])
 @torch.inference_mode()
-def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants_values():
+def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants_values(one_call):
+    if one_call and kernels.cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels are not built here")
     model = tiny_llama(seed=2)
+    if one_call:  # the prefill below (16 tokens past cached blocks) runs as one C++ call
+        PackedWeights(model)
+        kernels.use_decode_linears(model)
     prompt_a, prompt_b, suffix = random_prompts(3, [2 * BLOCK + 8, 30, 8])
     forward = LlamaForward(model, prefix_cache=PrefixCache(budget_bytes=1 << 30))
     logits, _, rows = forward.prefill([prompt_a, prompt_b], [("base",)] * 2)
@@ -345,6 +358,7 @@ def test_a_mixed_prefill_packs_its_tokens_each_with_its_rows_delta(monkeypatch):
 
     monkeypatch.setattr(llama_forward, "linear", counted)
     monkeypatch.setattr(server_mixed, "linear", counted)
+    monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)  # the loop, where products are seen
     mixed.bind([a, None, b, a])
     packed, _, _ = LlamaForward(model).prefill(prompts)
     assert set(rows) == {6 + 2 + 9 + 4}
@@ -358,6 +372,75 @@ def test_a_mixed_prefill_packs_its_tokens_each_with_its_rows_delta(monkeypatch):
     base, _, _ = LlamaForward(model).prefill(prompts)
     assert torch.equal(base[1], packed[1])  # the row without an adapter: the base's logits
     assert not torch.allclose(base[0], packed[0]) and not torch.allclose(base[2], packed[2])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@torch.inference_mode()
+def test_a_short_prefill_runs_its_tokens_as_rows_of_the_one_call(family, monkeypatch):
+    """A prefill of at most DECODE_MAX_ROWS tokens, past cached prefixes or not, runs every layer in
+    one C++ call, each token a row; its attention is the kernel's where the loop's is torch's."""
+    if kernels.cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels are not built here")
+    model = tiny_family(family, seed=8)
+    PackedWeights(model)
+    kernels.use_decode_linears(model)
+    shared, tail = random_prompts(13, [2 * BLOCK + 3, 4])
+    groups = [[shared], [shared + tail, shared[: BLOCK + 2], tail]]  # 35 tokens; then 7 + 2 + 4 past the cache
+    prefills = []
+
+    def counted(*args):
+        slots = args[12].tolist()
+        if len(set(slots)) < len(slots):
+            prefills.append(slots)
+        return kernels.decode_layers(*args)
+
+    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    ours, cached = prefill_and_decode(LlamaForward(model, prefix_cache=PrefixCache(1 << 30)), groups)
+    assert cached == [[0], [2 * BLOCK, BLOCK, 0]]
+    assert prefills == [[1] * 7 + [2] * 2 + [3] * 4]  # not the first: 35 tokens are more than one call takes
+    monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)
+    loop, _ = prefill_and_decode(LlamaForward(model, prefix_cache=PrefixCache(1 << 30)), groups)
+    for a, b in zip(ours, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@torch.inference_mode()
+def test_a_short_mixed_prefill_adds_each_tokens_rows_delta_inside_the_one_call(monkeypatch):
+    if kernels.cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels are not built here")
+    model = tiny_llama(seed=7)
+    packed_weights = PackedWeights(model)
+    kernels.use_decode_linears(model)
+    loader = AdapterLoader(packed_weights, BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
+    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=3, seed=2, scale=0.3)))
+    mixed = MixedAdapters(model, torch.device("cpu"))
+    prompts = random_prompts(12, [6, 2, 9])
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return kernels.decode_layers(*args)
+
+    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    mixed.bind([a, None, b])
+    at_once, _, _ = LlamaForward(model).prefill(prompts)
+    (args,) = calls
+    assert len(args[0]) == 6 + 2 + 9
+    # layer 0's q: a's index set and b's, each token bound to its row's slot in it (0: none)
+    bound = sorted((slots != 0).tolist() for _, _, slots in args[-1][0][0])
+    assert bound == sorted([[True] * 6 + [False] * 11, [False] * 8 + [True] * 9])
+    monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)
+    loop, _, _ = LlamaForward(model).prefill(prompts)
+    torch.testing.assert_close(at_once, loop, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    mixed.bind([None] * 3)
+    base, _, _ = LlamaForward(model).prefill(prompts)
+    mixed.unbind()
+    assert torch.equal(base[1], at_once[1])  # the row without an adapter: the base's logits
+    assert not torch.allclose(base[0], at_once[0]) and not torch.allclose(base[2], at_once[2])
 
 
 @torch.inference_mode()
