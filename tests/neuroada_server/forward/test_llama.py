@@ -470,6 +470,33 @@ def test_blocks_newcomers_share_are_computed_once_in_a_cold_prefill(monkeypatch)
 
 
 @torch.inference_mode()
+def test_the_shared_blocks_first_pass_runs_as_one_call_its_other_rows_computing_nothing(monkeypatch):
+    if kernels.cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels are not built here")
+    model = tiny_llama(seed=6)
+    PackedWeights(model)
+    kernels.use_decode_linears(model)
+    shared, x, y, z, other = random_prompts(13, [3 * BLOCK + 5, 9, 12, 7, 30])
+    prompts = [shared + x, shared + y, shared[: BLOCK + 4] + z, other]
+    prefills = []
+
+    def counted(*args):
+        slots = args[12].tolist()
+        if len(set(slots)) < len(slots):
+            prefills.append(slots)
+        return kernels.decode_layers(*args)
+
+    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    ours, cached = prefill_and_decode(LlamaForward(model, prefix_cache=PrefixCache(1 << 30)), [prompts])
+    assert prefills == [[0] * BLOCK]  # the first row's shared block alone; the rest (more tokens) the loop
+    assert cached == [[0, BLOCK, BLOCK, 0]]
+    whole, _ = prefill_and_decode(LlamaForward(model), [prompts])
+    for a, b in zip(ours, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@torch.inference_mode()
 def test_a_cold_prefill_computes_first_only_the_shared_blocks_its_budget_holds(monkeypatch):
     model = tiny_llama(seed=6)
     PackedWeights(model)
