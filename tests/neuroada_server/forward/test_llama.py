@@ -45,6 +45,18 @@ def decode_steps_at_once(calls: list):
     return decode_layers
 
 
+def recording_prefills(prefills: list):
+    """`decode_layers` as it is, each prefill's row slots (tokens sharing a slot) kept in `prefills`."""
+
+    def decode_layers(*args):
+        slots = args[12].tolist()
+        if len(set(slots)) < len(slots):
+            prefills.append(slots)
+        return kernels.decode_layers(*args)
+
+    return decode_layers
+
+
 @pytest.mark.parametrize("family", OURS)
 def test_ours_equals_hugging_face_through_joins_leaves_and_splits(family):
     model = tiny_family(family, seed=1)
@@ -387,14 +399,7 @@ def test_a_short_prefill_runs_its_tokens_as_rows_of_the_one_call(family, monkeyp
     shared, tail = random_prompts(13, [2 * BLOCK + 3, 4])
     groups = [[shared], [shared + tail, shared[: BLOCK + 2], tail]]  # 35 tokens; then 7 + 2 + 4 past the cache
     prefills = []
-
-    def counted(*args):
-        slots = args[12].tolist()
-        if len(set(slots)) < len(slots):
-            prefills.append(slots)
-        return kernels.decode_layers(*args)
-
-    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    monkeypatch.setattr(llama_forward, "decode_layers", recording_prefills(prefills))
     ours, cached = prefill_and_decode(LlamaForward(model, prefix_cache=PrefixCache(1 << 30)), groups)
     assert cached == [[0], [2 * BLOCK, BLOCK, 0]]
     assert prefills == [[1] * 7 + [2] * 2 + [3] * 4]  # not the first: 35 tokens are more than one call takes
@@ -479,14 +484,7 @@ def test_the_shared_blocks_first_pass_runs_as_one_call_its_other_rows_computing_
     shared, x, y, z, other = random_prompts(13, [3 * BLOCK + 5, 9, 12, 7, 30])
     prompts = [shared + x, shared + y, shared[: BLOCK + 4] + z, other]
     prefills = []
-
-    def counted(*args):
-        slots = args[12].tolist()
-        if len(set(slots)) < len(slots):
-            prefills.append(slots)
-        return kernels.decode_layers(*args)
-
-    monkeypatch.setattr(llama_forward, "decode_layers", counted)
+    monkeypatch.setattr(llama_forward, "decode_layers", recording_prefills(prefills))
     ours, cached = prefill_and_decode(LlamaForward(model, prefix_cache=PrefixCache(1 << 30)), [prompts])
     assert prefills == [[0] * BLOCK]  # the first row's shared block alone; the rest (more tokens) the loop
     assert cached == [[0, BLOCK, BLOCK, 0]]
