@@ -43,7 +43,7 @@ def cpu_kernels() -> ModuleType | None:
         log.info("loading the C++ CPU kernels (the first time builds them, about 30 s)")
         with build_lock(build_dir):
             # -march=native: the module is built where it runs, so it may use that CPU's vector width.
-            # GCC's -O3 unroll-and-jam turned a vectorised token loop scalar (5x slower): off.
+            # GCC's -O3 unroll-and-jam turned a vectorised token loop scalar (several times slower): off.
             return load(
                 name=_NAME,
                 sources=[str(p) for p in _SOURCES],

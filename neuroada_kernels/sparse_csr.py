@@ -2,8 +2,8 @@
 
 The k selected positions of a layer are a fixed sparsity pattern S [d_out, d_in] with k entries
 per row, so delta(x) = x S^T and grad_x = grad_y S are sparse-dense products, which torch's CSR
-kernels vectorise along the tokens: at k = 20 on SmolLM2's MLP shapes about 6x faster than
-per-j gathers (benchmarks/train_cost.py). At small k their fixed cost loses to the gathers.
+kernels vectorise along the tokens: at large k several times faster than per-j gathers
+(benchmarks/train_cost.py, RESULTS.md). At small k their fixed cost loses to the gathers.
 grad_values stays on the per-j gathers: the alternatives measured (torch's sampled_addmm, which
 forms a dense [d_out, d_in] product on the CPU; token-major row gathers with bmm) were slower or
 dense. The pattern is laid out once (`CsrLayout`); each call only brings the current values.

@@ -6,8 +6,8 @@ need them, least recently used out first: an adapter is copied to the device onc
 change of the batch. While the mixed path is on, each target linear's forward is replaced by the
 same product plus the deltas of every index set bound to the coming forward call (`MixedForward`,
 as accelerate's hooks replace `module.forward`): the module's own forward and a forward hook on it
-cost about 6 us a call more than such a replacement, measured on the CPU, where the sparse kernel
-of a decode step takes 3-35 us. Our decoder's one-call layers (float32 on the CPU) take each
+cost more per call than such a replacement, a cost of the order of a decode step's whole sparse
+kernel on the CPU (benchmarks/RESULTS.md). Our decoder's one-call layers (float32 on the CPU) take each
 replacement's bound deltas (`MixedForward.deltas`) and add them inside that call.
 
 On a GPU, sibling projections that read the same input (q/k/v, gate/up: vLLM's packed modules)

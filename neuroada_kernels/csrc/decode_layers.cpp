@@ -11,7 +11,7 @@
 // gate or up is wrapped computes silu(gate) * up apart, as the model's own MLP then does.
 //
 // What it saves is the loop around them: a dozen Python calls and their argument checks per layer,
-// about a sixth of a small batch's step on two cores. The GIL is released for the whole call.
+// a sizeable part of a small batch's step on a few cores (benchmarks/RESULTS.md). The GIL is released for the whole call.
 #include <torch/extension.h>
 
 #include "kernels.h"

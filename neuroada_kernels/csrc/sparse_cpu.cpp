@@ -30,7 +30,7 @@
 namespace {
 
 // 16 floats. Explicit vectors rather than auto-vectorised loops: GCC's -O3 loop transforms
-// (unroll-and-jam) turned the token loop scalar and made the forward 5x slower.
+// (unroll-and-jam) turned the token loop scalar and made the forward several times slower.
 typedef float vec __attribute__((vector_size(64)));
 constexpr int64_t VL = 16;
 constexpr int64_t TB = 32;  // tokens per forward tile (two vectors); a tile's columns stay in L2
@@ -89,7 +89,7 @@ inline void put(float& dst, float v) {
 // dst[c * ldd + r] (+)= src[r * lds + c] for r < rows, c < cols: 8 x 8 register blocks where the
 // CPU has AVX, element by element at the edges. The blocks are walked along the rows of src
 // (SRC_ROWS) or of dst, whichever is the big tensor in memory, so that it streams row by row and
-// the tile (in L2) takes the strided accesses: the other order ran 3x slower, memory bound.
+// the tile (in L2) takes the strided accesses: the other order ran several times slower, memory bound.
 template <bool ACC, bool SRC_ROWS>
 void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
   int64_t R = 0, C = 0;  // the part done in 8 x 8 blocks: [0, R) x [0, C)
