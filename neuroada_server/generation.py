@@ -37,11 +37,23 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its logits before temperature, top-k
+    and top-p, as vLLM reports by default), and the most likely tokens there, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob) of the n most likely
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens generated since the previous delta, when asked for
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class Finished:
     completion_tokens: int
     first_token_at: float | None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's (eos excluded), when asked for
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,8 @@ class _RowState:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.ids: list[int] = []  # generated tokens, eos excluded
+        self.logprobs: list[TokenLogprob] = []  # theirs, when the request asks for them
+        self.logprobs_sent = 0  # of them, in text deltas so far
         self.num_tokens = 0  # generated tokens, eos included
         self.text = ""
         self.emitted = 0
@@ -112,7 +127,7 @@ class _RowState:
         if request.params.seed is not None:
             self.generator = torch.Generator().manual_seed(request.params.seed)
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.num_tokens += 1
@@ -120,6 +135,8 @@ class _RowState:
             self.finish_reason = "stop"
         else:
             self.ids.append(token)
+            if logprob is not None:
+                self.logprobs.append(logprob)
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
             for stop in self.request.params.stop:
                 # Only the text that is new since the last token can hold a new match: searching
@@ -142,8 +159,9 @@ class _RowState:
         else:
             safe = len(self.text)
         if safe > self.emitted:
-            self.request.on_event(TextDelta(self.text[self.emitted : safe]))
-            self.emitted = safe
+            logprobs = tuple(self.logprobs[self.logprobs_sent :])
+            self.request.on_event(TextDelta(self.text[self.emitted : safe], logprobs))
+            self.emitted, self.logprobs_sent = safe, len(self.logprobs)
 
     def fail(self, error: Exception) -> None:
         """This row alone failed (its sampling, its logits, its stop strings or detokenisation)."""
@@ -163,6 +181,7 @@ class _RowState:
                 completion_tokens=self.num_tokens,
                 first_token_at=self.first_token_at,
                 cached_tokens=self.cached_tokens,
+                logprobs=tuple(self.logprobs) if self.request.params.logprobs is not None else None,
             )
         )
 
@@ -193,6 +212,30 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         return int(torch.multinomial(probs, 1, generator=generator))
     except RuntimeError as e:  # it checks its input: NaN or infinite probabilities (a logit overflowed)
         raise RowError(f"sampling at temperature {params.temperature} failed: {e}", "non_finite") from None
+
+
+class _Logprobs:
+    """The log-probabilities of one step's rows that ask for them, computed once for all of them."""
+
+    def __init__(self, rows: list[_RowState], logits: torch.Tensor):  # logits [B, V]
+        wanted = [(slot, row.request.params.logprobs) for slot, row in enumerate(rows)]
+        wanted = [(slot, n) for slot, n in wanted if n is not None]
+        self.index = {slot: i for i, (slot, _) in enumerate(wanted)}  # batch row -> row of the tensors below
+        self.top_n = {slot: n for slot, n in wanted}
+        if not wanted:
+            return
+        self.logprobs = logits[[slot for slot, _ in wanted]].float().log_softmax(-1).cpu()  # [W, V]
+        most = max(n for _, n in wanted)
+        top = self.logprobs.topk(most) if most else None  # values and indices [W, most]
+        self.top = (top.indices.tolist(), top.values.tolist()) if top is not None else None
+
+    def of(self, slot: int, token: int) -> TokenLogprob | None:
+        i = self.index.get(slot)
+        if i is None:
+            return None
+        n = self.top_n[slot]
+        top = tuple(zip(self.top[0][i][:n], self.top[1][i][:n])) if n else ()
+        return TokenLogprob(token, float(self.logprobs[i, token]), top)
 
 
 class RunningBatch:
@@ -285,6 +328,7 @@ class RunningBatch:
         # One device sync for every greedy row; max's indices are argmax's (the first maximum), at a
         # third of its cost on the CPU.
         greedy = logits.max(-1).indices.tolist()
+        logprobs = _Logprobs(rows, logits)
         tokens = []
         for slot, row in enumerate(rows):
             params = row.request.params
@@ -296,7 +340,7 @@ class RunningBatch:
                     token = greedy[slot]
                 else:
                     token = sample_next(logits[slot].cpu(), params, row.generator)
-                row.push(token)
+                row.push(token, logprobs.of(slot, token))
             except Exception as e:
                 row.fail(e)
             tokens.append(token)

@@ -59,7 +59,7 @@ class SamplingFields(BaseModel):
         description="drop the request if still queued after this long (the server's request_timeout_s caps it)",
     )
 
-    def sampling(self, max_new_tokens: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, logprobs: int | None = None) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -69,6 +69,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             stop=tuple(s for s in stops if s),
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
         )
 
 
@@ -87,13 +88,31 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-class CompletionRequest(SamplingFields):
+MAX_LOGPROBS = 20  # most likely tokens a response may list per position (OpenAI's limit)
+
+
+class OpenAISamplingFields(SamplingFields):
+    """OpenAI's sampling fields; those we do not implement are accepted at their defaults only, and
+    refused otherwise (422), never silently ignored."""
+
+    temperature: Temperature = 1.0
+    n: int = Field(1, ge=1, le=1)
+    presence_penalty: Literal[0] = Field(0, description="not supported: 0 only")
+    frequency_penalty: Literal[0] = Field(0, description="not supported: 0 only")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: empty only")
+    user: str | None = None
+
+
+class CompletionRequest(OpenAISamplingFields):
     model: str
     prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
     max_tokens: int = Field(16, ge=1)
-    temperature: Temperature = 1.0
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="each generated token's log-probability and the n most likely"
+    )
+    echo: Literal[False] = Field(False, description="not supported: false only")
+    best_of: Literal[1] | None = Field(None, description="not supported: 1 only")
+    suffix: None = Field(None, description="not supported")
 
 
 class ChatMessage(BaseModel):
@@ -101,14 +120,21 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(OpenAISamplingFields):
     model: str
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: Temperature = 1.0
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
+    logprobs: bool = Field(False, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the n most likely tokens at each position"
+    )
+    tools: list[dict] | None = Field(None, max_length=0, description="not supported: none only")
+
+    @property
+    def logprobs_n(self) -> int | None:
+        """SamplingParams.logprobs: None (off), or how many most likely tokens to list."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ErrorDetail(BaseModel):

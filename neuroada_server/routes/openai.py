@@ -11,12 +11,13 @@ import uuid
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from transformers import PreTrainedTokenizerBase
 
 from neuroada_server.deps import get_engine, require_api_token
 from neuroada_server.dispatch import Submitted, check_prompt_chars, submit, tokenize
 from neuroada_server.engine import Engine
 from neuroada_server.errors import ApiError
-from neuroada_server.generation import Finished, TextDelta
+from neuroada_server.generation import Finished, TextDelta, TokenLogprob
 from neuroada_server.schemas import STREAMING_RESPONSE, ChatCompletionRequest, CompletionRequest, Usage
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
@@ -59,18 +60,21 @@ async def completions(body: CompletionRequest, http: Request, response: Response
         raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
     adapter = _adapter_for(engine, body.model)
     ids = await tokenize(engine, prompts[0])
-    job = submit(engine, ids, adapter, body.sampling(body.max_tokens), body.timeout_s)
+    job = submit(engine, ids, adapter, body.sampling(body.max_tokens, body.logprobs), body.timeout_s)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    logprobs = CompletionLogprobs(engine.tokenizer) if body.logprobs is not None else None
     if body.stream:
 
-        def chunk(text: str, finish: str | None) -> dict:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        def chunk(text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
+            rendered = logprobs.render(tokens) if logprobs is not None else None
+            choice = {"index": 0, "text": text, "logprobs": rendered, "finish_reason": finish}
             return _envelope(rid, "text_completion", created, body.model, choice)
 
         return _stream(job, chunk)
     done = await job.result(http)
     response.headers.update(job.headers)
-    choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish(done)}
+    rendered = logprobs.render(done.logprobs) if logprobs is not None else None
+    choice = {"index": 0, "text": done.text, "logprobs": rendered, "finish_reason": _finish(done)}
     return _envelope(rid, "text_completion", created, body.model, choice, Usage.of(done).model_dump())
 
 
@@ -79,6 +83,8 @@ async def chat_completions(
     body: ChatCompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)
 ):
     adapter = _adapter_for(engine, body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(422, "top_logprobs: set logprobs to true to use it")
     messages = [m.model_dump() for m in body.messages]
     check_prompt_chars(engine, sum(len(m["content"]) for m in messages))
     try:
@@ -93,23 +99,76 @@ async def chat_completions(
     if max_tokens is None:  # as much as fits, up to a default
         room = engine.context_length - len(ids) if engine.context_length is not None else 256
         max_tokens = max(1, min(256, engine.settings.max_new_tokens, room))
-    job = submit(engine, list(ids), adapter, body.sampling(max_tokens), body.timeout_s)
+    job = submit(engine, list(ids), adapter, body.sampling(max_tokens, body.logprobs_n), body.timeout_s)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         first = True
 
-        def chunk(text: str, finish: str | None) -> dict:
+        def chunk(text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
             nonlocal first
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             first = False
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if body.logprobs:
+                choice["logprobs"] = _chat_logprobs(engine.tokenizer, tokens)
             return _envelope(rid, "chat.completion.chunk", created, body.model, choice)
 
         return _stream(job, chunk)
     done = await job.result(http)
     response.headers.update(job.headers)
-    choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": _finish(done)}
+    message = {"role": "assistant", "content": done.text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(done)}
+    if body.logprobs:
+        choice["logprobs"] = _chat_logprobs(engine.tokenizer, done.logprobs)
     return _envelope(rid, "chat.completion", created, body.model, choice, Usage.of(done).model_dump())
+
+
+def _token_texts(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogprob, ...]) -> dict[int, str]:
+    """Each token's own text (as vLLM lists them: a token that is part of a character shows as
+    U+FFFD), for the generated tokens and their alternatives, in one tokenizer call."""
+    ids = list({i for t in tokens for i in (t.token, *(alt for alt, _ in t.top))})
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+
+
+class CompletionLogprobs:
+    """/v1/completions' logprobs object (OpenAI's legacy shape), chunk by chunk in a stream:
+    `text_offset` counts on from the tokens rendered before."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.offset = 0  # characters of the tokens rendered so far
+
+    def render(self, tokens: tuple[TokenLogprob, ...]) -> dict:
+        text = _token_texts(self.tokenizer, tokens)
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text[t.token])
+        return {
+            "tokens": [text[t.token] for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [_most_likely_per_text(t.top, text) for t in tokens],
+            "text_offset": offsets,
+        }
+
+
+def _most_likely_per_text(top: tuple[tuple[int, float], ...], text: dict[int, str]) -> dict[str, float]:
+    """The legacy shape's {text: logprob}, most likely first. Tokens of one text (parts of characters
+    show as U+FFFD) share a key: the most likely of them keeps it."""
+    by_text: dict[str, float] = {}
+    for token, logprob in top:
+        by_text.setdefault(text[token], logprob)
+    return by_text
+
+
+def _chat_logprobs(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogprob, ...]) -> dict:
+    """/v1/chat/completions' logprobs object: per token its text, bytes, logprob and alternatives."""
+    text = _token_texts(tokenizer, tokens)
+
+    def entry(token: int, logprob: float) -> dict:
+        return {"token": text[token], "logprob": logprob, "bytes": list(text[token].encode())}
+
+    return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(*alt) for alt in t.top]} for t in tokens]}
 
 
 def _envelope(rid: str, kind: str, created: int, model: str, choice: dict, usage: dict | None = None) -> dict:
@@ -121,8 +180,16 @@ def _envelope(rid: str, kind: str, created: int, model: str, choice: dict, usage
 
 
 def _stream(job: Submitted, chunk) -> StreamingResponse:
+    """`chunk(text, finish_reason, logprobs)` per event; the final chunk carries the logprobs of the
+    tokens no text delta did (a stop string's, a token with no text of its own)."""
+    sent = 0
+
     def render(event: TextDelta | Finished) -> dict:
-        return chunk(event.text, None) if isinstance(event, TextDelta) else chunk("", _finish(event))
+        nonlocal sent
+        if isinstance(event, TextDelta):
+            sent += len(event.logprobs)
+            return chunk(event.text, None, event.logprobs)
+        return chunk("", _finish(event), (event.logprobs or ())[sent:])
 
     return job.streaming_response(render)
 

@@ -7,6 +7,7 @@ Faults are injected through the model's own modules, which both forwards call.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from neuroada_server.generation import Failed, Finished, GenerationRequest, RunningBatch, SamplingParams
 from tests.helpers import tiny_llama, tiny_tokenizer
@@ -139,3 +140,32 @@ def test_split_then_merge_gives_every_row_its_tokens(solo, runner):
 
     ended = _run(batch, events, split_and_step_halves)
     assert {p: t.text for p, t in ended.items()} == solo
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_are_the_models_log_softmax_at_each_generated_token(runner, temperature):
+    batch, events = _batch(runner), {}
+    asks = _request("hello there", events, n=6, temperature=temperature, seed=3, logprobs=3)
+    beside = _request("1 + 2 =", events, n=6)
+    batch.join([asks, beside])
+    while batch:
+        batch.step()
+    done = events["hello there"][-1]
+    assert isinstance(done, Finished) and len(done.logprobs) == done.completion_tokens == 6
+    # The deltas carry the same tokens, each once, in order.
+    streamed = [t for e in events["hello there"][:-1] for t in e.logprobs]
+    assert streamed == list(done.logprobs[: len(streamed)])
+    assert events["1 + 2 ="][-1].logprobs is None and all(not e.logprobs for e in events["1 + 2 ="][:-1])
+
+    # The model's own distribution at each position (before temperature), from a whole-sequence forward.
+    tokens = [t.token for t in done.logprobs]
+    ids = torch.tensor([asks.prompt_ids + tokens])
+    with torch.no_grad():
+        expected = batch.model(ids).logits[0, len(asks.prompt_ids) - 1 : -1].log_softmax(-1)  # [6, V]
+    for position, got in enumerate(done.logprobs):
+        assert got.logprob == pytest.approx(float(expected[position, got.token]), abs=1e-4)
+        top = expected[position].topk(3)
+        assert [i for i, _ in got.top] == top.indices.tolist()
+        assert [lp for _, lp in got.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        if temperature == 0:
+            assert got.token == got.top[0][0]

@@ -36,6 +36,59 @@ def test_openai_client_completion_and_streamed_chat(server, store):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
+def test_openai_logprobs_completion_and_chat_streamed_or_not(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    completion = client.completions.create(model="a", prompt="hello there", max_tokens=8, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == completion.usage.completion_tokens
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert 1 <= len(top) <= 2 and logprob <= 0  # two tokens of one text (U+FFFD) share a key
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    stream = client.completions.create(
+        model="a", prompt="hello there", max_tokens=8, temperature=0, logprobs=2, stream=True
+    )
+    chunks = [chunk.choices[0].logprobs for chunk in stream]
+    assert [t for c in chunks for t in c.tokens] == logprobs.tokens
+    assert [o for c in chunks for o in c.text_offset] == logprobs.text_offset  # counted on across chunks
+
+    messages = [{"role": "user", "content": "hi"}]
+    asked = dict(model="b", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    full = client.chat.completions.create(**asked).choices[0].logprobs.content
+    streamed = [
+        t for chunk in client.chat.completions.create(**asked, stream=True) for t in chunk.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in full]
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in full)
+    assert all(t.bytes == list(t.token.encode()) for t in full)
+    plain = client.chat.completions.create(model="b", messages=messages, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    "path, fields, named",
+    [
+        ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
+        ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
+def test_openai_fields_we_do_not_implement_are_refused_not_ignored(server, path, fields, named):
+    body = {"model": "a", "max_tokens": 2} | (
+        {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    )
+    with server.client() as c:
+        refused = c.post(path, json=body | fields)
+        assert refused.status_code == 422 and named in refused.json()["error"]["message"], refused.text
+        defaults = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "n": 1}
+        assert c.post(path, json=body | defaults).status_code == 200
+
+
 def _small_delta_adapter(model, scale: float):
     """Top-1 magnitude positions (the coarsest bf16 grid) with deltas far below one bf16 ulp there."""
     spec = BaseModelSpec.from_model(model, TINY_NAME)
