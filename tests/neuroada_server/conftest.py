@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -40,18 +41,18 @@ def spawn_serve(env_overrides: dict[str, str], timeout: float = 300) -> tuple[su
     """`neuroada serve` in its own process on a free port, as a user starts it; waits for /health."""
     port = free_port()
     env = dict(os.environ, NEUROADA_PORT=str(port), **env_overrides)
+    # Its output goes to a file, not a pipe: a pipe no one reads fills up (Ray forwards every
+    # replica's log to its driver, this process) and the server then blocks on a write.
+    output = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "neuroada.cli", "serve"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "neuroada.cli", "serve"], env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"neuroada serve exited: {proc.stdout.read().decode()[-3000:]}")
+            output.seek(0)
+            raise RuntimeError(f"neuroada serve exited: {output.read().decode()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url
