@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import NoReturn
 
 from fastapi import Request
@@ -22,46 +23,50 @@ MAX_STOP_STRINGS = 8
 
 
 class Submitted:
-    """One queued request and the asyncio queue its events arrive on."""
+    """The queued requests of one HTTP request (OpenAI's `n`: one per choice, else one) and the
+    asyncio queue their events arrive on, each as (choice index, event)."""
 
-    def __init__(self, request: GenerationRequest, events: asyncio.Queue):
-        self.request = request
+    def __init__(self, requests: list[GenerationRequest], events: asyncio.Queue):
+        self.requests = requests
         self.events = events
 
     def cancel(self) -> None:
-        self.request.cancelled.set()
+        for request in self.requests:
+            request.cancelled.set()
 
     @property
     def headers(self) -> dict[str, str]:
         """The adapter's tier when the request was queued: resident (a hit), host or disk (it waited for a load)."""
-        tier = self.request.adapter_tier
+        tier = self.requests[0].adapter_tier
         return {"X-Adapter-Tier": tier} if tier else {}
 
-    def streaming_response(self, render: Callable[[TextDelta | Finished], dict]) -> StreamingResponse:
+    def streaming_response(self, render: Callable[[int, TextDelta | Finished], dict]) -> StreamingResponse:
         return StreamingResponse(self.sse(render), media_type="text/event-stream", headers=self.headers)
 
-    async def stream(self, http: Request | None = None) -> AsyncIterator[Event]:
-        """Events until the final one. With `http`, a client that hangs up ends the stream at once
-        and cancels the generation (it leaves the batch at the next step)."""
+    async def stream(self, http: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
+        """(choice, event) until every choice's final event, or the first failure (the other
+        choices are then cancelled: a request fails whole). With `http`, a client that hangs up
+        ends the stream at once and cancels the generations (they leave the batch at the next step)."""
         hangup = asyncio.ensure_future(_client_gone(http)) if http is not None else None
-        done = False
+        running = len(self.requests)
         try:
-            while True:
-                event = await self._next(hangup)
-                if event is None:
+            while running:
+                item = await self._next(hangup)
+                if item is None:
                     return
-                done = isinstance(event, (Finished, Failed))
-                yield event
-                if done:
-                    return
+                _, event = item
+                if isinstance(event, Failed):
+                    running = 0
+                elif isinstance(event, Finished):
+                    running -= 1
+                yield item
         finally:
             if hangup is not None:
                 hangup.cancel()
-            if not done:
-                self.cancel()
+            self.cancel()  # those still running (a hang-up, a failed sibling); a no-op for the finished
 
-    async def _next(self, hangup: asyncio.Future | None) -> Event | None:
-        """The next event, or None if the client hung up first."""
+    async def _next(self, hangup: asyncio.Future | None) -> tuple[int, Event] | None:
+        """The next (choice, event), or None if the client hung up first."""
         if hangup is None or not self.events.empty():
             return await self.events.get()
         get = asyncio.ensure_future(self.events.get())
@@ -71,26 +76,30 @@ class Submitted:
         get.cancel()
         return None
 
-    async def sse(self, render: Callable[[TextDelta | Finished], dict]) -> AsyncIterator[str]:
+    async def sse(self, render: Callable[[int, TextDelta | Finished], dict]) -> AsyncIterator[str]:
         """Server-sent events: a `data:` line per event (errors in the shared JSON shape), then [DONE]."""
         try:
-            async for event in self.stream():
+            async for choice, event in self.stream():
                 if isinstance(event, Failed):
                     payload = error_body(event.status, event.message, event.code)
                 else:
-                    payload = render(event)
+                    payload = render(choice, event)
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self.cancel()  # a client that went away stops its generation (a no-op once finished)
 
-    async def result(self, http: Request | None = None) -> Finished:
-        async for event in self.stream(http):
+    async def results(self, http: Request | None = None) -> list[Finished]:
+        """Every choice's final event, in choice order (raises ApiError for the first that failed)."""
+        done: dict[int, Finished] = {}
+        async for choice, event in self.stream(http):
             if isinstance(event, Failed):
                 raise ApiError(event.status, event.message, event.code)
             if isinstance(event, Finished):
-                return event
-        raise ApiError(499, "the client closed the connection")
+                done[choice] = event
+        if len(done) < len(self.requests):
+            raise ApiError(499, "the client closed the connection")
+        return [done[i] for i in range(len(self.requests))]
 
 
 async def _client_gone(http: Request) -> None:
@@ -125,8 +134,10 @@ def submit(
     adapter: str | None,
     params: SamplingParams,
     timeout_s: float | None = None,
+    n: int = 1,
 ) -> Submitted:
-    """Check a request against the server's limits and queue it (raises ApiError)."""
+    """Check a request against the server's limits and queue it, as `n` generations of the prompt
+    (OpenAI's `n`; with a seed, choice i samples with seed + i), all or none (raises ApiError)."""
     settings = engine.settings
     if adapter is not None and not engine.catalog.servable(adapter):
         _unknown_adapter(engine, adapter)
@@ -151,17 +162,21 @@ def submit(
         raise ApiError(422, f"at most {MAX_STOP_STRINGS} stop strings of at most 64 characters each")
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    request = GenerationRequest(
-        prompt_ids=prompt_ids,
-        adapter=adapter,
-        params=params,
-        on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-        deadline=time.monotonic() + min(settings.request_timeout_s, timeout_s or settings.request_timeout_s),
-        # A deadline the client chose and missed is the client's (408), the server's own is 504.
-        deadline_status=408 if timeout_s is not None and timeout_s < settings.request_timeout_s else 504,
-    )
+    deadline = time.monotonic() + min(settings.request_timeout_s, timeout_s or settings.request_timeout_s)
+    requests = [
+        GenerationRequest(
+            prompt_ids=prompt_ids,
+            adapter=adapter,
+            params=params if params.seed is None else replace(params, seed=params.seed + choice),
+            on_event=lambda event, choice=choice: loop.call_soon_threadsafe(events.put_nowait, (choice, event)),
+            deadline=deadline,
+            # A deadline the client chose and missed is the client's (408), the server's own is 504.
+            deadline_status=408 if timeout_s is not None and timeout_s < settings.request_timeout_s else 504,
+        )
+        for choice in range(n)
+    ]
     try:
-        engine.submit(request)
+        engine.submit(*requests)  # all or none
     except UnknownAdapter:  # deleted since the check above
         _unknown_adapter(engine, adapter)
     except ShuttingDown as e:
@@ -169,7 +184,7 @@ def submit(
     except QueueFull as e:
         engine.metrics.requests.labels(adapter=adapter or "base", status="429").inc()
         raise ApiError(429, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
-    return Submitted(request, events)
+    return Submitted(requests, events)
 
 
 def _unknown_adapter(engine: Engine, adapter: str) -> NoReturn:

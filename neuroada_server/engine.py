@@ -174,8 +174,8 @@ class Engine:
 
     # --- what the routes and tests ask -------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> None:
-        self.worker.submit(request)
+    def submit(self, *requests: GenerationRequest) -> None:
+        self.worker.submit(*requests)
 
     @property
     def applied(self) -> str | None:

@@ -18,12 +18,15 @@ Per-adapter mode (`mixed=False`, one adapter per batch, as servers that merge ad
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-from neuroada_server.generation import Failed, GenerationRequest
+from neuroada_server.generation import Event, Failed, Finished, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 _ANY = object()  # mixed mode: requests of any adapter may join
 _DRAIN = object()  # per-adapter mode: none may join; the running batch drains first
@@ -58,13 +61,14 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closed = False
 
-    def submit(self, request: GenerationRequest) -> None:
+    def submit(self, *requests: GenerationRequest) -> None:
+        """Queue requests, all or none (one HTTP request's `n` choices)."""
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._queue) >= self.max_queued:
-                raise QueueFull(f"the queue holds {len(self._queue)} requests, its limit")
-            self._queue.append(request)
+            if len(self._queue) + len(requests) > self.max_queued:
+                raise QueueFull(f"the queue holds {len(self._queue)} of its {self.max_queued} requests")
+            self._queue.extend(requests)
             self._cond.notify()
 
     def depth(self) -> int:
@@ -76,7 +80,7 @@ class BatchScheduler:
         with self._cond:
             self._closed = True
             for r in self._queue:
-                r.on_event(Failed(503, "the server is shutting down", "shutting_down"))
+                _end(r, Failed(503, "the server is shutting down", "shutting_down"))
             self._queue.clear()
             self._cond.notify_all()
 
@@ -127,7 +131,7 @@ class BatchScheduler:
                 if verdict:
                     ready.append(r)
             else:
-                r.on_event(verdict)
+                _end(r, verdict)
         self._queue = kept
         return ready
 
@@ -146,17 +150,27 @@ class BatchScheduler:
         return oldest.adapter
 
     def _drop_dead(self) -> None:
-        """Cancelled requests leave silently; expired ones get 504 (the server's timeout) or 408 (their own)."""
+        """Cancelled requests leave (their final event says so: it releases what they hold); expired
+        ones get 504 (the server's timeout) or 408 (their own)."""
         now = time.monotonic()
         alive = deque()
         for r in self._queue:
             if r.cancelled.is_set():
+                _end(r, Finished("", "cancelled", len(r.prompt_ids), 0, first_token_at=None))
                 continue
             if r.expired(now):
                 whose = "its timeout_s" if r.deadline_status == 408 else "the server's request_timeout_s"
-                r.on_event(
-                    Failed(r.deadline_status, f"the request's deadline ({whose}) passed while it waited in the queue")
-                )
+                why = f"the request's deadline ({whose}) passed while it waited in the queue"
+                _end(r, Failed(r.deadline_status, why))
                 continue
             alive.append(r)
         self._queue = alive
+
+
+def _end(request: GenerationRequest, event: Event) -> None:
+    """A queued request's final event. A listener that fails (its client's event loop closed) must
+    not stop the queue being walked: the request leaves all the same."""
+    try:
+        request.on_event(event)
+    except Exception:
+        log.exception("a queued request's final event could not be delivered")

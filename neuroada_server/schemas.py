@@ -20,12 +20,14 @@ class Usage(BaseModel):  # OpenAI's usage object, also /generate's
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
     @classmethod
-    def of(cls, done: Finished) -> Usage:
+    def of(cls, *choices: Finished) -> Usage:
+        """One request's usage: its prompt counted once, every choice's completion."""
+        prompt, completion = choices[0].prompt_tokens, sum(done.completion_tokens for done in choices)
         return cls(
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens,
-            total_tokens=done.prompt_tokens + done.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_tokens),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=choices[0].cached_tokens),
         )
 
 
@@ -89,6 +91,7 @@ class GenerateResponse(BaseModel):
 
 
 MAX_LOGPROBS = 20  # most likely tokens a response may list per position (OpenAI's limit)
+MAX_CHOICES = 16  # `n`: each choice is a request of its own in the batch
 
 
 class OpenAISamplingFields(SamplingFields):
@@ -96,7 +99,7 @@ class OpenAISamplingFields(SamplingFields):
     refused otherwise (422), never silently ignored."""
 
     temperature: Temperature = 1.0
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate (with a seed, choice i uses seed + i)")
     presence_penalty: Literal[0] = Field(0, description="not supported: 0 only")
     frequency_penalty: Literal[0] = Field(0, description="not supported: 0 only")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: empty only")

@@ -89,36 +89,43 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> None:
-        """Queue a request (raises QueueFull, or UnknownAdapter when its adapter cannot be served).
-        Its adapter is kept from eviction, and loaded if need be, until the request ends."""
-        name = request.adapter
-        if name is not None:
-            request.adapter_tier = self.catalog.acquire(name)
-            if request.adapter_tier is None:
-                raise UnknownAdapter(f"adapter {name!r} not found")
-        deliver = request.on_event
+    def submit(self, *requests: GenerationRequest) -> None:
+        """Queue requests, all or none (raises QueueFull, or UnknownAdapter when an adapter cannot
+        be served). Each one's adapter is kept from eviction, and loaded if need be, until it ends."""
+        acquired: list[str] = []
+        try:
+            for request in requests:
+                name = request.adapter
+                if name is not None:
+                    request.adapter_tier = self.catalog.acquire(name)
+                    if request.adapter_tier is None:
+                        raise UnknownAdapter(f"adapter {name!r} not found")
+                    acquired.append(name)
+                request.on_event = self._ends_once(request, request.on_event)
+            self.scheduler.submit(*requests)
+        except Exception:
+            for name in acquired:
+                self.catalog.release(name)
+            raise
+        self.metrics.queue_depth.set(self.scheduler.depth())
+
+    def _ends_once(self, request: GenerationRequest, deliver: Callable[[Event], None]) -> Callable[[Event], None]:
+        """`deliver`, passing one final event only (whatever path failed the request), which also
+        releases its adapter and records its metrics."""
         ended = False
 
         def on_event(event: Event) -> None:
             nonlocal ended
-            if ended:  # one final event per request, whatever path failed it
+            if ended:
                 return
             if isinstance(event, (Finished, Failed)):
                 ended = True
-                if name is not None:
-                    self.catalog.release(name)
+                if request.adapter is not None:
+                    self.catalog.release(request.adapter)
                 self._record(request, event)
             deliver(event)
 
-        request.on_event = on_event
-        try:
-            self.scheduler.submit(request)
-        except Exception:
-            if name is not None:
-                self.catalog.release(name)
-            raise
-        self.metrics.queue_depth.set(self.scheduler.depth())
+        return on_event
 
     def _run(self) -> None:
         try:

@@ -28,11 +28,11 @@ async def generate(
     prompt_ids = await tokenize(engine, body.prompt)
     job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens), body.timeout_s)
     if not body.stream:
-        done = await job.result(http)
+        (done,) = await job.results(http)
         response.headers.update(job.headers)
         return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason, usage=Usage.of(done))
 
-    def render(event: TextDelta | Finished) -> dict:
+    def render(_: int, event: TextDelta | Finished) -> dict:
         if isinstance(event, TextDelta):
             return {"text": event.text}
         return {

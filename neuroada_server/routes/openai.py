@@ -60,22 +60,25 @@ async def completions(body: CompletionRequest, http: Request, response: Response
         raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
     adapter = _adapter_for(engine, body.model)
     ids = await tokenize(engine, prompts[0])
-    job = submit(engine, ids, adapter, body.sampling(body.max_tokens, body.logprobs), body.timeout_s)
+    job = submit(engine, ids, adapter, body.sampling(body.max_tokens, body.logprobs), body.timeout_s, body.n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    logprobs = CompletionLogprobs(engine.tokenizer) if body.logprobs is not None else None
+    # Per choice: its text_offset counts on across a stream's chunks.
+    logprobs = [CompletionLogprobs(engine.tokenizer) for _ in range(body.n)] if body.logprobs is not None else None
+
+    def choice(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...] | None) -> dict:
+        rendered = logprobs[index].render(tokens) if logprobs is not None else None
+        return {"index": index, "text": text, "logprobs": rendered, "finish_reason": finish}
+
     if body.stream:
 
-        def chunk(text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
-            rendered = logprobs.render(tokens) if logprobs is not None else None
-            choice = {"index": 0, "text": text, "logprobs": rendered, "finish_reason": finish}
-            return _envelope(rid, "text_completion", created, body.model, choice)
+        def chunk(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
+            return _envelope(rid, "text_completion", created, body.model, [choice(index, text, finish, tokens)])
 
         return _stream(job, chunk)
-    done = await job.result(http)
+    done = await job.results(http)
     response.headers.update(job.headers)
-    rendered = logprobs.render(done.logprobs) if logprobs is not None else None
-    choice = {"index": 0, "text": done.text, "logprobs": rendered, "finish_reason": _finish(done)}
-    return _envelope(rid, "text_completion", created, body.model, choice, Usage.of(done).model_dump())
+    choices = [choice(i, d.text, _finish(d), d.logprobs) for i, d in enumerate(done)]
+    return _envelope(rid, "text_completion", created, body.model, choices, Usage.of(*done).model_dump())
 
 
 @router.post("/chat/completions", responses=STREAMING_RESPONSE)
@@ -99,28 +102,37 @@ async def chat_completions(
     if max_tokens is None:  # as much as fits, up to a default
         room = engine.context_length - len(ids) if engine.context_length is not None else 256
         max_tokens = max(1, min(256, engine.settings.max_new_tokens, room))
-    job = submit(engine, list(ids), adapter, body.sampling(max_tokens, body.logprobs_n), body.timeout_s)
+    job = submit(engine, list(ids), adapter, body.sampling(max_tokens, body.logprobs_n), body.timeout_s, body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.stream:
-        first = True
 
-        def chunk(text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
-            nonlocal first
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            first = False
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            if body.logprobs:
-                choice["logprobs"] = _chat_logprobs(engine.tokenizer, tokens)
-            return _envelope(rid, "chat.completion.chunk", created, body.model, choice)
+    def logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict | None:
+        return _chat_logprobs(engine.tokenizer, tokens) if body.logprobs else None
+
+    if body.stream:
+        started = set()  # the choices whose role has been sent (in their first chunk)
+
+        def chunk(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
+            if index in started:
+                delta = {"content": text} if text else {}
+            else:
+                started.add(index)
+                delta = {"role": "assistant", "content": text}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs(tokens), "finish_reason": finish}
+            return _envelope(rid, "chat.completion.chunk", created, body.model, [choice])
 
         return _stream(job, chunk)
-    done = await job.result(http)
+    done = await job.results(http)
     response.headers.update(job.headers)
-    message = {"role": "assistant", "content": done.text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(done)}
-    if body.logprobs:
-        choice["logprobs"] = _chat_logprobs(engine.tokenizer, done.logprobs)
-    return _envelope(rid, "chat.completion", created, body.model, choice, Usage.of(done).model_dump())
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": d.text},
+            "logprobs": logprobs(d.logprobs),
+            "finish_reason": _finish(d),
+        }
+        for i, d in enumerate(done)
+    ]
+    return _envelope(rid, "chat.completion", created, body.model, choices, Usage.of(*done).model_dump())
 
 
 def _token_texts(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogprob, ...]) -> dict[int, str]:
@@ -171,25 +183,24 @@ def _chat_logprobs(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogpro
     return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(*alt) for alt in t.top]} for t in tokens]}
 
 
-def _envelope(rid: str, kind: str, created: int, model: str, choice: dict, usage: dict | None = None) -> dict:
-    """The OpenAI response (or stream chunk) around one choice."""
-    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+def _envelope(rid: str, kind: str, created: int, model: str, choices: list[dict], usage: dict | None = None) -> dict:
+    """The OpenAI response (or stream chunk) around its choices."""
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
     if usage is not None:
         body["usage"] = usage
     return body
 
 
 def _stream(job: Submitted, chunk) -> StreamingResponse:
-    """`chunk(text, finish_reason, logprobs)` per event; the final chunk carries the logprobs of the
-    tokens no text delta did (a stop string's, a token with no text of its own)."""
-    sent = 0
+    """`chunk(choice, text, finish_reason, logprobs)` per event; a choice's final chunk carries the
+    logprobs of its tokens no text delta did (a stop string's, a token with no text of its own)."""
+    sent = [0] * len(job.requests)  # per choice, logprobs sent in its deltas
 
-    def render(event: TextDelta | Finished) -> dict:
-        nonlocal sent
+    def render(index: int, event: TextDelta | Finished) -> dict:
         if isinstance(event, TextDelta):
-            sent += len(event.logprobs)
-            return chunk(event.text, None, event.logprobs)
-        return chunk("", _finish(event), (event.logprobs or ())[sent:])
+            sent[index] += len(event.logprobs)
+            return chunk(index, event.text, None, event.logprobs)
+        return chunk(index, "", _finish(event), (event.logprobs or ())[sent[index] :])
 
     return job.streaming_response(render)
 

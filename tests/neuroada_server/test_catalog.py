@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from neuroada.format import adapter_to_bytes, save_adapter
@@ -76,6 +77,22 @@ def test_eviction_spares_pinned_adapters_and_those_with_running_requests(tiny_mo
         assert _metric(text, "neuroada_adapter_evictions_total", tier="resident") == 4
         assert _metric(text, "neuroada_adapters", tier="resident") == 3
         assert s.engine.base_weights_intact()
+
+
+def test_a_request_cancelled_while_queued_lets_go_of_its_adapter(tiny_model_dir, tmp_path):
+    store = _store(tmp_path / "s", 4)
+    settings = make_settings(tiny_model_dir, store, max_batch_size=1, max_resident_adapters=2)
+    with RunningServer(settings) as s, s.client() as c:
+        with long_request(c):  # holds the one batch row: t001's request waits in the queue
+            with pytest.raises(httpx.TimeoutException):  # its client hangs up while it waits
+                httpx.post(f"{s.url}/generate?adapter=t001", json={"prompt": "hi", "max_new_tokens": 4}, timeout=1.0)
+            deadline = time.monotonic() + 10
+            while _metric(c.get("/metrics").text, "neuroada_requests_total", adapter="t001", status="499") < 1:
+                assert time.monotonic() < deadline, "the cancelled request never ended"
+                time.sleep(0.05)
+        for name in ["t002", "t003"]:  # two loads into two resident slots: t001 must make room
+            assert generate(c, "hello", name, n=4) == offline_greedy(store / f"{name}.safetensors", "hello", 4)
+        assert _tiers(c)["t001"] != "resident"
 
 
 def test_a_cold_adapter_waits_for_its_load_while_resident_streams_keep_decoding(tiny_model_dir, tmp_path):

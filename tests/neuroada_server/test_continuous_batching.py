@@ -14,7 +14,7 @@ from neuroada.inplace import PackedWeights
 from neuroada_server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams
 from neuroada_server.mixed import MixedAdapters
 from neuroada_server.resident import AdapterLoader
-from neuroada_server.scheduler import BatchScheduler
+from neuroada_server.scheduler import BatchScheduler, QueueFull
 from tests.helpers import TINY_NAME, random_adapter, tiny_llama, tiny_tokenizer
 from tests.neuroada_server.conftest import PROMPTS, RunningServer, generate, long_request, make_settings, offline_greedy
 
@@ -197,3 +197,30 @@ def test_adapter_slots_grow_and_are_reused_without_mixing_up_adapters():
         for i, resident in enumerate(rows):
             torch.testing.assert_close(logits[i], alone(resident, i), rtol=1e-4, atol=1e-4)
     assert len(mixed._sets) == 1 and mixed._sets[r[0].adapter.metadata.index_hash].capacity == 4
+
+
+def test_requests_are_queued_all_or_none():
+    scheduler = BatchScheduler(max_batch_size=4, max_queued=3, max_wait_s=1.0)
+    first = _queued(None)
+    scheduler.submit(first)
+    with pytest.raises(QueueFull):
+        scheduler.submit(*[_queued(None) for _ in range(3)])  # room for two of them only
+    assert scheduler.depth() == 1
+    both = [_queued(None), _queued(None)]
+    scheduler.submit(*both)
+    assert scheduler.admit(running=[], applied=None) == [first, *both]
+
+
+def test_a_cancelled_queued_request_ends_cancelled_even_when_its_listener_fails():
+    scheduler = BatchScheduler(max_batch_size=4, max_queued=10, max_wait_s=1.0)
+    ended = []
+    gone = GenerationRequest([1, 2], "a", SamplingParams(), ended.append)
+    broken = GenerationRequest([1], "a", SamplingParams(), lambda e: 1 / 0)  # its client's loop closed
+    waiting = _queued("a")
+    scheduler.submit(gone, broken, waiting)
+    gone.cancelled.set()
+    broken.cancelled.set()
+    assert scheduler.admit(running=[], applied=None) == [waiting]
+    (event,) = ended  # one final event: what it holds (its adapter) is released on it
+    assert isinstance(event, Finished) and event.finish_reason == "cancelled" and event.prompt_tokens == 2
+    assert scheduler.depth() == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 import torch
@@ -12,7 +15,7 @@ from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import LayerDelta, build_adapter, save_adapter
 from neuroada.model import attach, bypasses
 from tests.helpers import TINY_NAME, tiny_llama, tiny_tokenizer
-from tests.neuroada_server.conftest import RunningServer, generate, make_settings, offline_greedy
+from tests.neuroada_server.conftest import RunningServer, generate, long_request, make_settings, metric, offline_greedy
 
 
 def test_openai_client_completion_and_streamed_chat(server, store):
@@ -65,6 +68,49 @@ def test_openai_logprobs_completion_and_chat_streamed_or_not(server):
     assert plain.choices[0].logprobs is None
 
 
+def test_openai_n_choices_each_sample_as_a_request_of_its_own_with_seed_plus_index(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    asked = dict(model="a", prompt="hello there", max_tokens=8, temperature=1.0, seed=5)
+    three = client.completions.create(**asked, n=3)
+    alone = [client.completions.create(**asked | {"seed": 5 + i}).choices[0].text for i in range(3)]
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.text for c in three.choices] == alone and len(set(alone)) > 1
+    assert three.usage.completion_tokens == sum(
+        client.completions.create(**asked | {"seed": 5 + i}).usage.completion_tokens for i in range(3)
+    )
+    assert three.usage.prompt_tokens == client.completions.create(**asked).usage.prompt_tokens
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = dict(model="b", messages=messages, max_tokens=8, temperature=1.0, seed=9, n=2, logprobs=True)
+    full = client.chat.completions.create(**chat)
+    texts, roles, finishes, tokens = {0: "", 1: ""}, [], [], {0: [], 1: []}
+    for chunk in client.chat.completions.create(**chat, stream=True):
+        (c,) = chunk.choices
+        texts[c.index] += c.delta.content or ""
+        roles += [c.index] if c.delta.role else []
+        finishes += [c.index] if c.finish_reason else []
+        tokens[c.index] += [t.token for t in c.logprobs.content]
+    assert sorted(roles) == sorted(finishes) == [0, 1]  # one role and one finish per choice
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert tokens == {c.index: [t.token for t in c.logprobs.content] for c in full.choices}
+
+
+def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
+    settings = make_settings(tiny_model_dir, store, max_batch_size=1, max_queued_requests=2)
+    body = {"model": "a", "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+    with RunningServer(settings) as s, s.client() as c, ThreadPoolExecutor(1) as pool:
+        with long_request(c):  # holds the one batch row: nothing leaves the queue meanwhile
+            assert c.post("/v1/completions", json=body | {"n": 3}).status_code == 429  # 3 > 2: none queued
+            two = pool.submit(c.post, "/v1/completions", json=body | {"n": 2})  # so both of these fit
+            deadline = time.monotonic() + 10
+            while metric(c, "neuroada_queue_depth") < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert metric(c, "neuroada_queue_depth") == 2
+        assert two.result(timeout=60).status_code == 200  # once the long request hung up
+        assert [ch["index"] for ch in two.result().json()["choices"]] == [0, 1]
+        assert metric(c, 'neuroada_generated_tokens_total{adapter="a"}') == 2 * 4
+
+
 @pytest.mark.parametrize(
     "path, fields, named",
     [
@@ -74,6 +120,7 @@ def test_openai_logprobs_completion_and_chat_streamed_or_not(server):
         ("/v1/completions", {"echo": True}, "echo"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"n": 17}, "n"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
