@@ -1,6 +1,7 @@
 """The engine's decode step: our decoder against Hugging Face's forward, and the memory floor.
 
-    python benchmarks/decode_step.py [--batch 1 4 16] [--steps 40] [--rounds 3] [--threads 2]
+    python benchmarks/decode_step.py [--batch 1 4 16] [--steps 40] [--rounds 3] [--threads 2] [--mixed-k 1]
+        [--engines ours "ours mixed 8" ...]
 
 On the embedded SmolLM2-135M (fp32), a `RunningBatch` of B requests decodes `--steps` tokens
 (ignore_eos) and each step is timed, and the prefill of its prompts; four engines take turns,
@@ -11,7 +12,8 @@ round after round:
   (`neuroada_kernels.decode_layers`);
 - ours by layer: the same, its Python loop calling the kernels layer by layer;
 - ours mixed 8 (and by layer): the mixed path, each row with one of 8 adapters in turn (random
-  deltas on magnitude-selected k = 1 indices, one index set, as `serve_load.py` makes them);
+  deltas on magnitude-selected k = 1 indices, one index set, as `serve_load.py` makes them;
+  `--mixed-k 20`: the shipped adapters' k);
 - ours bf16w: the same over the model with its linear weights in bf16 (`--weight-dtype bfloat16`:
   float32 activations, the kernel widening the weights as it reads them).
 The floor is what a step must read, the weights once, over the copy bandwidth measured here
@@ -88,12 +90,12 @@ def step_times(
     return prefill, times
 
 
-def mixed_adapters(model, packed) -> tuple[SparseDeltaAdapters, list]:
-    """The server's adapter layer over `model`, and MIXED_ADAPTERS adapters resident in it."""
+def mixed_adapters(model, packed, k: int = 1) -> tuple[SparseDeltaAdapters, list]:
+    """The server's adapter layer over `model`, and MIXED_ADAPTERS adapters of top-k deltas resident in it."""
     base = BaseModelSpec.from_model(model, "SmolLM2-135M-Instruct")
     loader = AdapterLoader(packed, base, fidelity_threshold=0.9)
     residents = [
-        loader.place(f"task{i:02d}", random_adapter(model, base, k=1, seed=100 + i)) for i in range(MIXED_ADAPTERS)
+        loader.place(f"task{i:02d}", random_adapter(model, base, k=k, seed=100 + i)) for i in range(MIXED_ADAPTERS)
     ]
     return SparseDeltaAdapters(packed, MixedAdapters(model, torch.device("cpu")), ServerMetrics()), residents
 
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mixed-k", type=int, default=1, help="the mixed engines' adapters: k deltas per neuron")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("decode_step.json"))
     args = parser.parse_args()
     set_threads(args.threads)
@@ -141,13 +145,13 @@ def main() -> None:
     # Both laid out as the server does: packed linear weights, on huge pages.
     model, tokenizer = load_base_model(), load_tokenizer()
     packed = place_for_serving_(model, torch.device("cpu"))
-    mixed = mixed_adapters(model, packed)
+    mixed = mixed_adapters(model, packed, args.mixed_k)
     bf16w = load_base_model()
     round_linear_weights_(bf16w, torch.bfloat16)
     place_for_serving_(bf16w, torch.device("cpu"))
     weight_bytes = linear_bytes(model)
-    samples = {(e, b): [] for e in ENGINES for b in args.batch}
-    prefills = {(e, b): [] for e in ENGINES for b in args.batch}
+    samples = {(e, b): [] for e in args.engines for b in args.batch}
+    prefills = {(e, b): [] for e in args.engines for b in args.batch}
     weights = {
         "decode_linear": [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)],
         "decode_linear bf16": [m.weight.detach() for m in bf16w.modules() if isinstance(m, nn.Linear)],
@@ -163,7 +167,7 @@ def main() -> None:
                 for name, fn in linear_fns.items():
                     linear_samples[name, rows] += [linears_pass(weights[name], rows, fn) for _ in range(3)]
         for b in args.batch:
-            for engine in ENGINES:
+            for engine in args.engines:
                 if engine == "hf+F.linear":
                     use_torch_linears(model)
                 else:

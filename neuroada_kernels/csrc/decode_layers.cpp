@@ -7,11 +7,13 @@
 // attention is ours where the loop calls torch's, the same to rounding.
 //
 // With the mixed path's per-row deltas (`deltas`), a projection wrapped by it gets its deltas added
-// into its output (mixed_delta_add_, sparse_cpu.cpp) as its wrapped forward would, and a layer whose
-// gate or up is wrapped computes silu(gate) * up apart, as the model's own MLP then does.
+// into its output as its wrapped forward would (the same sums as mixed_delta_add_, sparse_cpu.cpp),
+// each thread adding to the outputs it has just computed (decode_linear_adding); a layer whose gate
+// or up is wrapped computes silu(gate) * up apart, as the model's own MLP then does.
 //
 // What it saves is the loop around them: a dozen Python calls and their argument checks per layer,
-// a sizeable part of a small batch's step on a few cores (benchmarks/RESULTS.md). The GIL is released for the whole call.
+// a sizeable part of a small batch's step on a few cores (benchmarks/RESULTS.md). The GIL is
+// released for the whole call.
 #include <torch/extension.h>
 
 #include "kernels.h"
@@ -25,11 +27,12 @@ enum Projection { Q, K, V, O, GATE, UP, DOWN, PROJECTIONS };
 
 namespace {
 
-// out [B, d_out] += each row's delta of `in` [B, d_in] through every set bound to this projection.
-void add_deltas(torch::Tensor out, const torch::Tensor& in, const std::optional<std::vector<Delta>>& deltas) {
-  if (!deltas) return;
-  // The indices were checked against the base when the adapters were loaded; the slots are the server's.
-  for (const auto& [indices, values, slots] : *deltas) mixed_delta_add_(out, in, indices, values, slots, false);
+// x @ w.T, with the deltas of the projections the mixed path wraps added in the same parallel region.
+torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w,
+                      const std::vector<ProjectionDeltas>& projections) {
+  for (const auto& p : projections)
+    if (*p.deltas) return decode_linear_adding(x, w, projections);
+  return decode_linear(x, w, c10::nullopt);
 }
 
 }  // namespace
@@ -69,32 +72,26 @@ torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Ten
     const LayerDeltas& wrapped = deltas.empty() ? unwrapped : deltas[i];
     const auto normed = rms_norm(h, input_norms[i], eps);
     // One product for q, k and v: each output row's sum is the one its own product would give.
-    const auto projected = decode_linear(normed, qkv[i], c10::nullopt);  // [B, q + 2 kv]
+    const auto projected = project(normed, qkv[i],
+                                  {{0, q_width, &wrapped[Q]},
+                                   {q_width, kv_width, &wrapped[K]},
+                                   {q_width + kv_width, kv_width, &wrapped[V]}});  // [B, q + 2 kv]
     const auto q = projected.narrow(1, 0, q_width).contiguous();
     const auto k = projected.narrow(1, q_width, kv_width).contiguous();
     const auto v = projected.narrow(1, q_width + kv_width, kv_width).contiguous();
-    add_deltas(q, normed, wrapped[Q]);
-    add_deltas(k, normed, wrapped[K]);
-    add_deltas(v, normed, wrapped[V]);
     const auto attended = attend_at_slots(q.view({B, heads, D}), k.view({B, kv_heads, D}), v.view({B, kv_heads, D}),
                                           cos, sin, keys[i], values[i], slots, positions, scale)
                               .view({B, q_width});
-    auto projected_o = decode_linear(attended, o[i], c10::nullopt);
-    add_deltas(projected_o, attended, wrapped[O]);
-    h.add_(projected_o);
+    h.add_(project(attended, o[i], {{0, o[i].size(0), &wrapped[O]}}));
     const auto post = rms_norm(h, post_norms[i], eps);
     torch::Tensor gated;
     if (wrapped[GATE] || wrapped[UP]) {  // the model's MLP, as it runs with a wrapped gate or up
-      auto g = decode_linear(post, gate[i], c10::nullopt), u = decode_linear(post, up[i], c10::nullopt);
-      add_deltas(g, post, wrapped[GATE]);
-      add_deltas(u, post, wrapped[UP]);
-      gated = at::silu(g).mul(u);
+      const auto g = project(post, gate[i], {{0, gate[i].size(0), &wrapped[GATE]}});
+      gated = at::silu(g).mul(project(post, up[i], {{0, up[i].size(0), &wrapped[UP]}}));
     } else {
       gated = decode_gated_silu(post, gate[i], up[i]);
     }
-    auto projected_down = decode_linear(gated, down[i], c10::nullopt);
-    add_deltas(projected_down, gated, wrapped[DOWN]);
-    h.add_(projected_down);
+    h.add_(project(gated, down[i], {{0, down[i].size(0), &wrapped[DOWN]}}));
   }
   return h;
 }

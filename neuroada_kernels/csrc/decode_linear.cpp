@@ -10,6 +10,8 @@
 // that gains depends on the CPU kind (benchmarks/RESULTS.md).
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -136,6 +138,12 @@ void linear_rows(int64_t M, const float* x, const W* w, const float* bias, float
 
 int64_t grain_rows(int64_t K) { return std::max<int64_t>(4, MIN_WORK / std::max<int64_t>(K, 1)); }
 
+void check_linear(const torch::Tensor& x, const torch::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: x [M, K], weight [N, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "decode_linear: x must be contiguous float32");
+  TORCH_CHECK(weight.is_contiguous(), "decode_linear: weight must be contiguous");
+}
+
 }  // namespace
 
 // The weight's element type as a C++ type: float32 or bfloat16, anything else refused.
@@ -148,9 +156,7 @@ void with_weight_type(const char* op, const torch::Tensor& w, F&& f) {
 
 // x [M, K] float32, weight [N, K] float32 or bfloat16, bias [N] float32 or None -> [M, N] float32.
 torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: x [M, K], weight [N, K]");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "decode_linear: x must be contiguous float32");
-  TORCH_CHECK(weight.is_contiguous(), "decode_linear: weight must be contiguous");
+  check_linear(x, weight);
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -164,6 +170,36 @@ torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
   with_weight_type("decode_linear", weight, [&](const auto* wp) {
     if (M > 0)
       at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) { linear_rows(M, xp, wp, b, op, begin, end, N, K); });
+  });
+  return out;
+}
+
+torch::Tensor decode_linear_adding(const torch::Tensor& x, const torch::Tensor& weight,
+                                   const std::vector<ProjectionDeltas>& projections) {
+  check_linear(x, weight);
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  for (const auto& [offset, width, deltas] : projections) {
+    TORCH_CHECK(offset >= 0 && width >= 0 && offset + width <= N, "decode_linear: a projection outside the outputs");
+    if (deltas != nullptr && *deltas)
+      for (const auto& delta : **deltas) check_delta(delta, M, width);
+  }
+  auto out = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // Threads take whole vectors of outputs, so a delta's vectors are rarely cut (add_row_delta's
+  // sums do not depend on it).
+  const int64_t groups = (N + VL - 1) / VL;
+  with_weight_type("decode_linear", weight, [&](const auto* wp) {
+    if (M == 0) return;
+    at::parallel_for(0, groups, std::max<int64_t>(1, grain_rows(K) / VL), [&](int64_t first, int64_t last) {
+      const int64_t begin = first * VL, end = std::min(N, last * VL);
+      linear_rows(M, xp, wp, nullptr, op, begin, end, N, K);
+      for (const auto& [offset, width, deltas] : projections) {
+        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + width);
+        if (deltas == nullptr || !*deltas || lo >= hi) continue;
+        for (const auto& delta : **deltas) add_delta_rows(delta, xp, K, op + offset, N, M, lo - offset, hi - offset);
+      }
+    });
   });
   return out;
 }

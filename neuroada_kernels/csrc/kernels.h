@@ -28,6 +28,26 @@ using Delta = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
 // Per projection (q, k, v, o, gate, up, down): nullopt where it is not wrapped, else its deltas.
 using LayerDeltas = std::vector<std::optional<std::vector<Delta>>>;
 
+// A delta's tensors as add_delta_rows reads them, for `rows` token rows and d_out outputs (their
+// indices' range was checked when the adapter was loaded).
+void check_delta(const Delta& delta, int64_t rows, int64_t d_out);
+// out[m, lo:hi] += token row m's delta (m < rows; x rows ldx apart, out rows ldo apart), summed as
+// mixed_delta_add_ sums it: no parallel region of its own, for a caller's thread's share of outputs.
+void add_delta_rows(const Delta& delta, const float* x, int64_t ldx, float* out, int64_t ldo, int64_t rows, int64_t lo,
+                    int64_t hi);
+
+// The deltas of one projection whose outputs are a linear's columns [offset, offset + width): q, k
+// and v share the one product of a layer's qkv matrix. nullptr or nullopt: none.
+struct ProjectionDeltas {
+  int64_t offset, width;
+  const std::optional<std::vector<Delta>>* deltas;
+};
+// decode_linear (no bias), with each projection's deltas added by the thread that computed its
+// outputs, right after their base sums: the same sums as decode_linear then mixed_delta_add_, in
+// one parallel region instead of one per index set.
+torch::Tensor decode_linear_adding(const torch::Tensor& x, const torch::Tensor& weight,
+                                   const std::vector<ProjectionDeltas>& projections);
+
 torch::Tensor decode_layers(const torch::Tensor& x, const std::vector<torch::Tensor>& input_norms,
                             const std::vector<torch::Tensor>& qkv, const std::vector<torch::Tensor>& o,
                             const std::vector<torch::Tensor>& post_norms, const std::vector<torch::Tensor>& gate,

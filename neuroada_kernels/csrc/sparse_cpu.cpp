@@ -9,8 +9,9 @@
 // Switching (switch_weights_ / restore_weights_): the merged path's in-place apply and restore.
 // Training's frozen linear (merge_rows_ / unmerge_rows_): the deltas scattered into the weight for
 // one GEMM and taken out again, bit for bit.
-// Serving (mixed_delta_add_): a decode batch has a handful of tokens, each with its own adapter,
-// so the loop runs along the output dim (contiguous indices and values, gathered inputs).
+// Serving (mixed_delta_add_, and add_delta_rows inside the decode step's linears): a decode batch has
+// a handful of tokens, each with its own adapter, so the loop runs along the output dim (contiguous
+// indices and values, gathered inputs).
 #include <torch/extension.h>
 
 #include "kernels.h"
@@ -18,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -270,6 +272,62 @@ inline __m512 gather16(const float* base, const int64_t* idx) {
 }
 #endif
 
+#ifdef __AVX512F__
+// dst[o : o + N * 16] += the delta's sums there, each output's over j in order, one FMA per term.
+template <int N, typename index_t, typename value_t>
+inline void fused_vectors(const float* xr, const index_t* idx, const value_t* val, float* dst, int64_t o, int64_t d_out,
+                          int64_t k) {
+  __m512 sum[N];
+  for (int n = 0; n < N; ++n) sum[n] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; ++j)
+    for (int n = 0; n < N; ++n) {
+      const int64_t at = j * d_out + o + n * VL;
+      sum[n] = _mm512_fmadd_ps(load16(val + at), gather16(xr, idx + at), sum[n]);
+    }
+  for (int n = 0; n < N; ++n)
+    _mm512_storeu_ps(dst + o + n * VL, _mm512_add_ps(_mm512_loadu_ps(dst + o + n * VL), sum[n]));
+}
+#endif
+
+// One token's delta on outputs [lo, hi): dst[o] += sum_j val[j, o] * xr[idx[j, o]], val its adapter's
+// [k, d_out]. An output's sum is the same arithmetic whatever range it is computed in: outputs fall
+// in blocks of OB, and a block's first whole vectors of outputs are summed with fused multiply-adds
+// (16 at a time, or one by one where a range cuts a vector), the rest with the scalar loop. The
+// mixed kernel passes whole blocks; the decode step's linears each thread's share of their outputs.
+template <typename index_t, typename value_t>
+void add_row_delta(const float* xr, const index_t* idx, const value_t* val, float* dst, int64_t lo, int64_t hi,
+                   int64_t d_out, int64_t k) {
+  for (int64_t o0 = lo / OB * OB; o0 < hi; o0 += OB) {
+    const int64_t end = std::min({hi, o0 + OB, d_out});
+    int64_t o = std::max(lo, o0);
+#ifdef __AVX512F__
+    const int64_t fused_end = std::min(end, o0 + (std::min(OB, d_out - o0) / VL) * VL);
+    const auto fused = [&](int64_t r) {  // one output as its vector's lane computes it
+      float sum = 0.0f;
+      for (int64_t j = 0; j < k; ++j)
+        sum = std::fma(static_cast<float>(val[j * d_out + r]), xr[idx[j * d_out + r]], sum);
+      dst[r] += sum;
+    };
+    for (; o < fused_end && (o - o0) % VL != 0; ++o) fused(o);
+    // GCC does not emit gathers for the scalar loop below; one vgatherdps fetches 16 inputs. A
+    // gather's latency, not memory, bounds one vector's chain of k of them: eight chains side by side.
+    for (; o + 8 * VL <= fused_end; o += 8 * VL) fused_vectors<8>(xr, idx, val, dst, o, d_out, k);
+    for (; o + 4 * VL <= fused_end; o += 4 * VL) fused_vectors<4>(xr, idx, val, dst, o, d_out, k);
+    for (; o + VL <= fused_end; o += VL) fused_vectors<1>(xr, idx, val, dst, o, d_out, k);
+    for (; o < fused_end; ++o) fused(o);
+#endif
+    if (o == end) continue;
+    float acc[OB];
+    std::fill(acc, acc + (end - o), 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const index_t* ij = idx + j * d_out;
+      const value_t* vj = val + j * d_out;
+      for (int64_t r = o; r < end; ++r) acc[r - o] += static_cast<float>(vj[r]) * xr[ij[r]];
+    }
+    for (int64_t r = o; r < end; ++r) dst[r] += acc[r - o];
+  }
+}
+
 // out[t, o] += sum_j val[slots[t / L], j, o] * x[t, idx[j, o]] for the L tokens of each batch row;
 // rows of slot 0 ("no adapter") are not touched.
 template <typename index_t, typename value_t>
@@ -278,33 +336,22 @@ void mixed_delta_add_impl(const float* x, const index_t* idx, const value_t* val
   const int64_t blocks = (d_out + OB - 1) / OB;
   const int64_t grain = std::max<int64_t>(1, MIN_WORK / (OB * std::max<int64_t>(k, 1)));
   at::parallel_for(0, T * blocks, grain, [&](int64_t begin, int64_t end) {
-    float acc[OB];
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t t = w / blocks, o0 = (w % blocks) * OB, width = std::min(OB, d_out - o0);
-      const int64_t slot = slots[t / L];
-      if (slot == 0) continue;
-      const float* xr = x + t * d_in;
-      float* dst = out + t * d_out + o0;
-      int64_t o = 0;
-#ifdef __AVX512F__
-      // GCC does not emit gathers for the scalar loop below; one vgatherdps fetches 16 inputs.
-      for (; o + VL <= width; o += VL) {
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < k; ++j) {
-          const __m512 xv = gather16(xr, idx + j * d_out + o0 + o);
-          sum = _mm512_fmadd_ps(load16(val + (slot * k + j) * d_out + o0 + o), xv, sum);
-        }
-        _mm512_storeu_ps(dst + o, _mm512_add_ps(_mm512_loadu_ps(dst + o), sum));
-      }
-#endif
-      if (o == width) continue;
-      std::fill(acc, acc + width, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const index_t* ij = idx + j * d_out + o0;
-        const value_t* vj = val + (slot * k + j) * d_out + o0;
-        for (int64_t r = o; r < width; ++r) acc[r] += static_cast<float>(vj[r]) * xr[ij[r]];
-      }
-      for (int64_t r = o; r < width; ++r) dst[r] += acc[r];
+      const int64_t t = w / blocks, o0 = (w % blocks) * OB, slot = slots[t / L];
+      if (slot != 0)
+        add_row_delta(x + t * d_in, idx, val + slot * k * d_out, out + t * d_out, o0, o0 + OB, d_out, k);
+    }
+  });
+}
+
+// The index and value types of a delta's tensors as C++ types, for f(idx, val).
+template <typename F>
+void with_delta_types(const torch::Tensor& indices, const torch::Tensor& values, F&& f) {
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "a delta's indices", [&] {
+    if (values.scalar_type() == torch::kBFloat16) {
+      f(indices.data_ptr<index_t>(), values.data_ptr<at::BFloat16>());
+    } else {
+      f(indices.data_ptr<index_t>(), values.data_ptr<float>());
     }
   });
 }
@@ -463,16 +510,34 @@ void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::T
     check_range(slots, values.size(0), "slots");
   }
   const int64_t T = x.numel() / d_in, L = x.size(0) > 0 ? T / x.size(0) : 1;
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "mixed_delta_add_", [&] {
-    const auto run = [&](const auto* val) {
-      mixed_delta_add_impl(x.data_ptr<float>(), indices.data_ptr<index_t>(), val, slots.data_ptr<int64_t>(),
-                           out.data_ptr<float>(), T, L, d_in, d_out, k);
-    };
-    if (values.scalar_type() == torch::kBFloat16) {
-      run(values.data_ptr<at::BFloat16>());
-    } else {
-      run(values.data_ptr<float>());
-    }
+  with_delta_types(indices, values, [&](const auto* idx, const auto* val) {
+    mixed_delta_add_impl(x.data_ptr<float>(), idx, val, slots.data_ptr<int64_t>(), out.data_ptr<float>(), T, L, d_in,
+                         d_out, k);
+  });
+}
+
+void check_delta(const Delta& delta, int64_t rows, int64_t d_out) {
+  const auto& [indices, values, slots] = delta;
+  check_index_layout(indices);
+  TORCH_CHECK(indices.size(1) == d_out, "a delta's indices must be [k, d_out] with d_out = ", d_out);
+  TORCH_CHECK(values.device().is_cpu() &&
+                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16) &&
+                  values.dim() == 3 && values.is_contiguous() && values.size(1) == indices.size(0) &&
+                  values.size(2) == d_out,
+              "a delta's values must be a contiguous float32 or bfloat16 CPU tensor [slots, k, d_out]");
+  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == torch::kInt64 && slots.dim() == 1 &&
+                  slots.is_contiguous() && slots.size(0) == rows,
+              "a delta's slots must be a contiguous int64 CPU tensor [rows]");
+}
+
+void add_delta_rows(const Delta& delta, const float* x, int64_t ldx, float* out, int64_t ldo, int64_t rows, int64_t lo,
+                    int64_t hi) {
+  const auto& [indices, values, slots] = delta;
+  const int64_t k = indices.size(0), d_out = indices.size(1);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  with_delta_types(indices, values, [&](const auto* idx, const auto* val) {
+    for (int64_t m = 0; m < rows; ++m)
+      if (slot[m] != 0) add_row_delta(x + m * ldx, idx, val + slot[m] * k * d_out, out + m * ldo, lo, hi, d_out, k);
   });
 }
 

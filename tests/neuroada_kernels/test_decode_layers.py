@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroada_kernels import cpu_kernels, decode_attention, decode_layers, gated_silu, linear, rms_norm
+from neuroada_kernels import (
+    add_mixed_delta_,
+    cpu_kernels,
+    decode_attention,
+    decode_layers,
+    gated_silu,
+    linear,
+    rms_norm,
+)
+from neuroada_kernels.decode_layers import PROJECTIONS
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 48, 6, 2, 8, 80, 3
@@ -107,3 +116,83 @@ def test_a_slot_outside_the_cache_is_refused():
         decode_layers(
             x, *layers, list(keys), list(values), cos, sin, torch.tensor([0, 8]), positions, HEADS, KV_HEADS, SCALE, EPS
         )
+
+
+@needs_kernels
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+def test_deltas_added_inside_the_one_call_equal_the_kernels_then_the_deltas(values_dtype):
+    """Each thread adds the deltas of the outputs it computed: with k and v starting mid-vector (q is
+    120 wide) and several threads over a wide input, thread boundaries cut the projections' vectors,
+    and every sum must still be mixed_delta_add_'s, to the bit."""
+    heads, kv_heads, head_dim, hidden, inter, slots_n = 5, 1, 24, 2048, 200, 4
+    g = torch.Generator().manual_seed(0)
+    widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim, hidden, inter, inter, hidden]
+    ins = [hidden, hidden, hidden, heads * head_dim, hidden, hidden, inter]
+    w = {n: torch.randn(o, i, generator=g) / i**0.5 for n, o, i in zip(PROJECTIONS, widths, ins)}
+    B = 3
+    rows = torch.tensor([2, 0, 1])  # a row without an adapter
+    deltas = []
+    for n, o, i in zip(PROJECTIONS, widths, ins):
+        if n == "up":
+            deltas.append(None)  # its own forward: gate wrapped alone
+            continue
+        bound = []
+        for k in (1, 5) if n in ("k", "down") else (3,):  # two index sets on k and down
+            indices = torch.randint(0, i, (k, o), generator=g, dtype=torch.int32)
+            values = (torch.randn(slots_n, k, o, generator=g) * 0.1).to(values_dtype)
+            values[0] = 0
+            bound.append((indices, values, rows))
+        deltas.append(bound)
+    norms = [1 + 0.1 * torch.randn(hidden, generator=g) for _ in range(2)]
+    qkv = torch.cat([w["q"], w["k"], w["v"]])
+    keys, values_cache = torch.zeros(1, 4, kv_heads, 16, head_dim), torch.zeros(1, 4, kv_heads, 16, head_dim)
+    angles = torch.randn(B, head_dim // 2, generator=g).repeat(1, 2)
+    cos, sin, positions, slots = angles.cos(), angles.sin(), torch.tensor([3, 5, 0]), torch.tensor([0, 1, 2])
+    x = torch.randn(B, hidden, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        layer = ([norms[0]], [qkv], [w["o"]], [norms[1]], [w["gate"]], [w["up"]], [w["down"]])
+        out = decode_layers(
+            x,
+            *layer,
+            [keys[0].clone()],
+            [values_cache[0].clone()],
+            cos,
+            sin,
+            slots,
+            positions,
+            heads,
+            kv_heads,
+            head_dim**-0.5,
+            EPS,
+            [deltas],
+        )
+
+        def added(y: torch.Tensor, inp: torch.Tensor, name: str) -> torch.Tensor:
+            for indices, vals, r in deltas[PROJECTIONS.index(name)] or []:
+                add_mixed_delta_(y, inp, indices, vals, r, check_ranges=False)
+            return y
+
+        normed = rms_norm(x, norms[0], EPS)
+        q, k, v = (added(linear(normed, w[n]), normed, n) for n in "qkv")
+        shape = (B, -1, head_dim)
+        attended = decode_attention(
+            q.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            cos,
+            sin,
+            keys[0],
+            values_cache[0],
+            0,
+            positions,
+            head_dim**-0.5,
+        ).reshape(B, -1)
+        h = x + added(linear(attended, w["o"]), attended, "o")
+        post = rms_norm(h, norms[1], EPS)
+        gated = torch.nn.functional.silu(added(linear(post, w["gate"]), post, "gate")) * linear(post, w["up"])
+        expected = h + added(linear(gated, w["down"]), gated, "down")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, expected)
