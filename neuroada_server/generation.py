@@ -218,23 +218,22 @@ class _Logprobs:
     """The log-probabilities of one step's rows that ask for them, computed once for all of them."""
 
     def __init__(self, rows: list[_RowState], logits: torch.Tensor):  # logits [B, V]
-        wanted = [(slot, row.request.params.logprobs) for slot, row in enumerate(rows)]
-        wanted = [(slot, n) for slot, n in wanted if n is not None]
-        self.index = {slot: i for i, (slot, _) in enumerate(wanted)}  # batch row -> row of the tensors below
-        self.top_n = {slot: n for slot, n in wanted}
-        if not wanted:
+        # batch row -> (its row in the tensors below, how many most likely tokens it lists)
+        self.wanted = {}
+        for slot, row in enumerate(rows):
+            if row.request.params.logprobs is not None:
+                self.wanted[slot] = (len(self.wanted), row.request.params.logprobs)
+        if not self.wanted:
             return
-        self.logprobs = logits[[slot for slot, _ in wanted]].float().log_softmax(-1).cpu()  # [W, V]
-        most = max(n for _, n in wanted)
-        top = self.logprobs.topk(most) if most else None  # values and indices [W, most]
-        self.top = (top.indices.tolist(), top.values.tolist()) if top is not None else None
+        self.logprobs = logits[list(self.wanted)].float().log_softmax(-1).cpu()  # [W, V]
+        top = self.logprobs.topk(max(n for _, n in self.wanted.values()))  # values and indices [W, most]
+        self.top_ids, self.top_logprobs = top.indices.tolist(), top.values.tolist()
 
     def of(self, slot: int, token: int) -> TokenLogprob | None:
-        i = self.index.get(slot)
-        if i is None:
+        if slot not in self.wanted:
             return None
-        n = self.top_n[slot]
-        top = tuple(zip(self.top[0][i][:n], self.top[1][i][:n])) if n else ()
+        i, n = self.wanted[slot]
+        top = tuple(zip(self.top_ids[i][:n], self.top_logprobs[i][:n]))
         return TokenLogprob(token, float(self.logprobs[i, token]), top)
 
 
