@@ -494,16 +494,9 @@ void mixed_delta_add_(torch::Tensor& out, const torch::Tensor& x, const torch::T
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
                   out.dim() == x.dim() && out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
               "out must be a contiguous float32 CPU tensor shaped like x but for its last dim");
-  check_index_layout(indices);
-  TORCH_CHECK(values.device().is_cpu() &&
-                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16) &&
-                  values.dim() == 3 && values.is_contiguous() && values.size(1) == indices.size(0) &&
-                  values.size(2) == indices.size(1),
-              "values must be a contiguous float32 or bfloat16 CPU tensor [slots, k, d_out]");
+  check_index_layout(indices);  // before its sizes are read
+  check_delta({indices, values, slots}, x.size(0), indices.size(1));
   TORCH_CHECK(out.size(-1) == indices.size(1), "out's last dim must be d_out = ", indices.size(1));
-  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == torch::kInt64 && slots.dim() == 1 &&
-                  slots.is_contiguous() && slots.size(0) == x.size(0),
-              "slots must be a contiguous int64 CPU tensor [B]");
   const int64_t d_in = x.size(-1), k = indices.size(0), d_out = indices.size(1);
   if (check_ranges) {
     check_range(indices, d_in, "indices");
