@@ -226,7 +226,7 @@ def time_decode(model, batch: int, steps: int, compiled: bool, device: torch.dev
     if compiled:  # compiled and captured here, before the prefill, as the server does at start
         forward.graphs = DecodeGraphs(forward, [batch], PROMPT_TOKENS + steps + 4)
         assert forward.graphs.warm_up(), forward.graphs.broken
-    logits, _, rows = forward.prefill([[1 + (b + t) % 1000 for t in range(PROMPT_TOKENS)] for b in range(batch)])
+    logits, _, rows, _ = forward.prefill([[1 + (b + t) % 1000 for t in range(PROMPT_TOKENS)] for b in range(batch)])
     forward.join(rows)
     forward.cache.reserve(batch, PROMPT_TOKENS + steps + 4)
     capacity = forward.cache.capacity  # one shape for every step: attention reads the whole cache

@@ -91,7 +91,7 @@ def prefill_speed(prompts: list[list[int]], rounds: int) -> list[dict]:
                     if state == "half":
                         keys[(n + 1) // 2 :] = [("adapter", f"task{i:02d}", 1) for i in range(n - (n + 1) // 2)]
                     started = time.perf_counter()
-                    _, found, _ = forward.prefill(batch, keys)
+                    _, found, _, _ = forward.prefill(batch, keys)
                     times[n, state].append(time.perf_counter() - started)
                     cached[n, state] = sum(found) / n
     return [

@@ -15,11 +15,20 @@ from starlette.concurrency import run_in_threadpool
 
 from neuroada_server.engine import Engine
 from neuroada_server.errors import ApiError, error_body
-from neuroada_server.generation import Event, Failed, Finished, GenerationRequest, SamplingParams, TextDelta
+from neuroada_server.generation import (
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    PromptLogprobs,
+    SamplingParams,
+    TextDelta,
+)
 from neuroada_server.scheduler import QueueFull, ShuttingDown
 from neuroada_server.worker import UnknownAdapter
 
 MAX_STOP_STRINGS = 8
+Rendered = PromptLogprobs | TextDelta | Finished  # the events a stream renders (a failure has one shape)
 
 
 class Submitted:
@@ -40,8 +49,8 @@ class Submitted:
         tier = self.requests[0].adapter_tier
         return {"X-Adapter-Tier": tier} if tier else {}
 
-    def streaming_response(self, render: Callable[[int, TextDelta | Finished], dict]) -> StreamingResponse:
-        return StreamingResponse(self.sse(render), media_type="text/event-stream", headers=self.headers)
+    def streaming_response(self, render: Callable[[int, Rendered], dict], first: list[dict] = ()) -> StreamingResponse:
+        return StreamingResponse(self.sse(render, first), media_type="text/event-stream", headers=self.headers)
 
     async def stream(self, http: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
         """(choice, event) until every choice's final event, or the first failure (the other
@@ -76,9 +85,12 @@ class Submitted:
         get.cancel()
         return None
 
-    async def sse(self, render: Callable[[int, TextDelta | Finished], dict]) -> AsyncIterator[str]:
-        """Server-sent events: a `data:` line per event (errors in the shared JSON shape), then [DONE]."""
+    async def sse(self, render: Callable[[int, Rendered], dict], first: list[dict] = ()) -> AsyncIterator[str]:
+        """Server-sent events: a `data:` line per chunk of `first`, then per event (errors in the shared
+        JSON shape), then [DONE]."""
         try:
+            for payload in first:
+                yield f"data: {json.dumps(payload)}\n\n"
             async for choice, event in self.stream():
                 if isinstance(event, Failed):
                     payload = error_body(event.status, event.message, event.code)
@@ -116,6 +128,16 @@ async def tokenize(engine: Engine, text: str) -> list[int]:
     return await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def check_token_ids(engine: Engine, ids: list[int]) -> list[int]:
+    """A prompt given as token ids: each must be a row of the model's embedding (422 otherwise)."""
+    vocab = engine.model.get_input_embeddings().num_embeddings
+    if max(ids) >= vocab:
+        raise ApiError(
+            422, f"prompt: token id {max(ids)} is out of range: the model has {vocab} tokens (ids 0-{vocab - 1})"
+        )
+    return ids
+
+
 def check_prompt_chars(engine: Engine, num_chars: int) -> None:
     """No token is longer than the tokenizer's longest vocabulary entry: more characters than
     max_prompt_tokens of those cannot fit."""
@@ -130,17 +152,51 @@ def check_prompt_chars(engine: Engine, num_chars: int) -> None:
 
 def submit(
     engine: Engine,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     adapter: str | None,
     params: SamplingParams,
     timeout_s: float | None = None,
     n: int = 1,
 ) -> Submitted:
-    """Check a request against the server's limits and queue it, as `n` generations of the prompt
-    (OpenAI's `n`; with a seed, choice i samples with seed + i), all or none (raises ApiError)."""
+    """Check a request against the server's limits and queue it, as `n` generations of each prompt
+    (OpenAI's `n`; with a seed, choice i of a prompt samples with seed + i), all or none (raises
+    ApiError). Choice i of prompt p is the job's choice p * n + i."""
     settings = engine.settings
     if adapter is not None and not engine.catalog.servable(adapter):
         _unknown_adapter(engine, adapter)
+    for prompt_ids in prompts:
+        _check_prompt(engine, prompt_ids, params)
+    if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > 64 for s in params.stop):
+        raise ApiError(422, f"at most {MAX_STOP_STRINGS} stop strings of at most 64 characters each")
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    deadline = time.monotonic() + min(settings.request_timeout_s, timeout_s or settings.request_timeout_s)
+    requests = [
+        GenerationRequest(
+            prompt_ids=prompt_ids,
+            adapter=adapter,
+            params=params if params.seed is None else replace(params, seed=params.seed + choice % n),
+            on_event=lambda event, choice=choice: loop.call_soon_threadsafe(events.put_nowait, (choice, event)),
+            deadline=deadline,
+            # A deadline the client chose and missed is the client's (408), the server's own is 504.
+            deadline_status=408 if timeout_s is not None and timeout_s < settings.request_timeout_s else 504,
+        )
+        for choice, prompt_ids in enumerate(p for p in prompts for _ in range(n))
+    ]
+    try:
+        engine.submit(*requests)  # all or none
+    except UnknownAdapter:  # deleted since the check above
+        _unknown_adapter(engine, adapter)
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), "shutting_down") from None
+    except QueueFull as e:
+        engine.metrics.requests.labels(adapter=adapter or "base", status="429").inc()
+        raise ApiError(429, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
+    return Submitted(requests, events)
+
+
+def _check_prompt(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+    settings = engine.settings
     if len(prompt_ids) > settings.max_prompt_tokens:
         raise ApiError(
             413, f"prompt has {len(prompt_ids)} tokens; the limit (max_prompt_tokens) is {settings.max_prompt_tokens}"
@@ -158,33 +214,6 @@ def submit(
             f"context length of {engine.context_length} tokens",
             "context_length_exceeded",
         )
-    if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > 64 for s in params.stop):
-        raise ApiError(422, f"at most {MAX_STOP_STRINGS} stop strings of at most 64 characters each")
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    deadline = time.monotonic() + min(settings.request_timeout_s, timeout_s or settings.request_timeout_s)
-    requests = [
-        GenerationRequest(
-            prompt_ids=prompt_ids,
-            adapter=adapter,
-            params=params if params.seed is None else replace(params, seed=params.seed + choice),
-            on_event=lambda event, choice=choice: loop.call_soon_threadsafe(events.put_nowait, (choice, event)),
-            deadline=deadline,
-            # A deadline the client chose and missed is the client's (408), the server's own is 504.
-            deadline_status=408 if timeout_s is not None and timeout_s < settings.request_timeout_s else 504,
-        )
-        for choice in range(n)
-    ]
-    try:
-        engine.submit(*requests)  # all or none
-    except UnknownAdapter:  # deleted since the check above
-        _unknown_adapter(engine, adapter)
-    except ShuttingDown as e:
-        raise ApiError(503, str(e), "shutting_down") from None
-    except QueueFull as e:
-        engine.metrics.requests.labels(adapter=adapter or "base", status="429").inc()
-        raise ApiError(429, f"server overloaded: {e}; retry later", headers={"Retry-After": "1"}) from None
-    return Submitted(requests, events)
 
 
 def _unknown_adapter(engine: Engine, adapter: str) -> NoReturn:

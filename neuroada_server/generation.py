@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from neuroada_server.batch_adapters import BatchAdapters, NoAdapters
 from neuroada_server.forward import BatchForward, PrefixKey, Runner, batch_forward
+from neuroada_server.forward.prefilled import PromptLogits
 
 if TYPE_CHECKING:
     from neuroada_server.resident import ResidentAdapter
@@ -38,15 +39,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's name)
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability under the model (its logits before temperature, top-k
-    and top-p, as vLLM reports by default), and the most likely tokens there, most likely first."""
+    """A token's log-probability under the model (its logits before temperature, top-k and top-p,
+    as vLLM reports by default), and the most likely tokens there, most likely first."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token, which nothing before it predicts
     top: tuple[tuple[int, float], ...] = ()  # (token, logprob) of the n most likely
 
 
@@ -54,6 +56,13 @@ class TokenLogprob:
 class TextDelta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens generated since the previous delta, when asked for
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens' log-probabilities (`SamplingParams.prompt_logprobs`), sent before any text."""
+
+    logprobs: tuple[TokenLogprob, ...]  # one per prompt token, the first's logprob None
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class Finished:
     first_token_at: float | None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's (eos excluded), when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # as sent in `PromptLogprobs`, when asked for
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class Failed:
     code: str | None = None  # machine-readable cause, passed to the client as error.code
 
 
-Event = TextDelta | Finished | Failed
+Event = PromptLogprobs | TextDelta | Finished | Failed
 
 
 @dataclass
@@ -96,7 +106,10 @@ class GenerationRequest:
 
 def prefix_key(request: GenerationRequest) -> PrefixKey | None:
     """What the request's prompt's keys and values depend on besides its tokens: the adapter
-    version it runs with (None: not to be cached, an adapter without a fixed version)."""
+    version it runs with (None: not to be cached, an adapter without a fixed version, or a prompt
+    whose every position's logits are wanted: they are computed only where a prompt is)."""
+    if request.params.prompt_logprobs is not None:
+        return None
     if request.adapter is None:
         return ("base",)
     if request.resident is None:
@@ -121,11 +134,17 @@ class _RowState:
         self.failure: Failed | None = None  # why this row failed, alone (finish_reason "failed")
         self.first_token_at: float | None = None
         self.cached_tokens = 0  # of the prompt, from the prefix cache
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # when the request asks for them
         self.stable = 0  # text[:stable] can no longer change: stop strings were searched up to here
         self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
         self.generator = None
         if request.params.seed is not None:
             self.generator = torch.Generator().manual_seed(request.params.seed)
+
+    def score_prompt(self, logits: PromptLogits) -> None:
+        """The prompt's tokens' log-probabilities, from the logits after each of its positions; sent at once."""
+        self.prompt_logprobs = prompt_logprobs(self.request.prompt_ids, logits, self.request.params.prompt_logprobs)
+        self.request.on_event(PromptLogprobs(self.prompt_logprobs))
 
     def push(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if self.first_token_at is None:
@@ -182,6 +201,7 @@ class _RowState:
                 first_token_at=self.first_token_at,
                 cached_tokens=self.cached_tokens,
                 logprobs=tuple(self.logprobs) if self.request.params.logprobs is not None else None,
+                prompt_logprobs=self.prompt_logprobs,
             )
         )
 
@@ -237,6 +257,26 @@ class _Logprobs:
         return TokenLogprob(token, float(self.logprobs[i, token]), top)
 
 
+PROMPT_CHUNK = 128  # prompt positions whose logits are held at once ([PROMPT_CHUNK, V] floats)
+
+
+def prompt_logprobs(prompt: list[int], logits: PromptLogits, most_likely: int) -> tuple[TokenLogprob, ...]:
+    """Each prompt token's log-probability given the tokens before it, and the `most_likely` tokens
+    there (the first token's: None, nothing predicts it)."""
+    scored = [TokenLogprob(prompt[0], None)]
+    for start in range(0, len(logits), PROMPT_CHUNK):
+        chunk = logits[start : start + PROMPT_CHUNK]  # [c, V]
+        if not chunk.sum(-1).isfinite().all():  # as `_sample` checks the last position's
+            raise RowError("the model's logits for this prompt are not finite (NaN or infinity)", "non_finite")
+        logprobs = chunk.log_softmax(-1).cpu()  # [c, V]
+        tokens = prompt[start + 1 : start + 1 + logprobs.shape[0]]  # [c]: the next token after each position
+        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()  # [c]
+        top = logprobs.topk(most_likely)  # values and indices [c, most_likely]
+        for token, logprob, ids, values in zip(tokens, chosen, top.indices.tolist(), top.values.tolist()):
+            scored.append(TokenLogprob(token, logprob, tuple(zip(ids, values))))
+    return tuple(scored)
+
+
 class RunningBatch:
     """The requests decoding together, and their KV cache; requests join and leave between steps.
 
@@ -279,13 +319,21 @@ class RunningBatch:
         """
         rows = [_RowState(r, self.tokenizer, self.eos_ids) for r in requests]
         adapters.bind(requests)
-        logits, cached, newcomers = self.forward.prefill(
-            [r.prompt_ids for r in requests], list(map(prefix_key, requests))
+        every_position = [r.params.prompt_logprobs is not None for r in requests]
+        prefilled = self.forward.prefill(
+            [r.prompt_ids for r in requests],
+            list(map(prefix_key, requests)),
+            every_position if any(every_position) else None,
         )
-        for row, tokens in zip(rows, cached):
+        for row, tokens, logits in zip(rows, prefilled.cached, prefilled.prompt_logits):
             row.cached_tokens = tokens
-        pending = self._sample(rows, logits)
-        self.forward.join(newcomers)
+            if logits is not None:
+                try:
+                    row.score_prompt(logits)
+                except Exception as e:
+                    row.fail(e)
+        pending = self._sample(rows, prefilled.logits)
+        self.forward.join(prefilled.newcomers)
         self.rows += rows
         self.pending += pending
         self._drop_finished()
@@ -332,6 +380,9 @@ class RunningBatch:
         for slot, row in enumerate(rows):
             params = row.request.params
             token = self.pad_id
+            if row.finish_reason is not None:  # failed scoring its prompt: it leaves without a token
+                tokens.append(token)
+                continue
             try:
                 if not finite[slot]:
                     raise RowError("the model's logits for this request are not finite (NaN or infinity)", "non_finite")

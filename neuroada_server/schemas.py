@@ -20,14 +20,16 @@ class Usage(BaseModel):  # OpenAI's usage object, also /generate's
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
     @classmethod
-    def of(cls, *choices: Finished) -> Usage:
-        """One request's usage: its prompt counted once, every choice's completion."""
-        prompt, completion = choices[0].prompt_tokens, sum(done.completion_tokens for done in choices)
+    def of(cls, choices: list[Finished], n: int = 1) -> Usage:
+        """One request's usage: each prompt counted once (its `n` choices follow each other), every
+        choice's completion."""
+        prompts = choices[::n]
+        prompt, completion = sum(p.prompt_tokens for p in prompts), sum(done.completion_tokens for done in choices)
         return cls(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=choices[0].cached_tokens),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(p.cached_tokens for p in prompts)),
         )
 
 
@@ -61,7 +63,9 @@ class SamplingFields(BaseModel):
         description="drop the request if still queued after this long (the server's request_timeout_s caps it)",
     )
 
-    def sampling(self, max_new_tokens: int, logprobs: int | None = None) -> SamplingParams:
+    def sampling(
+        self, max_new_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -72,6 +76,7 @@ class SamplingFields(BaseModel):
             stop=tuple(s for s in stops if s),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -92,6 +97,7 @@ class GenerateResponse(BaseModel):
 
 MAX_LOGPROBS = 20  # most likely tokens a response may list per position (OpenAI's limit)
 MAX_CHOICES = 16  # `n`: each choice is a request of its own in the batch
+MAX_PROMPTS = 64  # prompts of one /v1/completions request (a batch of them: lm-eval sends its batch so)
 
 
 class OpenAISamplingFields(SamplingFields):
@@ -106,16 +112,31 @@ class OpenAISamplingFields(SamplingFields):
     user: str | None = None
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(OpenAISamplingFields):
     model: str
-    prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(..., description=f"a prompt, as text or token ids, or a list of up to {MAX_PROMPTS} of them")
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="each generated token's log-probability and the n most likely"
     )
-    echo: Literal[False] = Field(False, description="not supported: false only")
+    echo: bool = Field(False, description="the prompt before each choice's text (with logprobs: its tokens' too)")
     best_of: Literal[1] | None = Field(None, description="not supported: 1 only")
     suffix: None = Field(None, description="not supported")
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, each text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
 
 
 class ChatMessage(BaseModel):

@@ -117,13 +117,13 @@ def logits_over_a_batch_life(forward) -> list[torch.Tensor]:
     """A `BatchForward`'s logits as rows join in two groups, all decode, one leaves, and a split
     half steps alone and merges back (twelve decode steps; the split is the tenth)."""
     seen = []
-    logits, _, first = forward.prefill(random_prompts(0, [5, 2, 9]))
+    logits, _, first, _ = forward.prefill(random_prompts(0, [5, 2, 9]))
     forward.join(first)
     seen.append(logits)
     tokens = logits.argmax(-1).tolist()
     for step in range(12):
         if step == 3:
-            logits, _, more = forward.prefill(random_prompts(1, [12, 1]))
+            logits, _, more, _ = forward.prefill(random_prompts(1, [12, 1]))
             forward.join(more)
             seen.append(logits)
             tokens += logits.argmax(-1).tolist()

@@ -26,6 +26,7 @@ from torch import nn
 
 from neuroada_server.forward.hf import HFForward
 from neuroada_server.forward.llama import LlamaForward, llama_unsupported
+from neuroada_server.forward.prefilled import Prefilled
 from neuroada_server.forward.prefix_cache import PrefixCache, PrefixKey
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,15 @@ class BatchForward(Protocol):
     """The forward calls of one batch's rows, in row order, and their KV cache."""
 
     def prefill(
-        self, prompts: list[list[int]], prefix_keys: list[PrefixKey | None] | None = None
-    ) -> tuple[torch.Tensor, list[int], object]:
+        self,
+        prompts: list[list[int]],
+        prefix_keys: list[PrefixKey | None] | None = None,
+        every_position: list[bool] | None = None,
+    ) -> Prefilled:
         """Logits [n, V] (float32) after each prompt's last token, how many of each prompt's tokens
-        came from the prefix cache (under its key in `prefix_keys`; None: not cached), and the
-        newcomers' cache, to `join` once they are accepted: until then the batch is unchanged."""
+        came from the prefix cache (under its key in `prefix_keys`; None: not cached), the
+        newcomers' cache, to `join` once they are accepted (until then the batch is unchanged), and
+        for the prompts `every_position` marks (none of them cached), the logits after each position."""
 
     def join(self, newcomers: object) -> None:
         """Append the rows `prefill` computed."""

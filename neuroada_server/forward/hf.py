@@ -15,6 +15,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from neuroada_server import kv_cache
+from neuroada_server.forward.prefilled import Prefilled, PromptLogits
 
 
 @dataclass
@@ -45,8 +46,8 @@ class HFForward:
         self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]
 
     def prefill(
-        self, prompts: list[list[int]], prefix_keys: list | None = None
-    ) -> tuple[torch.Tensor, list[int], _Newcomers]:
+        self, prompts: list[list[int]], prefix_keys: list | None = None, every_position: list[bool] | None = None
+    ) -> Prefilled:
         """Every prompt computed whole: no prefix cache on this forward (`prefix_keys` is not read)."""
         T = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
@@ -57,8 +58,16 @@ class HFForward:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
         cache = DynamicCache()
-        logits = self._forward(input_ids, mask, position_ids, cache)
-        return logits, [0] * len(prompts), _Newcomers(cache, mask, position_ids[:, -1] + 1)
+        every_position = every_position or [False] * len(prompts)
+        logits = self._forward(
+            input_ids, mask, position_ids, cache, every_position=any(every_position)
+        )  # [n, T or 1, V]
+        prompt_logits = [
+            PromptLogits(logits[i, T - len(prompt) : T - 1], torch.Tensor.float) if every else None
+            for i, (prompt, every) in enumerate(zip(prompts, every_position))
+        ]
+        newcomers = _Newcomers(cache, mask, position_ids[:, -1] + 1)
+        return Prefilled(logits[:, -1].float(), [0] * len(prompts), newcomers, prompt_logits)
 
     def join(self, newcomers: _Newcomers) -> None:
         if self.cache is None:
@@ -72,7 +81,7 @@ class HFForward:
         input_ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         before = kv_cache.snapshot(self.cache)
         try:
-            logits = self._forward(input_ids, mask, self.next_pos[:, None], self.cache)
+            logits = self._forward(input_ids, mask, self.next_pos[:, None], self.cache)[:, -1].float()
         except BaseException:
             kv_cache.set_layers_(self.cache, before)
             raise
@@ -108,13 +117,16 @@ class HFForward:
         self.cache = None
         self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
 
-    def _forward(self, input_ids, mask, position_ids, cache) -> torch.Tensor:  # [B, V] float32
+    def _forward(self, input_ids, mask, position_ids, cache, every_position: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] after every position, or [B, 1, V] after the last only where the model
+        offers that and `every_position` is off; in the model's dtype."""
+        options = {} if every_position else self.forward_options
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
             **{self.cache_keyword: cache},
-            **self.forward_options,
+            **options,
         )
-        return out.logits[:, -1, :].float()
+        return out.logits

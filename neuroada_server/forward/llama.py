@@ -39,6 +39,7 @@ from torch import nn
 from neuroada_kernels import DecodeLinear, decode_attention, decode_layers, gated_silu, linear, rms_norm
 from neuroada_kernels.decode_attention import rotate_half
 from neuroada_kernels.decode_linear import DECODE_MAX_ROWS
+from neuroada_server.forward.prefilled import Prefilled, PromptLogits
 from neuroada_server.forward.prefix_cache import BLOCK, PrefixCache, PrefixKey
 from neuroada_server.mixed import MixedForward
 
@@ -271,10 +272,15 @@ class LlamaForward:
     # --- BatchForward -------------------------------------------------------------------------
 
     def prefill(
-        self, prompts: list[list[int]], prefix_keys: list[PrefixKey | None] | None = None
-    ) -> tuple[torch.Tensor, list[int], _Newcomers]:
+        self,
+        prompts: list[list[int]],
+        prefix_keys: list[PrefixKey | None] | None = None,
+        every_position: list[bool] | None = None,
+    ) -> Prefilled:
         n, lengths = len(prompts), [len(p) for p in prompts]
+        every_position = every_position or [False] * n
         keys = prefix_keys if self.prefix_cache is not None and prefix_keys is not None else [None] * n
+        keys = [None if every else key for key, every in zip(keys, every_position)]  # every position computed
         start = self.first + len(self.lengths)
         chains = self._match(keys, prompts)
         cached = [len(chain) * BLOCK for chain in chains]  # what each row found, for its usage
@@ -286,13 +292,20 @@ class LlamaForward:
             cached = [c if stop > c else len(chain) * BLOCK for c, stop, chain in zip(cached, shared, chains)]
         hidden, computed, packed = self._compute(prompts, chains, start, lengths)
         self.cache.clear_tails(start, lengths)
+        prompt_logits: list[PromptLogits | None] = [None] * n
+        firsts = (computed.cumsum(0) - computed).tolist()  # [n]: where packed, each row's first token
+        for i in (i for i, every in enumerate(every_position) if every):  # computed whole: computed[i] = lengths[i]
+            tokens = (
+                hidden[i] if packed is None else hidden[firsts[i] : firsts[i] + lengths[i]]
+            )  # [>= lengths[i], hidden]
+            prompt_logits[i] = PromptLogits(tokens[: lengths[i] - 1], self._logits)
         if packed is None:
-            hidden = hidden[torch.arange(n, device=self.device), computed - 1]  # [n, hidden]
+            last = hidden[torch.arange(n, device=self.device), computed - 1]  # [n, hidden]
         else:
-            hidden = hidden[computed.cumsum(0) - 1]  # each row's last token in the packed [N, hidden]
-        logits = self._logits(hidden)
+            last = hidden[computed.cumsum(0) - 1]  # each row's last token in the packed [N, hidden]
+        logits = self._logits(last)
         self._keep(keys, prompts, start)
-        return logits, cached, _Newcomers(lengths)
+        return Prefilled(logits, cached, _Newcomers(lengths), prompt_logits)
 
     def _match(self, keys: list[PrefixKey | None], prompts: list[list[int]]) -> list[list]:
         return [[] if key is None else self.prefix_cache.match(key, p) for key, p in zip(keys, prompts)]

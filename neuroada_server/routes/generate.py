@@ -26,11 +26,11 @@ async def generate(
         raise ApiError(422, f"adapter given twice: {adapter!r} in the query, {body.adapter!r} in the body")
     name = adapter or body.adapter
     prompt_ids = await tokenize(engine, body.prompt)
-    job = submit(engine, prompt_ids, name, body.sampling(body.max_new_tokens), body.timeout_s)
+    job = submit(engine, [prompt_ids], name, body.sampling(body.max_new_tokens), body.timeout_s)
     if not body.stream:
         (done,) = await job.results(http)
         response.headers.update(job.headers)
-        return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason, usage=Usage.of(done))
+        return GenerateResponse(text=done.text, adapter=name, finish_reason=done.finish_reason, usage=Usage.of([done]))
 
     def render(_: int, event: TextDelta | Finished) -> dict:
         if isinstance(event, TextDelta):
@@ -39,7 +39,7 @@ async def generate(
             "text": "",
             "finish_reason": event.finish_reason,
             "adapter": name,
-            "usage": Usage.of(event).model_dump(),
+            "usage": Usage.of([event]).model_dump(),
         }
 
     return job.streaming_response(render)

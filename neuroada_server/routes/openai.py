@@ -14,10 +14,10 @@ from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
 from neuroada_server.deps import get_engine, require_api_token
-from neuroada_server.dispatch import Submitted, check_prompt_chars, submit, tokenize
+from neuroada_server.dispatch import Submitted, check_prompt_chars, check_token_ids, submit, tokenize
 from neuroada_server.engine import Engine
 from neuroada_server.errors import ApiError
-from neuroada_server.generation import Finished, TextDelta, TokenLogprob
+from neuroada_server.generation import Finished, PromptLogprobs, TextDelta, TokenLogprob
 from neuroada_server.schemas import STREAMING_RESPONSE, ChatCompletionRequest, CompletionRequest, Usage
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
@@ -55,15 +55,17 @@ async def list_models(engine: Engine = Depends(get_engine)):
 
 @router.post("/completions", responses=STREAMING_RESPONSE)
 async def completions(body: CompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)):
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise ApiError(422, f"prompt: exactly one prompt per request is supported, got {len(prompts)}")
     adapter = _adapter_for(engine, body.model)
-    ids = await tokenize(engine, prompts[0])
-    job = submit(engine, ids, adapter, body.sampling(body.max_tokens, body.logprobs), body.timeout_s, body.n)
+    prompts = [await tokenize(engine, p) if isinstance(p, str) else check_token_ids(engine, p) for p in body.prompts]
+    # echo with logprobs: the prompt's tokens' logprobs too (vLLM's prompt_logprobs), the same number of alternatives.
+    prompt_logprobs = body.logprobs if body.echo else None
+    params = body.sampling(body.max_tokens, body.logprobs, prompt_logprobs)
+    job = submit(engine, prompts, adapter, params, body.timeout_s, body.n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = len(prompts) * body.n  # choice i is a generation of prompt i // n
+    echoes = [_prompt_text(engine, p) if body.echo else "" for p in body.prompts for _ in range(body.n)]
     # Per choice: its text_offset counts on across a stream's chunks.
-    logprobs = [CompletionLogprobs(engine.tokenizer) for _ in range(body.n)] if body.logprobs is not None else None
+    logprobs = [CompletionLogprobs(engine.tokenizer) for _ in range(choices)] if body.logprobs is not None else None
 
     def choice(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...] | None) -> dict:
         rendered = logprobs[index].render(tokens) if logprobs is not None else None
@@ -74,11 +76,21 @@ async def completions(body: CompletionRequest, http: Request, response: Response
         def chunk(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
             return _envelope(rid, "text_completion", created, body.model, [choice(index, text, finish, tokens)])
 
-        return _stream(job, chunk)
+        # The echo leads each choice's text: with its tokens' logprobs when they arrive (first), else at once.
+        first = [chunk(i, echoes[i], None, ()) for i in range(choices)] if body.echo and prompt_logprobs is None else []
+        return _stream(job, chunk, first, echoes)
     done = await job.results(http)
     response.headers.update(job.headers)
-    choices = [choice(i, d.text, _finish(d), d.logprobs) for i, d in enumerate(done)]
-    return _envelope(rid, "text_completion", created, body.model, choices, Usage.of(*done).model_dump())
+    rendered = [
+        choice(i, echoes[i] + d.text, _finish(d), (d.prompt_logprobs or ()) + d.logprobs if logprobs else None)
+        for i, d in enumerate(done)
+    ]
+    return _envelope(rid, "text_completion", created, body.model, rendered, Usage.of(done, body.n).model_dump())
+
+
+def _prompt_text(engine: Engine, prompt: str | list[int]) -> str:
+    """A prompt as `echo` shows it: as sent, or its token ids' text."""
+    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
 
 @router.post("/chat/completions", responses=STREAMING_RESPONSE)
@@ -102,7 +114,7 @@ async def chat_completions(
     if max_tokens is None:  # as much as fits, up to a default
         room = engine.context_length - len(ids) if engine.context_length is not None else 256
         max_tokens = max(1, min(256, engine.settings.max_new_tokens, room))
-    job = submit(engine, list(ids), adapter, body.sampling(max_tokens, body.logprobs_n), body.timeout_s, body.n)
+    job = submit(engine, [list(ids)], adapter, body.sampling(max_tokens, body.logprobs_n), body.timeout_s, body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict | None:
@@ -132,7 +144,7 @@ async def chat_completions(
         }
         for i, d in enumerate(done)
     ]
-    return _envelope(rid, "chat.completion", created, body.model, choices, Usage.of(*done).model_dump())
+    return _envelope(rid, "chat.completion", created, body.model, choices, Usage.of(done, body.n).model_dump())
 
 
 def _token_texts(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogprob, ...]) -> dict[int, str]:
@@ -159,7 +171,7 @@ class CompletionLogprobs:
         return {
             "tokens": [text[t.token] for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [_most_likely_per_text(t.top, text) for t in tokens],
+            "top_logprobs": [None if t.logprob is None else _most_likely_per_text(t.top, text) for t in tokens],
             "text_offset": offsets,
         }
 
@@ -191,18 +203,21 @@ def _envelope(rid: str, kind: str, created: int, model: str, choices: list[dict]
     return body
 
 
-def _stream(job: Submitted, chunk) -> StreamingResponse:
-    """`chunk(choice, text, finish_reason, logprobs)` per event; a choice's final chunk carries the
-    logprobs of its tokens no text delta did (a stop string's, a token with no text of its own)."""
+def _stream(job: Submitted, chunk, first: list[dict] = (), echoes: list[str] | None = None) -> StreamingResponse:
+    """`first`, then `chunk(choice, text, finish_reason, logprobs)` per event: a prompt's logprobs
+    with its echo (`echoes[choice]`), a text delta's text and logprobs; a choice's final chunk
+    carries the logprobs of its tokens no text delta did (a stop string's, a token with no text of its own)."""
     sent = [0] * len(job.requests)  # per choice, logprobs sent in its deltas
 
-    def render(index: int, event: TextDelta | Finished) -> dict:
+    def render(index: int, event: PromptLogprobs | TextDelta | Finished) -> dict:
+        if isinstance(event, PromptLogprobs):
+            return chunk(index, echoes[index], None, event.logprobs)
         if isinstance(event, TextDelta):
             sent[index] += len(event.logprobs)
             return chunk(index, event.text, None, event.logprobs)
         return chunk(index, "", _finish(event), (event.logprobs or ())[sent[index] :])
 
-    return job.streaming_response(render)
+    return job.streaming_response(render, first)
 
 
 def _finish(done: Finished) -> str:

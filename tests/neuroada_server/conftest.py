@@ -161,15 +161,20 @@ def server(tiny_model_dir, store):
 PROMPTS = ["hello there", "what does the cow say?", "1 + 2 =", "a"]
 
 
-def offline_greedy(adapter_path, prompt: str, max_new_tokens: int, weight_dtype: torch.dtype = torch.float32) -> str:
-    """A fresh copy of the model, the adapter merged with the per-layer kernels, HF generate() in
-    float32. With a `weight_dtype`, the linear weights are rounded to it first (the adapter merged
-    into them there, as the server merges it), then widened back."""
+def adapted_model(adapter_path, weight_dtype: torch.dtype = torch.float32):
+    """A fresh copy of the model, the adapter merged with the per-layer kernels, in float32. With a
+    `weight_dtype`, the linear weights are rounded to it first (the adapter merged into them there,
+    as the server merges it), then widened back."""
     model = tiny_llama(seed=0)
     round_linear_weights_(model, weight_dtype)
     if adapter_path is not None:
         apply_adapter_(model, read_adapter(adapter_path))
-    model.float()
+    return model.float()
+
+
+def offline_greedy(adapter_path, prompt: str, max_new_tokens: int, weight_dtype: torch.dtype = torch.float32) -> str:
+    """HF generate() on `adapted_model`."""
+    model = adapted_model(adapter_path, weight_dtype)
     tokenizer = tiny_tokenizer()
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -9,7 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroada_server.generation import Failed, Finished, GenerationRequest, RunningBatch, SamplingParams
+from neuroada_server.generation import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    PromptLogprobs,
+    RunningBatch,
+    SamplingParams,
+    TokenLogprob,
+)
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["hello there", "what does the cow say?", "1 + 2 =", "a"]
@@ -169,3 +177,49 @@ def test_logprobs_are_the_models_log_softmax_at_each_generated_token(runner, tem
         assert [lp for _, lp in got.top] == pytest.approx(top.values.tolist(), abs=1e-4)
         if temperature == 0:
             assert got.token == got.top[0][0]
+
+
+def test_prompt_logprobs_are_the_models_log_softmax_at_each_prompt_token(runner):
+    batch, events = _batch(runner), {}
+    asks = _request("what does the cow say?", events, n=3, prompt_logprobs=2)
+    short = _request("a", events, n=3, prompt_logprobs=0)  # one token: nothing to score but itself
+    beside = _request("1 + 2 =", events, n=3)
+    batch.join([asks, short, beside])  # unequal lengths: our forward packs them
+    while batch:
+        batch.step()
+    first, *_, done = events["what does the cow say?"]
+    assert isinstance(first, PromptLogprobs) and isinstance(done, Finished)
+    assert done.prompt_logprobs == first.logprobs and len(first.logprobs) == len(asks.prompt_ids)
+    assert [t.token for t in first.logprobs] == asks.prompt_ids
+    assert first.logprobs[0].logprob is None and first.logprobs[0].top == ()
+    assert events["a"][0].logprobs == (TokenLogprob(short.prompt_ids[0], None),)
+    assert (
+        not any(isinstance(e, PromptLogprobs) for e in events["1 + 2 ="])
+        and events["1 + 2 ="][-1].prompt_logprobs is None
+    )
+
+    with torch.no_grad():
+        expected = batch.model(torch.tensor([asks.prompt_ids])).logits[0, :-1].log_softmax(-1)  # [S - 1, V]
+    for position, got in enumerate(first.logprobs[1:]):
+        assert got.logprob == pytest.approx(float(expected[position, got.token]), abs=1e-4)
+        top = expected[position].topk(2)
+        assert [i for i, _ in got.top] == top.indices.tolist()
+        assert [lp for _, lp in got.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    plain, alone = _batch(runner), {}
+    plain.join([_request("what does the cow say?", alone, n=3)])
+    while plain:
+        plain.step()
+    assert done.text == alone["what does the cow say?"][-1].text  # scoring its prompt changes nothing it generates
+
+
+def test_prompt_logprobs_of_a_long_prompt_are_scored_a_chunk_at_a_time(monkeypatch):
+    monkeypatch.setattr("neuroada_server.generation.PROMPT_CHUNK", 3)  # chunks of 3 positions, the last ragged
+    batch, events = _batch(), {}
+    asks = _request("what does the cow say? it says moo", events, n=1, prompt_logprobs=1)
+    batch.join([asks])
+    with torch.no_grad():
+        expected = batch.model(torch.tensor([asks.prompt_ids])).logits[0, :-1].log_softmax(-1)
+    scored = events["what does the cow say? it says moo"][0].logprobs
+    assert len(scored) == len(asks.prompt_ids) > 7
+    got = [t.logprob for t in scored[1:]]
+    assert got == pytest.approx(expected.gather(1, torch.tensor(asks.prompt_ids[1:])[:, None])[:, 0].tolist(), abs=1e-4)

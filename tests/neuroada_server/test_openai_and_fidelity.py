@@ -15,7 +15,15 @@ from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import LayerDelta, build_adapter, save_adapter
 from neuroada.model import attach, bypasses
 from tests.helpers import TINY_NAME, tiny_llama, tiny_tokenizer
-from tests.neuroada_server.conftest import RunningServer, generate, long_request, make_settings, metric, offline_greedy
+from tests.neuroada_server.conftest import (
+    RunningServer,
+    adapted_model,
+    generate,
+    long_request,
+    make_settings,
+    metric,
+    offline_greedy,
+)
 
 
 def test_openai_client_completion_and_streamed_chat(server, store):
@@ -94,6 +102,50 @@ def test_openai_n_choices_each_sample_as_a_request_of_its_own_with_seed_plus_ind
     assert tokens == {c.index: [t.token for t in c.logprobs.content] for c in full.choices}
 
 
+def test_openai_echo_scores_the_prompt_as_lm_evals_loglikelihood_asks(server, store):
+    tokenizer = tiny_tokenizer()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    context = tokenizer("what does the cow say?", add_special_tokens=False).input_ids
+    continuation = tokenizer(" moo", add_special_tokens=False).input_ids
+    with torch.no_grad():  # the adapter's model's distribution after each position
+        expected = (
+            adapted_model(store / "a.safetensors")(torch.tensor([context + continuation])).logits[0].log_softmax(-1)
+        )
+
+    # lm-eval's `local-completions` loglikelihood request: a batch of token-id prompts, echo, one
+    # token, logprobs 1; it reads token_logprobs and top_logprobs past the context, the last one left out.
+    body = dict(model="a", prompt=[context + continuation, context], echo=True, max_tokens=1, logprobs=1, temperature=0)
+    scored = client.completions.create(**body)
+    whole, alone = sorted(scored.choices, key=lambda c: c.index)
+    assert [c.index for c in scored.choices] == [0, 1]
+    assert scored.usage.prompt_tokens == 2 * len(context) + len(continuation)  # each prompt counted once
+    logprobs = whole.logprobs
+    assert len(logprobs.tokens) == len(context + continuation) + 1
+    assert whole.text.startswith(tokenizer.decode(context + continuation))
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    want = expected[:-1].gather(1, torch.tensor(context + continuation)[1:, None])[:, 0].tolist()
+    assert logprobs.token_logprobs[1:-1] == pytest.approx(want, abs=1e-4)
+    assert [max(top.values()) for top in logprobs.top_logprobs[1:-1]] == pytest.approx(
+        expected[:-1].max(-1).values.tolist(), abs=1e-4
+    )
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    assert alone.logprobs.token_logprobs[: len(context)] == logprobs.token_logprobs[: len(context)]
+
+    # Streamed: each choice's echo first, with its tokens' logprobs; then its generated text.
+    stream = list(client.completions.create(**body | {"prompt": context + continuation, "stream": True}))
+    assert stream[0].choices[0].text == tokenizer.decode(context + continuation)
+    assert stream[0].choices[0].logprobs.tokens == logprobs.tokens[:-1]
+    assert stream[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)  # alone: one C++ call
+    assert "".join(ch.choices[0].text for ch in stream) == whole.text
+    asked = dict(model="a", prompt="hello there", max_tokens=3, temperature=0)
+    echoed = list(client.completions.create(**asked, echo=True, stream=True))  # no logprobs: the echo at once
+    assert echoed[0].choices[0].text == "hello there" and echoed[0].choices[0].logprobs is None
+    assert (
+        "".join(ch.choices[0].text for ch in echoed)
+        == "hello there" + client.completions.create(**asked).choices[0].text
+    )
+
+
 def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
     settings = make_settings(tiny_model_dir, store, max_batch_size=1, max_queued_requests=2)
     body = {"model": "a", "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
@@ -116,7 +168,7 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
         ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
         ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
         ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
-        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"prompt": [[1, 2], [10**6]]}, "token id 1000000"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
         ("/v1/completions", {"n": 17}, "n"),

@@ -71,7 +71,7 @@ def test_compiled_steps_equal_eager_through_joins_leaves_and_splits_one_graph_pe
 
 @torch.inference_mode()
 def last_logits_after_rows_leave_and_newcomers_take_their_slots(forward) -> torch.Tensor:
-    logits, _, rows = forward.prefill(random_prompts(3, [7, 4, 9]))
+    logits, _, rows, _ = forward.prefill(random_prompts(3, [7, 4, 9]))
     forward.join(rows)
     tokens = logits.argmax(-1).tolist()
     for _ in range(3):
@@ -80,7 +80,7 @@ def last_logits_after_rows_leave_and_newcomers_take_their_slots(forward) -> torc
     tokens = tokens[:1]
     for _ in range(3):
         tokens = forward.decode(tokens).argmax(-1).tolist()
-    logits, _, rows = forward.prefill(random_prompts(4, [3, 2]))  # newcomers take slots 1 and 2
+    logits, _, rows, _ = forward.prefill(random_prompts(4, [3, 2]))  # newcomers take slots 1 and 2
     forward.join(rows)
     return forward.decode(tokens + logits.argmax(-1).tolist())
 
@@ -101,7 +101,7 @@ def test_weights_switched_in_place_run_compiled_and_a_mixed_step_runs_eager_with
     eager = LlamaForward(model)
     tokens = []
     for forward in (compiled, eager):
-        logits, _, rows = forward.prefill(random_prompts(5, [6, 3]))
+        logits, _, rows, _ = forward.prefill(random_prompts(5, [6, 3]))
         forward.join(rows)
         tokens = logits.argmax(-1).tolist()
 
@@ -135,7 +135,7 @@ def test_a_compiled_step_that_raises_is_rerun_eager_and_later_steps_stay_eager(c
     eager = LlamaForward(model)
     outcomes = []
     for f in (forward, eager):
-        logits, _, rows = f.prefill(random_prompts(6, [4, 6]))
+        logits, _, rows, _ = f.prefill(random_prompts(6, [4, 6]))
         f.join(rows)
         tokens = logits.argmax(-1).tolist()
         backend.fail = True
@@ -161,6 +161,6 @@ def test_where_it_cannot_compile_every_step_runs_eager(caplog):
     assert "no compiler here" in graphs.broken
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "Hugging Face's forward" in messages and "no compiler here" in messages
-    logits, _, rows = forward.prefill(random_prompts(7, [3]))
+    logits, _, rows, _ = forward.prefill(random_prompts(7, [3]))
     forward.join(rows)
     assert forward.decode(logits.argmax(-1).tolist()).isfinite().all() and not steps

@@ -136,7 +136,7 @@ def test_a_mixed_step_adds_each_rows_deltas_inside_the_one_call_to_the_bit(monke
     def steps() -> list[torch.Tensor]:
         forward = LlamaForward(model)
         mixed.bind(rows)
-        logits, _, joined = forward.prefill(random_prompts(8, [5, 3, 7, 2]))
+        logits, _, joined, _ = forward.prefill(random_prompts(8, [5, 3, 7, 2]))
         forward.join(joined)
         seen = [logits]
         for _ in range(4):
@@ -166,7 +166,7 @@ def test_a_decode_step_compiles_as_one_graph_that_reads_the_weights_where_they_a
     model = tiny_llama(seed=4, dtype=torch.bfloat16)
     packed = PackedWeights(model)
     forward = LlamaForward(model)
-    logits, _, rows = forward.prefill(random_prompts(5, [6, 3]))
+    logits, _, rows, _ = forward.prefill(random_prompts(5, [6, 3]))
     forward.join(rows)
     forward.cache.reserve(2, 64)
     capacity = forward.cache.capacity
@@ -226,7 +226,7 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
     model = tiny_llama(seed=2)
     prompt_a, prompt_b, prompt_c = random_prompts(3, [20, 12, 2])
     forward = LlamaForward(model)
-    logits, _, rows = forward.prefill([prompt_a, prompt_b])
+    logits, _, rows, _ = forward.prefill([prompt_a, prompt_b])
     forward.join(rows)
     tokens = logits.argmax(-1).tolist()
 
@@ -238,7 +238,7 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
     hook.remove()
     assert logits[0].isfinite().all() and not logits[1].isfinite().any()
     forward.keep([0])  # b leaves; its slot holds NaN values at position 12, past what c will write
-    logits_c, _, row_c = forward.prefill([prompt_c])  # c takes b's slot: 2 positions of its own
+    logits_c, _, row_c, _ = forward.prefill([prompt_c])  # c takes b's slot: 2 positions of its own
     forward.join(row_c)
     tokens = [int(logits[0].argmax()), int(logits_c[0].argmax())]
     for _ in range(3):  # a's longer cache makes every step read c's slot up to a's length
@@ -246,7 +246,7 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
         tokens = logits.argmax(-1).tolist()
 
     alone = LlamaForward(model)
-    logits_alone, _, row = alone.prefill([prompt_c])
+    logits_alone, _, row, _ = alone.prefill([prompt_c])
     alone.join(row)
     tokens_alone = [int(logits_alone[0].argmax())]
     for _ in range(3):
@@ -266,7 +266,7 @@ def prefill_and_decode(forward: LlamaForward, groups: list[list[list[int]]], ste
     after each; every call's logits, and each prefill's cached-token counts."""
     seen, cached, tokens = [], [], []
     for prompts in groups:
-        logits, from_cache, rows = forward.prefill(prompts, [("base",)] * len(prompts))
+        logits, from_cache, rows, _ = forward.prefill(prompts, [("base",)] * len(prompts))
         forward.join(rows)
         seen.append(logits)
         cached.append(from_cache)
@@ -309,7 +309,7 @@ def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants
         kernels.use_decode_linears(model)
     prompt_a, prompt_b, suffix = random_prompts(3, [2 * BLOCK + 8, 30, 8])
     forward = LlamaForward(model, prefix_cache=PrefixCache(budget_bytes=1 << 30))
-    logits, _, rows = forward.prefill([prompt_a, prompt_b], [("base",)] * 2)
+    logits, _, rows, _ = forward.prefill([prompt_a, prompt_b], [("base",)] * 2)
     forward.join(rows)
 
     def nan_values_for_row_1(module, inputs, out):  # b's values at position 30 turn NaN: b fails
@@ -323,9 +323,9 @@ def test_a_cached_prefix_in_a_slot_left_with_nan_does_not_read_the_old_occupants
     # c takes b's slot and computes positions 16-23 past a cached block; d's two cached blocks make
     # the one padded attention call (rows this alike) read every slot up to position 40, past b's NaN at 30.
     c, d = prompt_a[:BLOCK] + suffix, prompt_a[: 2 * BLOCK] + suffix
-    logits, cached, rows = forward.prefill([c, d], [("base",)] * 2)
+    logits, cached, rows, _ = forward.prefill([c, d], [("base",)] * 2)
     assert cached == [BLOCK, 2 * BLOCK]
-    alone, _, _ = LlamaForward(model).prefill([c, d])
+    alone, _, _, _ = LlamaForward(model).prefill([c, d])
     torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
 
 
@@ -341,11 +341,11 @@ def test_a_prefill_leaves_its_padding_out_of_the_products_unless_rows_are_bound(
         return kernels.linear(x, weight, bias)
 
     monkeypatch.setattr(llama_forward, "linear", counted)
-    packed, _, _ = LlamaForward(model).prefill(prompts)
+    packed, _, _, _ = LlamaForward(model).prefill(prompts)
     assert set(rows) == {5 + 2 + 9}  # the real tokens only, of 3 x 9 padded
     rows.clear()
     hook = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, inputs, out: None)
-    padded, _, _ = LlamaForward(model).prefill(prompts)  # a hook may read rows: the padded grid
+    padded, _, _, _ = LlamaForward(model).prefill(prompts)  # a hook may read rows: the padded grid
     hook.remove()
     assert set(rows) == {3 * 9}
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
@@ -372,16 +372,16 @@ def test_a_mixed_prefill_packs_its_tokens_each_with_its_rows_delta(monkeypatch):
     monkeypatch.setattr(server_mixed, "linear", counted)
     monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)  # the loop, where products are seen
     mixed.bind([a, None, b, a])
-    packed, _, _ = LlamaForward(model).prefill(prompts)
+    packed, _, _, _ = LlamaForward(model).prefill(prompts)
     assert set(rows) == {6 + 2 + 9 + 4}
     rows.clear()
     hook = model.model.layers[0].mlp.register_forward_hook(lambda module, inputs, out: None)
-    padded, _, _ = LlamaForward(model).prefill(prompts)  # the hook may read rows: the padded grid
+    padded, _, _, _ = LlamaForward(model).prefill(prompts)  # the hook may read rows: the padded grid
     hook.remove()
     assert set(rows) == {4 * 9}
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     mixed.bind([None] * 4)
-    base, _, _ = LlamaForward(model).prefill(prompts)
+    base, _, _, _ = LlamaForward(model).prefill(prompts)
     assert torch.equal(base[1], packed[1])  # the row without an adapter: the base's logits
     assert not torch.allclose(base[0], packed[0]) and not torch.allclose(base[2], packed[2])
 
@@ -431,18 +431,18 @@ def test_a_short_mixed_prefill_adds_each_tokens_rows_delta_inside_the_one_call(m
 
     monkeypatch.setattr(llama_forward, "decode_layers", counted)
     mixed.bind([a, None, b])
-    at_once, _, _ = LlamaForward(model).prefill(prompts)
+    at_once, _, _, _ = LlamaForward(model).prefill(prompts)
     (args,) = calls
     assert len(args[0]) == 6 + 2 + 9
     # layer 0's q: a's index set and b's, each token bound to its row's slot in it (0: none)
     bound = sorted((slots != 0).tolist() for _, _, slots in args[-1][0][0])
     assert bound == sorted([[True] * 6 + [False] * 11, [False] * 8 + [True] * 9])
     monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)
-    loop, _, _ = LlamaForward(model).prefill(prompts)
+    loop, _, _, _ = LlamaForward(model).prefill(prompts)
     torch.testing.assert_close(at_once, loop, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(llama_forward, "decode_layers", counted)
     mixed.bind([None] * 3)
-    base, _, _ = LlamaForward(model).prefill(prompts)
+    base, _, _, _ = LlamaForward(model).prefill(prompts)
     mixed.unbind()
     assert torch.equal(base[1], at_once[1])  # the row without an adapter: the base's logits
     assert not torch.allclose(base[0], at_once[0]) and not torch.allclose(base[2], at_once[2])
@@ -510,11 +510,11 @@ def test_a_cold_prefill_computes_first_only_the_shared_blocks_its_budget_holds(m
     with monkeypatch.context() as patch:
         patch.setattr(llama_forward, "linear", counted)
         forward = LlamaForward(model, prefix_cache=PrefixCache(3 * block_bytes(model)))  # one pair's two blocks fit
-        logits, cached, _ = forward.prefill(prompts, [("base",)] * 4)
+        logits, cached, _, _ = forward.prefill(prompts, [("base",)] * 4)
     layers = config.num_hidden_layers
     assert rows == [2 * BLOCK] * layers + [sum(map(len, prompts)) - 2 * 2 * BLOCK] * layers  # the pair, past them
     assert cached == [0, 2 * BLOCK, 0, 0]
-    whole, _, _ = LlamaForward(model).prefill(prompts)
+    whole, _, _, _ = LlamaForward(model).prefill(prompts)
     torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
 
 
@@ -526,9 +526,33 @@ def test_a_row_whose_cached_blocks_another_rows_evict_in_the_same_prefill_keeps_
     forward.prefill([prompt], [("base",)])  # its three blocks cached
     longer = prompt[: 3 * BLOCK] + tail
     # `other`'s four blocks, kept first, evict the three blocks `longer` found before it stores its fourth.
-    logits, cached, _ = forward.prefill([other, longer], [("adapter", "a", 1), ("base",)])
+    logits, cached, _, _ = forward.prefill([other, longer], [("adapter", "a", 1), ("base",)])
     assert cached == [0, 3 * BLOCK]
-    whole, _, _ = LlamaForward(model).prefill([other, longer])
+    whole, _, _, _ = LlamaForward(model).prefill([other, longer])
     torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
-    _, cached, _ = forward.prefill([longer + tail], [("base",)])
+    _, cached, _, _ = forward.prefill([longer + tail], [("base",)])
     assert cached == [4 * BLOCK]  # its own four blocks, stored again from its slot
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    "lengths, every",
+    [([2 * BLOCK + 3] * 2, [True, True]), ([2 * BLOCK + 3, 2 * BLOCK + 1, 9], [True, False, True])],
+    ids=["padded", "packed"],  # equal rows computed whole fill the grid; unequal ones are packed
+)
+def test_every_positions_logits_are_the_whole_forwards_and_ignore_the_prefix_cache(lengths, every):
+    model = tiny_llama(seed=9)
+    prompts = random_prompts(18, lengths)
+    forward = LlamaForward(model, prefix_cache=PrefixCache(1 << 30))
+    forward.prefill(prompts, [("base",)] * len(prompts))  # every full block of them cached
+    logits, cached, _, prompt_logits = forward.prefill(prompts, [("base",)] * len(prompts), every)
+    assert cached == [0 if scored else n // BLOCK * BLOCK for n, scored in zip(lengths, every)]
+    for prompt, scored, last, positions in zip(prompts, every, logits, prompt_logits):
+        whole = model(torch.tensor([prompt])).logits[0]  # [S, V]
+        torch.testing.assert_close(last, whole[-1], rtol=1e-4, atol=1e-4)
+        if not scored:
+            assert positions is None
+            continue
+        assert len(positions) == len(prompt) - 1
+        got = torch.cat([positions[start : start + 10] for start in range(0, len(positions), 10)])  # [S - 1, V]
+        torch.testing.assert_close(got, whole[:-1], rtol=1e-4, atol=1e-4)
