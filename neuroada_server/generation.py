@@ -73,7 +73,7 @@ class Finished:
     completion_tokens: int
     first_token_at: float | None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
-    logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's (eos excluded), when asked for
+    logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's (eos included), when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # as sent in `PromptLogprobs`, when asked for
 
 
@@ -125,7 +125,9 @@ class _RowState:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.ids: list[int] = []  # generated tokens, eos excluded
-        self.logprobs: list[TokenLogprob] = []  # theirs, when the request asks for them
+        # Every generated token's, eos included (as vLLM and OpenAI list it: lm-eval's loglikelihood
+        # drops the last entry as the generated token's), when the request asks for them.
+        self.logprobs: list[TokenLogprob] = []
         self.logprobs_sent = 0  # of them, in text deltas so far
         self.num_tokens = 0  # generated tokens, eos included
         self.text = ""
@@ -143,19 +145,19 @@ class _RowState:
 
     def score_prompt(self, logits: PromptLogits) -> None:
         """The prompt's tokens' log-probabilities, from the logits after each of its positions; sent at once."""
-        self.prompt_logprobs = prompt_logprobs(self.request.prompt_ids, logits, self.request.params.prompt_logprobs)
+        self.prompt_logprobs = scored_prompt(self.request.prompt_ids, logits, self.request.params.prompt_logprobs)
         self.request.on_event(PromptLogprobs(self.prompt_logprobs))
 
     def push(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.num_tokens += 1
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token in self.eos_ids and not self.request.params.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.ids.append(token)
-            if logprob is not None:
-                self.logprobs.append(logprob)
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
             for stop in self.request.params.stop:
                 # Only the text that is new since the last token can hold a new match: searching
@@ -260,7 +262,7 @@ class _Logprobs:
 PROMPT_CHUNK = 128  # prompt positions whose logits are held at once ([PROMPT_CHUNK, V] floats)
 
 
-def prompt_logprobs(prompt: list[int], logits: PromptLogits, most_likely: int) -> tuple[TokenLogprob, ...]:
+def scored_prompt(prompt: list[int], logits: PromptLogits, most_likely: int) -> tuple[TokenLogprob, ...]:
     """Each prompt token's log-probability given the tokens before it, and the `most_likely` tokens
     there (the first token's: None, nothing predicts it)."""
     scored = [TokenLogprob(prompt[0], None)]

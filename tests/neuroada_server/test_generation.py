@@ -6,6 +6,8 @@ Faults are injected through the model's own modules, which both forwards call.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -223,3 +225,17 @@ def test_prompt_logprobs_of_a_long_prompt_are_scored_a_chunk_at_a_time(monkeypat
     assert len(scored) == len(asks.prompt_ids) > 7
     got = [t.logprob for t in scored[1:]]
     assert got == pytest.approx(expected.gather(1, torch.tensor(asks.prompt_ids[1:])[:, None])[:, 0].tolist(), abs=1e-4)
+
+
+def test_an_eos_tokens_logprob_is_listed_though_its_text_is_not():
+    events = {}
+    batch = _batch()
+    batch.join([_request("hello there", events, n=1, logprobs=0)])
+    (first,) = events["hello there"][-1].logprobs  # the greedy first token
+    tokenizer, events = tiny_tokenizer(), {}
+    ends = RunningBatch(tiny_llama(seed=0), tokenizer, {first.token}, tokenizer.eos_token_id)  # it now ends it
+    asks = _request("hello there", events, n=5, logprobs=0)
+    ends.join([GenerationRequest(asks.prompt_ids, None, replace(asks.params, ignore_eos=False), asks.on_event)])
+    done = events["hello there"][-1]
+    assert done.finish_reason == "stop" and done.text == "" and done.completion_tokens == 1
+    assert done.logprobs == (first,)  # as vLLM and OpenAI list it: lm-eval drops it as the generated token

@@ -86,6 +86,12 @@ def test_openai_n_choices_each_sample_as_a_request_of_its_own_with_seed_plus_ind
     assert [c.text for c in three.choices] == texts and len(set(texts)) > 1
     assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
     assert three.usage.prompt_tokens == alone[0].usage.prompt_tokens  # the prompt counted once
+    # Several prompts: choice i of prompt p is choice p * n + i; each prompt counted once.
+    greedy = dict(model="a", max_tokens=8, temperature=0)
+    singles = [client.completions.create(**greedy, prompt=p) for p in ("hello there", "1 + 2 =")]
+    batched = client.completions.create(**greedy, prompt=["hello there", "1 + 2 ="], n=2)
+    assert [c.text for c in batched.choices] == [s.choices[0].text for s in singles for _ in range(2)]
+    assert batched.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
 
     messages = [{"role": "user", "content": "hi"}]
     chat = dict(model="b", messages=messages, max_tokens=8, temperature=1.0, seed=9, n=2, logprobs=True)
