@@ -176,9 +176,8 @@ def main() -> None:
         )
     print(f"\nmachine: {machine()}; {args.limit} questions, {len(peer)} scored answers, adapter {args.adapter.name}\n")
     print_table(["side", "acc", "acc_norm", "wall s per round"], table)
-    print(
-        f"\nlog-likelihoods: largest difference {max(differences):.2e}, median {sorted(differences)[len(differences) // 2]:.2e}"
-    )
+    median = sorted(differences)[len(differences) // 2]
+    print(f"\nlog-likelihoods: largest difference {max(differences):.2e}, median {median:.2e}")
     print(f"greedy flags that differ: {greedy_differ} of {len(peer)}")
     config = vars(args) | {"adapter": str(args.adapter), "out": str(args.out)}
     write_json(
