@@ -106,10 +106,7 @@ class GenerationRequest:
 
 def prefix_key(request: GenerationRequest) -> PrefixKey | None:
     """What the request's prompt's keys and values depend on besides its tokens: the adapter
-    version it runs with (None: not to be cached, an adapter without a fixed version, or a prompt
-    whose every position's logits are wanted: they are computed only where a prompt is)."""
-    if request.params.prompt_logprobs is not None:
-        return None
+    version it runs with (None: not to be cached, an adapter without a fixed version)."""
     if request.adapter is None:
         return ("base",)
     if request.resident is None:

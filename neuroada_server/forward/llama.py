@@ -280,25 +280,25 @@ class LlamaForward:
         n, lengths = len(prompts), [len(p) for p in prompts]
         every_position = every_position or [False] * n
         keys = prefix_keys if self.prefix_cache is not None and prefix_keys is not None else [None] * n
-        keys = [None if every else key for key, every in zip(keys, every_position)]  # every position computed
+        # A prompt whose every position's logits are wanted computes them all: it reads no cached
+        # blocks (their positions' logits are not kept), and stores its own for later prompts.
+        lookups = [None if every else key for key, every in zip(keys, every_position)]
         start = self.first + len(self.lengths)
-        chains = self._match(keys, prompts)
+        chains = self._match(lookups, prompts)
         cached = [len(chain) * BLOCK for chain in chains]  # what each row found, for its usage
-        shared = self._shared_stops(keys, prompts, cached)
+        shared = self._shared_stops(lookups, prompts, cached)
         if shared is not None:  # blocks several newcomers share, not yet cached: computed once, first
             self._compute(prompts, chains, start, shared)
-            self._keep(keys, [p[:stop] for p, stop in zip(prompts, shared)], start)
-            chains = self._match(keys, prompts)
+            self._keep(lookups, [p[:stop] for p, stop in zip(prompts, shared)], start)
+            chains = self._match(lookups, prompts)
             cached = [c if stop > c else len(chain) * BLOCK for c, stop, chain in zip(cached, shared, chains)]
         hidden, computed, packed = self._compute(prompts, chains, start, lengths)
         self.cache.clear_tails(start, lengths)
         prompt_logits: list[PromptLogits | None] = [None] * n
         firsts = (computed.cumsum(0) - computed).tolist()  # [n]: where packed, each row's first token
         for i in (i for i, every in enumerate(every_position) if every):  # computed whole: computed[i] = lengths[i]
-            tokens = (
-                hidden[i] if packed is None else hidden[firsts[i] : firsts[i] + lengths[i]]
-            )  # [>= lengths[i], hidden]
-            prompt_logits[i] = PromptLogits(tokens[: lengths[i] - 1], self._logits)
+            row = hidden[i] if packed is None else hidden[firsts[i] :]  # [*, hidden], its tokens first
+            prompt_logits[i] = PromptLogits(row[: lengths[i] - 1], self._logits)
         if packed is None:
             last = hidden[torch.arange(n, device=self.device), computed - 1]  # [n, hidden]
         else:

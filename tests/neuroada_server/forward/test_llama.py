@@ -540,7 +540,7 @@ def test_a_row_whose_cached_blocks_another_rows_evict_in_the_same_prefill_keeps_
     [([2 * BLOCK + 3] * 2, [True, True]), ([2 * BLOCK + 3, 2 * BLOCK + 1, 9], [True, False, True])],
     ids=["padded", "packed"],  # equal rows computed whole fill the grid; unequal ones are packed
 )
-def test_every_positions_logits_are_the_whole_forwards_and_ignore_the_prefix_cache(lengths, every):
+def test_every_positions_logits_are_the_whole_forwards_past_the_prefix_cache(lengths, every):
     model = tiny_llama(seed=9)
     prompts = random_prompts(18, lengths)
     forward = LlamaForward(model, prefix_cache=PrefixCache(1 << 30))
@@ -556,3 +556,8 @@ def test_every_positions_logits_are_the_whole_forwards_and_ignore_the_prefix_cac
         assert len(positions) == len(prompt) - 1
         got = torch.cat([positions[start : start + 10] for start in range(0, len(positions), 10)])  # [S - 1, V]
         torch.testing.assert_close(got, whole[:-1], rtol=1e-4, atol=1e-4)
+
+    # A scored prompt reads no cached block, but stores its own for later prompts.
+    fresh = LlamaForward(model, prefix_cache=PrefixCache(1 << 30))
+    assert fresh.prefill(prompts[:1], [("base",)], [True]).cached == [0]
+    assert fresh.prefill(prompts[:1], [("base",)]).cached == [lengths[0] // BLOCK * BLOCK]
