@@ -49,8 +49,13 @@ class Submitted:
         tier = self.requests[0].adapter_tier
         return {"X-Adapter-Tier": tier} if tier else {}
 
-    def streaming_response(self, render: Callable[[int, Rendered], dict], first: list[dict] = ()) -> StreamingResponse:
-        return StreamingResponse(self.sse(render, first), media_type="text/event-stream", headers=self.headers)
+    def streaming_response(
+        self,
+        render: Callable[[int, Rendered], dict],
+        first: list[dict] = (),
+        last: Callable[[list[Finished]], dict] | None = None,
+    ) -> StreamingResponse:
+        return StreamingResponse(self.sse(render, first, last), media_type="text/event-stream", headers=self.headers)
 
     async def stream(self, http: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
         """(choice, event) until every choice's final event, or the first failure (the other
@@ -85,18 +90,28 @@ class Submitted:
         get.cancel()
         return None
 
-    async def sse(self, render: Callable[[int, Rendered], dict], first: list[dict] = ()) -> AsyncIterator[str]:
+    async def sse(
+        self,
+        render: Callable[[int, Rendered], dict],
+        first: list[dict] = (),
+        last: Callable[[list[Finished]], dict] | None = None,
+    ) -> AsyncIterator[str]:
         """Server-sent events: a `data:` line per chunk of `first`, then per event (errors in the shared
-        JSON shape), then [DONE]."""
+        JSON shape), then `last` of every choice's final event once all finished, then [DONE]."""
         try:
             for payload in first:
                 yield f"data: {json.dumps(payload)}\n\n"
+            done: dict[int, Finished] = {}
             async for choice, event in self.stream():
                 if isinstance(event, Failed):
                     payload = error_body(event.status, event.message, event.code)
                 else:
                     payload = render(choice, event)
+                    if isinstance(event, Finished):
+                        done[choice] = event
                 yield f"data: {json.dumps(payload)}\n\n"
+            if last is not None and len(done) == len(self.requests):
+                yield f"data: {json.dumps(last([done[i] for i in range(len(done))]))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self.cancel()  # a client that went away stops its generation (a no-op once finished)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from neuroada_server.generation import Finished, SamplingParams
 
@@ -100,11 +100,28 @@ MAX_CHOICES = 16  # `n`: each choice is a request of its own in the batch
 MAX_PROMPTS = 64  # prompts of one /v1/completions request (a batch of them: lm-eval sends its batch so)
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="a last chunk, before [DONE], with the request's usage")
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text"] = Field("text", description="not supported: text only (no JSON mode or schema)")
+
+
 class OpenAISamplingFields(SamplingFields):
     """OpenAI's sampling fields; those we do not implement are accepted at their defaults only, and
     refused otherwise (422), never silently ignored."""
 
     temperature: Temperature = 1.0
+    stream_options: StreamOptions | None = Field(None, description="with stream: include_usage")
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_with_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only with stream true")
+        return self
+
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate (with a seed, choice i uses seed + i)")
     presence_penalty: Literal[0] = Field(0, description="not supported: 0 only")
     frequency_penalty: Literal[0] = Field(0, description="not supported: 0 only")

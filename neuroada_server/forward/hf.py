@@ -59,9 +59,8 @@ class HFForward:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
         cache = DynamicCache()
         every_position = every_position or [False] * len(prompts)
-        logits = self._forward(
-            input_ids, mask, position_ids, cache, every_position=any(every_position)
-        )  # [n, T or 1, V]
+        # [n, T, V] where a prompt wants every position's logits, else [n, 1, V]
+        logits = self._forward(input_ids, mask, position_ids, cache, every_position=any(every_position))
         prompt_logits = [
             PromptLogits(logits[i, T - len(prompt) : T - 1], torch.Tensor.float) if every else None
             for i, (prompt, every) in enumerate(zip(prompts, every_position))

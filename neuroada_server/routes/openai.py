@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -18,7 +19,13 @@ from neuroada_server.dispatch import Submitted, check_prompt_chars, check_token_
 from neuroada_server.engine import Engine
 from neuroada_server.errors import ApiError
 from neuroada_server.generation import Finished, PromptLogprobs, TextDelta, TokenLogprob
-from neuroada_server.schemas import STREAMING_RESPONSE, ChatCompletionRequest, CompletionRequest, Usage
+from neuroada_server.schemas import (
+    STREAMING_RESPONSE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAISamplingFields,
+    Usage,
+)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
@@ -78,7 +85,8 @@ async def completions(body: CompletionRequest, http: Request, response: Response
 
         # The echo leads each choice's text: with its tokens' logprobs when they arrive (first), else at once.
         first = [chunk(i, echoes[i], None, ()) for i in range(choices)] if body.echo and prompt_logprobs is None else []
-        return _stream(job, chunk, first, echoes)
+        usage = _usage_chunk(body, rid, "text_completion", created)
+        return _stream(job, chunk, first, echoes, usage)
     done = await job.results(http)
     response.headers.update(job.headers)
     rendered = [
@@ -132,7 +140,7 @@ async def chat_completions(
             choice = {"index": index, "delta": delta, "logprobs": logprobs(tokens), "finish_reason": finish}
             return _envelope(rid, "chat.completion.chunk", created, body.model, [choice])
 
-        return _stream(job, chunk)
+        return _stream(job, chunk, last=_usage_chunk(body, rid, "chat.completion.chunk", created))
     done = await job.results(http)
     response.headers.update(job.headers)
     choices = [
@@ -203,10 +211,25 @@ def _envelope(rid: str, kind: str, created: int, model: str, choices: list[dict]
     return body
 
 
-def _stream(job: Submitted, chunk, first: list[dict] = (), echoes: list[str] | None = None) -> StreamingResponse:
+def _usage_chunk(body: OpenAISamplingFields, rid: str, kind: str, created: int):
+    """`stream_options.include_usage`'s last chunk (no choices, the request's usage), or None."""
+    if body.stream_options is None or not body.stream_options.include_usage:
+        return None
+    n = body.n
+    return lambda done: _envelope(rid, kind, created, body.model, [], Usage.of(done, n).model_dump())
+
+
+def _stream(
+    job: Submitted,
+    chunk,
+    first: list[dict] = (),
+    echoes: list[str] | None = None,
+    last: Callable[[list[Finished]], dict] | None = None,
+) -> StreamingResponse:
     """`first`, then `chunk(choice, text, finish_reason, logprobs)` per event: a prompt's logprobs
     with its echo (`echoes[choice]`), a text delta's text and logprobs; a choice's final chunk
-    carries the logprobs of its tokens no text delta did (a stop string's, a token with no text of its own)."""
+    carries the logprobs of its tokens no text delta did (a stop string's, a token with no text of its
+    own); then `last` (the usage chunk)."""
     sent = [0] * len(job.requests)  # per choice, logprobs sent in its deltas
 
     def render(index: int, event: PromptLogprobs | TextDelta | Finished) -> dict:
@@ -217,7 +240,7 @@ def _stream(job: Submitted, chunk, first: list[dict] = (), echoes: list[str] | N
             return chunk(index, event.text, None, event.logprobs)
         return chunk(index, "", _finish(event), (event.logprobs or ())[sent[index] :])
 
-    return job.streaming_response(render, first)
+    return job.streaming_response(render, first, last)
 
 
 def _finish(done: Finished) -> str:

@@ -47,6 +47,25 @@ def test_openai_client_completion_and_streamed_chat(server, store):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
+def test_openai_stream_options_include_usage_sends_a_last_usage_chunk(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    asked = dict(model="a", prompt=["hello there", "a"], max_tokens=6, temperature=0, n=2)
+    whole = client.completions.create(**asked)
+    *chunks, usage = client.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+
+    def counts(usage):  # what the prefix cache held varies between the requests
+        return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+    assert usage.choices == [] and counts(usage.usage) == counts(whole.usage)  # each prompt once, every choice
+    assert all(c.usage is None and len(c.choices) == 1 for c in chunks)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = dict(model="b", messages=messages, max_tokens=6, temperature=0)
+    *_, usage = client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True})
+    assert usage.choices == [] and counts(usage.usage) == counts(client.chat.completions.create(**chat).usage)
+    *_, plain = client.chat.completions.create(**chat, stream=True)  # not asked: the last chunk is a choice's
+    assert plain.usage is None and plain.choices[0].finish_reason is not None
+
+
 def test_openai_logprobs_completion_and_chat_streamed_or_not(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     completion = client.completions.create(model="a", prompt="hello there", max_tokens=8, temperature=0, logprobs=2)
@@ -179,6 +198,8 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
         ("/v1/completions", {"n": 17}, "n"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
 )
