@@ -143,12 +143,13 @@ async def tokenize(engine: Engine, text: str) -> list[int]:
     return await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def check_token_ids(engine: Engine, ids: list[int]) -> list[int]:
-    """A prompt given as token ids: each must be a row of the model's embedding (422 otherwise)."""
+def check_token_ids(engine: Engine, ids: list[int], field: str = "prompt") -> list[int]:
+    """Token ids a request gives (a prompt's, logit_bias's): each must be a row of the model's
+    embedding (422 naming the field otherwise)."""
     vocab = engine.model.get_input_embeddings().num_embeddings
-    if max(ids) >= vocab:
+    if ids and max(ids) >= vocab:
         raise ApiError(
-            422, f"prompt: token id {max(ids)} is out of range: the model has {vocab} tokens (ids 0-{vocab - 1})"
+            422, f"{field}: token id {max(ids)} is out of range: the model has {vocab} tokens (ids 0-{vocab - 1})"
         )
     return ids
 
@@ -181,6 +182,7 @@ def submit(
         _unknown_adapter(engine, adapter)
     for prompt_ids in prompts:
         _check_prompt(engine, prompt_ids, params)
+    check_token_ids(engine, [token for token, _ in params.logit_bias], "logit_bias")
     if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > 64 for s in params.stop):
         raise ApiError(422, f"at most {MAX_STOP_STRINGS} stop strings of at most 64 characters each")
     loop = asyncio.get_running_loop()

@@ -40,6 +40,15 @@ class SamplingParams:
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's name)
+    # OpenAI's logits adjustments before sampling: a bias per token; a penalty per generated token,
+    # frequency_penalty times its count so far plus presence_penalty once it has appeared.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,7 @@ class _RowState:
         self.logprobs: list[TokenLogprob] = []
         self.logprobs_sent = 0  # of them, in text deltas so far
         self.num_tokens = 0  # generated tokens, eos included
+        self.counts: dict[int, int] = {}  # how often each token was generated (for the penalties)
         self.text = ""
         self.emitted = 0
         self.finish_reason: str | None = None  # stop | length | cancelled | failed
@@ -149,6 +159,7 @@ class _RowState:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.num_tokens += 1
+        self.counts[token] = self.counts.get(token, 0) + 1
         if logprob is not None:
             self.logprobs.append(logprob)
         if token in self.eos_ids and not self.request.params.ignore_eos:
@@ -180,6 +191,19 @@ class _RowState:
             logprobs = tuple(self.logprobs[self.logprobs_sent :])
             self.request.on_event(TextDelta(self.text[self.emitted : safe], logprobs))
             self.emitted, self.logprobs_sent = safe, len(self.logprobs)
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] with the request's logit bias and penalties applied (a copy), as sampling sees them."""
+        params = self.request.params
+        logits = logits.float().clone()
+        if params.logit_bias:
+            tokens, biases = zip(*params.logit_bias)
+            logits[list(tokens)] += torch.tensor(biases, device=logits.device)
+        if self.counts and (params.presence_penalty or params.frequency_penalty):
+            tokens, counts = zip(*self.counts.items())
+            counts = torch.tensor(counts, dtype=logits.dtype, device=logits.device)
+            logits[list(tokens)] -= params.frequency_penalty * counts + params.presence_penalty
+        return logits
 
     def fail(self, error: Exception) -> None:
         """This row alone failed (its sampling, its logits, its stop strings or detokenisation)."""
@@ -385,10 +409,12 @@ class RunningBatch:
             try:
                 if not finite[slot]:
                     raise RowError("the model's logits for this request are not finite (NaN or infinity)", "non_finite")
+                # Bias and penalties change what is sampled; the logprobs stay the model's own (vLLM's default).
+                row_logits = row.adjusted(logits[slot]) if params.adjusts_logits else logits[slot]
                 if params.temperature == 0:
-                    token = greedy[slot]
+                    token = int(row_logits.argmax()) if params.adjusts_logits else greedy[slot]
                 else:
-                    token = sample_next(logits[slot].cpu(), params, row.generator)
+                    token = sample_next(row_logits.cpu(), params, row.generator)
                 row.push(token, logprobs.of(slot, token))
             except Exception as e:
                 row.fail(e)

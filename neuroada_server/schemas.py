@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -97,6 +98,7 @@ class GenerateResponse(BaseModel):
 
 MAX_LOGPROBS = 20  # most likely tokens a response may list per position (OpenAI's limit)
 MAX_CHOICES = 16  # `n`: each choice is a request of its own in the batch
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's limit)
 MAX_PROMPTS = 64  # prompts of one /v1/completions request (a batch of them: lm-eval sends its batch so)
 
 
@@ -123,10 +125,24 @@ class OpenAISamplingFields(SamplingFields):
         return self
 
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate (with a seed, choice i uses seed + i)")
-    presence_penalty: Literal[0] = Field(0, description="not supported: 0 only")
-    frequency_penalty: Literal[0] = Field(0, description="not supported: 0 only")
-    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: empty only")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from a generated token's logit")
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="times a token's count so far, subtracted from its logit"
+    )
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit before sampling")
+    )
     user: str | None = None
+
+    def sampling(
+        self, max_new_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        return replace(
+            super().sampling(max_new_tokens, logprobs, prompt_logprobs),
+            logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

@@ -239,3 +239,29 @@ def test_an_eos_tokens_logprob_is_listed_though_its_text_is_not():
     done = events["hello there"][-1]
     assert done.finish_reason == "stop" and done.text == "" and done.completion_tokens == 1
     assert done.logprobs == (first,)  # as vLLM and OpenAI list it: lm-eval drops it as the generated token
+
+
+def test_logit_bias_and_penalties_change_what_is_sampled_as_openai_defines_them(solo, runner):
+    batch, events = _batch(runner), {}
+    bias = ((7, 5.0), (9, -100.0))
+    adjusted = _request("hello there", events, n=10, logit_bias=bias, frequency_penalty=1.5, presence_penalty=0.5)
+    beside = _request("1 + 2 =", events, n=12)  # no adjustment: as alone
+    batch.join([replace(adjusted, params=replace(adjusted.params, logprobs=0)), beside])
+    while batch:
+        batch.step()
+    got = [t.token for t in events["hello there"][-1].logprobs]
+
+    # The definition, greedily over whole-sequence forwards: logit + bias - frequency * count - presence.
+    ids, counts = list(adjusted.prompt_ids), {}
+    with torch.no_grad():
+        for _ in range(10):
+            logits = batch.model(torch.tensor([ids])).logits[0, -1].float()
+            for token, b in bias:
+                logits[token] += b
+            for token, count in counts.items():
+                logits[token] -= 1.5 * count + 0.5
+            ids.append(int(logits.argmax()))
+            counts[ids[-1]] = counts.get(ids[-1], 0) + 1
+    assert got == ids[len(adjusted.prompt_ids) :]
+    assert events["hello there"][-1].text != solo["hello there"][: len(events["hello there"][-1].text)]
+    assert events["1 + 2 ="][-1].text == solo["1 + 2 ="]

@@ -47,6 +47,17 @@ def test_openai_client_completion_and_streamed_chat(server, store):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
+def test_openai_logit_bias_and_penalties(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    a = tiny_tokenizer()("a", add_special_tokens=False).input_ids[0]
+    asked = dict(model="a", prompt="hello there", max_tokens=6, temperature=0)
+    assert client.completions.create(**asked, logit_bias={str(a): 100}).choices[0].text == "aaaaaa"
+    # A token that has appeared is pushed down by 2 (presence) + 2 per time (frequency): few repeats.
+    plain = client.completions.create(**asked | {"max_tokens": 24}).choices[0].text
+    penalised = client.completions.create(**asked | {"max_tokens": 24}, presence_penalty=2, frequency_penalty=2)
+    assert len(set(penalised.choices[0].text)) > len(set(plain))
+
+
 def test_openai_stream_options_include_usage_sends_a_last_usage_chunk(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     asked = dict(model="a", prompt=["hello there", "a"], max_tokens=6, temperature=0, n=2)
@@ -190,9 +201,11 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
 @pytest.mark.parametrize(
     "path, fields, named",
     [
-        ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
-        ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {"frequency_penalty": -3}, "frequency_penalty"),
+        ("/v1/completions", {"logit_bias": {"5": 150}}, "logit_bias"),
+        ("/v1/completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"999999": 1}}, "logit_bias: token id 999999"),
         ("/v1/completions", {"prompt": [[1, 2], [10**6]]}, "token id 1000000"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
@@ -203,7 +216,7 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
 )
-def test_openai_fields_we_do_not_implement_are_refused_not_ignored(server, path, fields, named):
+def test_openai_fields_out_of_range_or_not_implemented_are_refused_not_ignored(server, path, fields, named):
     body = {"model": "a", "max_tokens": 2} | (
         {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
     )
