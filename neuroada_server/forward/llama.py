@@ -280,35 +280,36 @@ class LlamaForward:
         n, lengths = len(prompts), [len(p) for p in prompts]
         every_position = every_position or [False] * n
         keys = prefix_keys if self.prefix_cache is not None and prefix_keys is not None else [None] * n
-        # A prompt whose every position's logits are wanted computes them all: it reads no cached
-        # blocks (their positions' logits are not kept), and stores its own for later prompts.
-        lookups = [None if every else key for key, every in zip(keys, every_position)]
         start = self.first + len(self.lengths)
-        chains = self._match(lookups, prompts)
+        # A prompt whose every position's logits are wanted reads only blocks that kept their hidden states.
+        chains = self._match(keys, prompts, every_position)
         cached = [len(chain) * BLOCK for chain in chains]  # what each row found, for its usage
-        shared = self._shared_stops(lookups, prompts, cached)
+        shared = self._shared_stops(keys, prompts, cached)
         if shared is not None:  # blocks several newcomers share, not yet cached: computed once, first
-            self._compute(prompts, chains, start, shared)
-            self._keep(lookups, [p[:stop] for p, stop in zip(prompts, shared)], start)
-            chains = self._match(lookups, prompts)
+            first_pass = self._compute(prompts, chains, start, shared)
+            self._keep(keys, [p[:stop] for p, stop in zip(prompts, shared)], start, chains, _rows(*first_pass))
+            chains = self._match(keys, prompts, every_position)
             cached = [c if stop > c else len(chain) * BLOCK for c, stop, chain in zip(cached, shared, chains)]
         hidden, computed, packed = self._compute(prompts, chains, start, lengths)
         self.cache.clear_tails(start, lengths)
+        rows = _rows(hidden, computed, packed)  # per row, its computed tokens' [computed[i], hidden]
         prompt_logits: list[PromptLogits | None] = [None] * n
-        firsts = (computed.cumsum(0) - computed).tolist()  # [n]: where packed, each row's first token
-        for i in (i for i, every in enumerate(every_position) if every):  # computed whole: computed[i] = lengths[i]
-            row = hidden[i] if packed is None else hidden[firsts[i] :]  # [*, hidden], its tokens first
-            prompt_logits[i] = PromptLogits(row[: lengths[i] - 1], self._logits)
+        for i in (i for i, every in enumerate(every_position) if every):
+            states = torch.cat([PrefixCache.gather_hidden(chains[i]), rows[i]]) if chains[i] else rows[i]
+            prompt_logits[i] = PromptLogits(states[: lengths[i] - 1], self._logits)
         if packed is None:
             last = hidden[torch.arange(n, device=self.device), computed - 1]  # [n, hidden]
         else:
             last = hidden[computed.cumsum(0) - 1]  # each row's last token in the packed [N, hidden]
         logits = self._logits(last)
-        self._keep(keys, prompts, start)
+        self._keep(keys, prompts, start, chains, rows)
         return Prefilled(logits, cached, _Newcomers(lengths), prompt_logits)
 
-    def _match(self, keys: list[PrefixKey | None], prompts: list[list[int]]) -> list[list]:
-        return [[] if key is None else self.prefix_cache.match(key, p) for key, p in zip(keys, prompts)]
+    def _match(self, keys: list[PrefixKey | None], prompts: list[list[int]], with_hidden: list[bool]) -> list[list]:
+        return [
+            [] if key is None else self.prefix_cache.match(key, p, hidden)
+            for key, p, hidden in zip(keys, prompts, with_hidden)
+        ]
 
     def _shared_stops(self, keys: list[PrefixKey | None], prompts: list[list[int]], cached: list[int]):
         """Where newcomers that share full blocks past their cached ones (same key, same chain)
@@ -337,8 +338,9 @@ class LlamaForward:
             return None
         return stops
 
-    def _block_bytes(self) -> int:  # one prefix-cache block: keys and values of every layer
-        return 2 * len(self.layers) * self.kv_heads * BLOCK * self.head_dim * self.cache.dtype.itemsize
+    def _block_bytes(self) -> int:  # one prefix-cache block: keys and values of every layer, its hidden states
+        per_token = 2 * len(self.layers) * self.kv_heads * self.head_dim + self.norm.weight.numel()
+        return per_token * BLOCK * self.cache.dtype.itemsize
 
     def _compute(self, prompts: list[list[int]], chains: list[list], start: int, stops: list[int]):
         """Rows' tokens from their cached blocks (`chains`, copied into their slots) to `stops`, written
@@ -367,11 +369,15 @@ class LlamaForward:
             hidden = self._layers(ids.to(self.device), positions, slice(start, start + n), None, spans, packed)
         return hidden, computed, packed
 
-    def _keep(self, keys: list[PrefixKey | None], prompts: list[list[int]], start: int) -> None:
-        """Store the prompts' full blocks the prefix cache lacks, from their slots."""
+    def _keep(
+        self, keys: list[PrefixKey | None], prompts: list[list[int]], start: int, chains: list[list], rows: list
+    ) -> None:
+        """Store the prompts' full blocks the prefix cache lacks, from their slots, with the hidden
+        states of the tokens the pass computed (`rows[i]`, past row i's cached `chains[i]`)."""
         for i, (key, prompt) in enumerate(zip(keys, prompts)):
             if key is not None:
-                self.prefix_cache.insert(key, prompt, partial(self.cache.read, start + i))
+                hidden = partial(_hidden_between, len(chains[i]) * BLOCK, rows[i])
+                self.prefix_cache.insert(key, prompt, partial(self.cache.read, start + i), hidden)
 
     def join(self, newcomers: _Newcomers) -> None:
         self.lengths += newcomers.lengths
@@ -587,6 +593,21 @@ class LlamaForward:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, V] float32
         return self.lm_head(_rms_norm(hidden, self.norm)).float()
+
+
+def _rows(hidden: torch.Tensor, computed: torch.Tensor, packed: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each row's computed tokens' hidden states [computed[i], hidden], from a pass's [n, T, hidden]
+    (or packed [N, hidden])."""
+    counts = computed.tolist()
+    if packed is None:
+        return [hidden[i, :c] for i, c in enumerate(counts)]
+    return list(hidden.split(counts))
+
+
+def _hidden_between(first: int, states: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+    """Positions [start, stop) of a row whose computed tokens' states (`states`) begin at position
+    `first`; None before them (cached blocks: their states are the cache's own)."""
+    return states[start - first : stop - first] if start >= first else None
 
 
 def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:

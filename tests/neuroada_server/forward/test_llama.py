@@ -255,10 +255,10 @@ def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupa
     torch.testing.assert_close(logits[1], last_alone[0], rtol=1e-4, atol=1e-4)
 
 
-def block_bytes(model) -> int:  # one prefix-cache block of a float32 model: keys and values of every layer
+def block_bytes(model) -> int:  # one prefix-cache block of a float32 model: every layer's keys and values, its states
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK * head_dim * 4
+    return (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim + config.hidden_size) * BLOCK * 4
 
 
 def prefill_and_decode(forward: LlamaForward, groups: list[list[list[int]]], steps: int = 4):
@@ -540,13 +540,13 @@ def test_a_row_whose_cached_blocks_another_rows_evict_in_the_same_prefill_keeps_
     [([2 * BLOCK + 3] * 2, [True, True]), ([2 * BLOCK + 3, 2 * BLOCK + 1, 9], [True, False, True])],
     ids=["padded", "packed"],  # equal rows computed whole fill the grid; unequal ones are packed
 )
-def test_every_positions_logits_are_the_whole_forwards_past_the_prefix_cache(lengths, every):
+def test_every_positions_logits_are_the_whole_forwards_from_cached_blocks_and_computed_tokens(lengths, every):
     model = tiny_llama(seed=9)
     prompts = random_prompts(18, lengths)
     forward = LlamaForward(model, prefix_cache=PrefixCache(1 << 30))
-    forward.prefill(prompts, [("base",)] * len(prompts))  # every full block of them cached
+    forward.prefill(prompts, [("base",)] * len(prompts))  # every full block of them cached, hidden states too
     logits, cached, _, prompt_logits = forward.prefill(prompts, [("base",)] * len(prompts), every)
-    assert cached == [0 if scored else n // BLOCK * BLOCK for n, scored in zip(lengths, every)]
+    assert cached == [n // BLOCK * BLOCK for n in lengths]
     for prompt, scored, last, positions in zip(prompts, every, logits, prompt_logits):
         whole = model(torch.tensor([prompt])).logits[0]  # [S, V]
         torch.testing.assert_close(last, whole[-1], rtol=1e-4, atol=1e-4)
@@ -557,7 +557,14 @@ def test_every_positions_logits_are_the_whole_forwards_past_the_prefix_cache(len
         got = torch.cat([positions[start : start + 10] for start in range(0, len(positions), 10)])  # [S - 1, V]
         torch.testing.assert_close(got, whole[:-1], rtol=1e-4, atol=1e-4)
 
-    # A scored prompt reads no cached block, but stores its own for later prompts.
+    # A scored prompt's blocks serve later prompts, scored or not; a burst of them computes shared blocks once.
     fresh = LlamaForward(model, prefix_cache=PrefixCache(1 << 30))
     assert fresh.prefill(prompts[:1], [("base",)], [True]).cached == [0]
     assert fresh.prefill(prompts[:1], [("base",)]).cached == [lengths[0] // BLOCK * BLOCK]
+    burst = LlamaForward(model, prefix_cache=PrefixCache(1 << 30))
+    shared = [prompts[0][: 2 * BLOCK] + tail for tail in random_prompts(19, [3, 5])]
+    _, cached, _, scored = burst.prefill(shared, [("base",)] * 2, [True, True])
+    assert cached == [0, 2 * BLOCK]  # the second read what the first pass computed for both
+    for prompt, positions in zip(shared, scored):
+        whole = model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(positions[: len(positions)], whole[:-1], rtol=1e-4, atol=1e-4)

@@ -138,3 +138,26 @@ def test_blocks_evicted_after_a_prompt_found_them_are_stored_again_with_the_bloc
     assert put(cache, BASE, longer) == [(0, 4 * BLOCK)]  # its slot holds every block: all four stored
     assert stored(cache, BASE, longer) == 4 * BLOCK
     assert len(cache) == 4 and cache.bytes == 4 * BLOCK_BYTES
+
+
+def test_hidden_states_are_kept_with_their_blocks_and_only_chains_that_hold_them_serve_every_position():
+    cache, prompt = PrefixCache(10 * BLOCK_BYTES), tokens(9, 3 * BLOCK + 1)
+    states = torch.arange(len(prompt), dtype=torch.float32)[:, None].expand(-1, 5)  # [S, hidden]: its position
+    put(cache, BASE, prompt[: 2 * BLOCK])  # two blocks, no hidden states
+    assert cache.match(BASE, prompt, with_hidden=True) == [] and stored(cache, BASE, prompt) == 2 * BLOCK
+    before = cache.bytes
+    # The states of positions from BLOCK on only: the first block stays without, the second takes its.
+    cache.insert(
+        BASE, prompt, lambda start, stop: kv_for(prompt[:stop], start), lambda a, b: states[a:b] if a >= BLOCK else None
+    )
+    assert cache.match(BASE, prompt, with_hidden=True) == []  # its first block has none
+    assert (
+        cache.bytes == before + 2 * states[:BLOCK].nbytes + BLOCK_BYTES
+    )  # the second's states, a third block with its
+    cache.insert(BASE, prompt, lambda start, stop: kv_for(prompt[:stop], start), lambda a, b: states[a:b])
+    chain = cache.match(BASE, prompt, with_hidden=True)
+    assert len(chain) == 3 and torch.equal(PrefixCache.gather_hidden(chain), states[: 3 * BLOCK])
+    nan = states.clone().fill_(float("nan"))
+    other = PrefixCache(10 * BLOCK_BYTES)
+    other.insert(BASE, prompt, lambda start, stop: kv_for(prompt[:stop], start), lambda a, b: nan[a:b])
+    assert len(other.match(BASE, prompt)) == 3 and other.match(BASE, prompt, with_hidden=True) == []  # not kept
