@@ -4,7 +4,8 @@
                                  [--limit 100] [--max-new-tokens 128] [--serve-rounds 4] [--threads 2]
 
 Past a decode step's rows, `neuroada_kernels.linear` computes the float32 CPU products of a prefill with
-oneDNN's GEMM (`use_prefill_gemm`); before, they went to `F.linear`. On the embedded SmolLM2-135M
+oneDNN's GEMM (`use_prefill_gemm`), or on an Intel CPU with `F.linear` (MKL's sgemm): whichever this
+script found faster on each vendor's CPU. On the embedded SmolLM2-135M
 (fp32, laid out as the server lays it out), each GEMM in turn, round after round:
 - linears: one layer's products (q/k/v as one, o, gate, up, down) at the rows of each shape, GFLOP/s;
 - prefill: `LlamaForward.prefill` of P prompts of T tokens (`--shapes PxT`; the prompt of

@@ -4,10 +4,11 @@ many on oneDNN's.
 A decode step multiplies a handful of token rows by each weight: a pass over the weight's bytes.
 On the CPU, `F.linear` (MKL's sgemm) reads the weight at a fraction of the memory bandwidth for
 such a skinny product; `neuroada_kernels/csrc/decode_linear.cpp` reads every weight row once for all the
-rows. A prefill's product is compute-bound; on the CPU in float32 it goes to oneDNN's GEMM (the
-one torch's own compiler uses for CPU linears), faster there than MKL's sgemm, which `F.linear`
-calls (benchmarks/RESULTS.md, `benchmarks/prefill.py`). Where oneDNN is missing, a gradient is
-wanted, a graph is being compiled or the rows are not float32 on the CPU: `F.linear`.
+rows. A prefill's product is compute-bound; on the CPU in float32 it goes to the faster GEMM of the
+CPU's vendor: MKL's sgemm (which `F.linear` calls) on an Intel CPU, oneDNN's (the one torch's own
+compiler uses for CPU linears) elsewhere, where MKL takes a slower path (benchmarks/RESULTS.md,
+`benchmarks/prefill.py`). Where oneDNN is missing, a gradient is wanted, a graph is being compiled or
+the rows are not float32 on the CPU: `F.linear`.
 
 A float32 input may meet bfloat16 weights (a server's `weight_dtype`): the kernel widens them as it
 reads, and a GEMM gets them widened first, so either way the arithmetic is float32's.
@@ -29,7 +30,21 @@ DECODE_MAX_ROWS = 32
 
 PrefillGemm = Literal["onednn", "torch"]
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_prefill_gemm: PrefillGemm = "onednn" if ONEDNN_AVAILABLE else "torch"
+
+
+def _cpu_vendor() -> str | None:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"), or None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+_prefill_gemm: PrefillGemm = "onednn" if ONEDNN_AVAILABLE and _cpu_vendor() != "GenuineIntel" else "torch"
 
 
 def prefill_gemm() -> PrefillGemm:
@@ -38,7 +53,8 @@ def prefill_gemm() -> PrefillGemm:
 
 def use_prefill_gemm(name: PrefillGemm) -> None:
     """Which library computes the float32 CPU products past a decode step's rows: "onednn" (the
-    default where torch has it) or "torch" (`F.linear`: MKL's sgemm). For benchmarks comparing them."""
+    default where torch has it, but on Intel CPUs) or "torch" (`F.linear`: MKL's sgemm; the
+    default on Intel CPUs). For benchmarks comparing them."""
     global _prefill_gemm
     if name not in get_args(PrefillGemm):
         raise ValueError(f"prefill GEMM {name!r} is not one of {get_args(PrefillGemm)}")

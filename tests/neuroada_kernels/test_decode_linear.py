@@ -4,6 +4,8 @@ A bf16 weight meets float32 rows: the expected result is F.linear over the weigh
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +145,12 @@ def test_a_prefill_sized_linear_compiles(gemm):
     with torch.inference_mode():
         out = torch.compile(linear, fullgraph=True)(x, w)
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_the_default_prefill_gemm_is_mkls_on_intel_cpus_and_onednns_elsewhere():
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in cpuinfo.splitlines())
+    assert prefill_gemm() == ("torch" if intel or not ONEDNN_AVAILABLE else "onednn")
 
 
 def test_use_prefill_gemm_refuses_an_unknown_gemm():
