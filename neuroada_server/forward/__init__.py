@@ -46,8 +46,8 @@ class BatchForward(Protocol):
         """Logits [n, V] (float32) after each prompt's last token, how many of each prompt's tokens
         came from the prefix cache (under its key in `prefix_keys`; None: not cached), the
         newcomers' cache, to `join` once they are accepted (until then the batch is unchanged), and
-        for the prompts `every_position` marks (computed whole: no cached block read), the logits
-        after each position."""
+        for the prompts `every_position` marks, the logits after each position (such a prompt reads
+        only cached blocks that kept their hidden states)."""
 
     def join(self, newcomers: object) -> None:
         """Append the rows `prefill` computed."""

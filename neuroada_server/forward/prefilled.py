@@ -14,14 +14,14 @@ class PromptLogits:
     a slice of positions at a time: all at once would be [S - 1, V] floats."""
 
     def __init__(self, states: torch.Tensor, to_logits: Callable[[torch.Tensor], torch.Tensor]):
-        self.states = states  # [S - 1, *]: what `to_logits` turns into those positions' logits
+        self.states = states  # [S - 1, *]: what `to_logits` turns into those positions' float32 logits
         self.to_logits = to_logits
 
     def __len__(self) -> int:
         return self.states.shape[0]
 
     def __getitem__(self, positions: slice) -> torch.Tensor:  # [len(positions), V] float32
-        return self.to_logits(self.states[positions]).float()
+        return self.to_logits(self.states[positions])
 
 
 class Prefilled(NamedTuple):
