@@ -25,6 +25,7 @@ from neuroada_server.generation import (
     TextDelta,
 )
 from neuroada_server.scheduler import QueueFull, ShuttingDown
+from neuroada_server.structured import Structure, StructureError
 from neuroada_server.worker import UnknownAdapter
 
 MAX_STOP_STRINGS = 8
@@ -164,6 +165,20 @@ def check_prompt_chars(engine: Engine, num_chars: int) -> None:
             f"prompt has {num_chars} characters, more than max_prompt_tokens ({engine.settings.max_prompt_tokens}) "
             f"tokens of at most {engine.max_token_chars} characters each can hold",
         )
+
+
+async def with_structure(engine: Engine, params: SamplingParams, structure: Structure | None) -> SamplingParams:
+    """`params` holding the text to `structure`, compiled off the event loop (422 with the reason if
+    it does not compile)."""
+    if structure is None:
+        return params
+    if params.ignore_eos:
+        raise ApiError(422, "ignore_eos: a structured output ends where its structure does, not with it")
+    try:
+        grammar = await run_in_threadpool(engine.grammars.compile, structure)
+    except StructureError as e:
+        raise ApiError(422, f"structured output ({structure.kind}): {e}", "invalid_structure") from None
+    return replace(params, grammar=grammar)
 
 
 def submit(

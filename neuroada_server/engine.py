@@ -40,6 +40,7 @@ from neuroada_server.resident import AdapterLoader
 from neuroada_server.scheduler import BatchScheduler
 from neuroada_server.settings import ServerSettings
 from neuroada_server.store import AdapterStore
+from neuroada_server.structured import Grammars
 from neuroada_server.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class Engine:
         )
         self.catalog.on_ready = self.scheduler.wake
         eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight.shape[0], eos_ids)
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(eos_ids)
         self.prefix_cache = None  # on our decoder only

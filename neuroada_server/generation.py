@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from neuroada_server.batch_adapters import BatchAdapters, NoAdapters
 from neuroada_server.forward import BatchForward, PrefixKey, Runner, batch_forward
 from neuroada_server.forward.prefilled import PromptLogits
+from neuroada_server.structured import Constraint, Grammar
 
 if TYPE_CHECKING:
     from neuroada_server.resident import ResidentAdapter
@@ -45,6 +46,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    grammar: Grammar | None = None  # the structure the text must follow (`Grammars.compile`), if any
 
     @property
     def adjusts_logits(self) -> bool:
@@ -149,6 +151,7 @@ class _RowState:
         self.generator = None
         if request.params.seed is not None:
             self.generator = torch.Generator().manual_seed(request.params.seed)
+        self.constraint = Constraint(request.params.grammar) if request.params.grammar is not None else None
 
     def score_prompt(self, logits: PromptLogits) -> None:
         """The prompt's tokens' log-probabilities, from the logits after each of its positions; sent at once."""
@@ -409,12 +412,19 @@ class RunningBatch:
             try:
                 if not finite[slot]:
                     raise RowError("the model's logits for this request are not finite (NaN or infinity)", "non_finite")
-                # Bias and penalties change what is sampled; the logprobs stay the model's own (vLLM's default).
+                # Bias, penalties and a grammar change what is sampled; the logprobs stay the model's
+                # own (vLLM's default).
                 row_logits = row.adjusted(logits[slot]) if params.adjusts_logits else logits[slot]
-                if params.temperature == 0:
-                    token = int(row_logits.argmax()) if params.adjusts_logits else greedy[slot]
-                else:
+                if row.constraint is not None:
+                    row_logits = row.constraint.masked(row_logits)
+                if params.temperature != 0:
                     token = sample_next(row_logits.cpu(), params, row.generator)
+                elif params.adjusts_logits or row.constraint is not None:
+                    token = int(row_logits.argmax())
+                else:
+                    token = greedy[slot]
+                if row.constraint is not None and not row.constraint.accept(token):
+                    raise RowError(f"token {token} is outside the request's grammar", "grammar")
                 row.push(token, logprobs.of(slot, token))
             except Exception as e:
                 row.fail(e)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from neuroada_server.generation import Finished, SamplingParams
+from neuroada_server.structured import Structure
 
 
 class PromptTokensDetails(BaseModel):
@@ -50,6 +52,55 @@ Temperature = Annotated[
 ]
 
 
+MAX_SPEC_CHARS = 65_536  # a schema's JSON text, a regex or a grammar
+MAX_CHOICES_LISTED = 256  # structured_outputs.choice
+
+
+def _json_text(schema: dict | str) -> str:
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    if len(text) > MAX_SPEC_CHARS:
+        raise ValueError(f"the schema's JSON text is over {MAX_SPEC_CHARS} characters")
+    return text
+
+
+SchemaText = Annotated[dict[str, Any] | str, AfterValidator(_json_text)]  # a JSON schema, kept as its JSON text
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: the text must follow exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: SchemaText | None = Field(None, alias="json", description="a JSON schema (an object, or its text)")
+    json_object: Literal[True] | None = Field(None, description="any JSON object")
+    regex: str | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARS)
+    choice: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES_LISTED, description="the text is one of these"
+    )
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARS, description="an EBNF grammar")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [f.alias or name for name, f in type(self).model_fields.items() if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of json, json_object, regex, choice, grammar (given: {given or 'none'})"
+            )
+        return self
+
+    @property
+    def structure(self) -> Structure:
+        if self.json_schema is not None:
+            return Structure("json_schema", self.json_schema)
+        if self.json_object:
+            return Structure("json_object")
+        if self.regex is not None:
+            return Structure("regex", self.regex)
+        if self.choice is not None:
+            return Structure("choice", json.dumps(self.choice))
+        return Structure("grammar", self.grammar)
+
+
 class SamplingFields(BaseModel):
     temperature: Temperature = 0.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -63,6 +114,12 @@ class SamplingFields(BaseModel):
         gt=0,
         description="drop the request if still queued after this long (the server's request_timeout_s caps it)",
     )
+    structured_outputs: StructuredOutputs | None = Field(None, description="a structure the text must follow")
+
+    @property
+    def structure(self) -> Structure | None:
+        """The structure the text must follow, if the request gives one."""
+        return self.structured_outputs.structure if self.structured_outputs is not None else None
 
     def sampling(
         self, max_new_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
@@ -106,8 +163,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="a last chunk, before [DONE], with the request's usage")
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text"] = Field("text", description="not supported: text only (no JSON mode or schema)")
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchema(BaseModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: SchemaText = Field(..., alias="schema")
+    strict: bool | None = Field(None, description="ignored: the schema is always enforced")
+
+
+class JsonSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class OpenAISamplingFields(SamplingFields):
@@ -123,6 +199,20 @@ class OpenAISamplingFields(SamplingFields):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only with stream true")
         return self
+
+    @model_validator(mode="after")
+    def _one_structure(self):
+        if isinstance(self.response_format, (JsonObjectFormat, JsonSchemaFormat)) and self.structured_outputs:
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
+
+    @property
+    def structure(self) -> Structure | None:
+        if isinstance(self.response_format, JsonObjectFormat):
+            return Structure("json_object")
+        if isinstance(self.response_format, JsonSchemaFormat):
+            return Structure("json_schema", self.response_format.json_schema.json_schema)
+        return super().structure
 
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate (with a seed, choice i uses seed + i)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from a generated token's logit")

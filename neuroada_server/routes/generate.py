@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from neuroada_server.deps import get_engine, require_api_token
-from neuroada_server.dispatch import submit, tokenize
+from neuroada_server.dispatch import submit, tokenize, with_structure
 from neuroada_server.engine import Engine
 from neuroada_server.errors import ApiError
 from neuroada_server.generation import Finished, TextDelta
@@ -26,7 +26,8 @@ async def generate(
         raise ApiError(422, f"adapter given twice: {adapter!r} in the query, {body.adapter!r} in the body")
     name = adapter or body.adapter
     prompt_ids = await tokenize(engine, body.prompt)
-    job = submit(engine, [prompt_ids], name, body.sampling(body.max_new_tokens), body.timeout_s)
+    params = await with_structure(engine, body.sampling(body.max_new_tokens), body.structure)
+    job = submit(engine, [prompt_ids], name, params, body.timeout_s)
     if not body.stream:
         (done,) = await job.results(http)
         response.headers.update(job.headers)

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
 from neuroada_server.deps import get_engine, require_api_token
-from neuroada_server.dispatch import Submitted, check_prompt_chars, check_token_ids, submit, tokenize
+from neuroada_server.dispatch import Submitted, check_prompt_chars, check_token_ids, submit, tokenize, with_structure
 from neuroada_server.engine import Engine
 from neuroada_server.errors import ApiError
 from neuroada_server.generation import Finished, PromptLogprobs, TextDelta, TokenLogprob
@@ -66,7 +66,9 @@ async def completions(body: CompletionRequest, http: Request, response: Response
     prompts = [await tokenize(engine, p) if isinstance(p, str) else check_token_ids(engine, p) for p in body.prompts]
     # echo with logprobs: the prompt's tokens' logprobs too (vLLM's prompt_logprobs), the same number of alternatives.
     prompt_logprobs = body.logprobs if body.echo else None
-    params = body.sampling(body.max_tokens, body.logprobs, prompt_logprobs)
+    params = await with_structure(
+        engine, body.sampling(body.max_tokens, body.logprobs, prompt_logprobs), body.structure
+    )
     job = submit(engine, prompts, adapter, params, body.timeout_s, body.n)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = len(prompts) * body.n  # choice i is a generation of prompt i // n
@@ -122,7 +124,8 @@ async def chat_completions(
     if max_tokens is None:  # as much as fits, up to a default
         room = engine.context_length - len(ids) if engine.context_length is not None else 256
         max_tokens = max(1, min(256, engine.settings.max_new_tokens, room))
-    job = submit(engine, [list(ids)], adapter, body.sampling(max_tokens, body.logprobs_n), body.timeout_s, body.n)
+    params = await with_structure(engine, body.sampling(max_tokens, body.logprobs_n), body.structure)
+    job = submit(engine, [list(ids)], adapter, params, body.timeout_s, body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict | None:

@@ -211,7 +211,7 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
         ("/v1/completions", {"n": 17}, "n"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
         ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
