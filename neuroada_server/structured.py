@@ -84,14 +84,12 @@ class Grammars:
 
 # What xgrammar (0.2.8) lets a JSON string hold, as its grammars write it, and what we hold it to.
 # A string with a minLength or maxLength is a repetition of the first class, which lets raw control
-# characters in (invalid JSON: `json.loads` refuses them) and no escapes (mlc-ai/xgrammar#800):
-# each repetition is made one JSON character instead, an escape counting as one. Both classes let
-# UTF-8-encoded surrogates in (U+D800-U+DFFF are no characters: each decodes to three U+FFFD).
+# characters in: invalid JSON, `json.loads` refuses it (mlc-ai/xgrammar#800). Both classes let
+# UTF-8-encoded surrogates in (U+D800-U+DFFF are no characters: each decodes to three U+FFFD). Escapes
+# stay out of a bounded string, as in xgrammar: a repetition of an alternative (a character or an
+# escape) loses xgrammar's precomputed token masks, each mask then checked over the whole vocabulary.
 _CHARACTER = r"[^\0-\x1f\"\\\uD800-\uDFFF]"
-_STRING_CHARACTERS = {
-    r"[^\"\\\r\n]": rf'({_CHARACTER} | "\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9]{{4}}))',
-    r"[^\0-\x1f\"\\\r\n]": _CHARACTER,
-}
+_STRING_CHARACTERS = {r"[^\"\\\r\n]": _CHARACTER, r"[^\0-\x1f\"\\\r\n]": _CHARACTER}
 
 
 def json_schema_grammar(schema: str, strict: bool = True) -> str:

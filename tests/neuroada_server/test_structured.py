@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from neuroada_server.structured import Constraint, Grammars, Structure, StructureError
+from neuroada_server.structured import Constraint, Grammar, Grammars, Structure, StructureError
 from tests.helpers import tiny_tokenizer
 from tests.neuroada_server.conftest import generate
 
@@ -54,19 +54,22 @@ def test_constraint_masks_every_token_the_grammar_does_not_allow_next(grammars):
     assert allowed() == {"<eos>"}  # complete: only the end of sequence may follow
 
 
-def test_a_bounded_json_string_takes_escapes_and_refuses_raw_control_characters(grammars):
-    """xgrammar alone lets a string with a maxLength hold raw control characters (invalid JSON) and
-    no escapes (mlc-ai/xgrammar#800)."""
-    grammar = grammars.compile(Structure("json_schema", json.dumps({"type": "string", "maxLength": 3})))
-    byte_tokens = {token: i for i, token in enumerate(grammar.compiled.tokenizer_info.decoded_vocab)}
+def test_a_json_string_refuses_raw_control_characters_and_surrogates(grammars):
+    """xgrammar alone lets a string with a maxLength hold raw control characters (invalid JSON,
+    mlc-ai/xgrammar#800), and any string UTF-8-encoded surrogates."""
+    bounded = grammars.compile(Structure("json_schema", json.dumps({"type": "string", "maxLength": 3})))
+    unbounded = grammars.compile(Structure("json_schema", json.dumps({"type": "string"})))
+    byte_tokens = {token: i for i, token in enumerate(bounded.compiled.tokenizer_info.decoded_vocab)}
 
-    def follows(text: str) -> bool:  # its UTF-8 bytes, one token each (the tiny tokenizer's)
+    def follows(grammar: Grammar, text: str) -> bool:  # its UTF-8 bytes, one token each (the tiny tokenizer's)
         constraint = Constraint(grammar)
         return all(constraint.accept(byte_tokens[bytes([b])]) for b in text.encode("utf-8", "surrogatepass"))
 
-    assert follows('"a\\nb"') and follows('"\\u00e9"')  # an escape is one character of the three
-    assert not follows('"a\x07') and not follows('"\ttab') and not follows('"abcd')
-    assert not follows('"\ud800')  # a surrogate: no character (Python decodes its UTF-8 bytes to U+FFFD)
+    assert follows(bounded, '"a\u00e9b"') and not follows(bounded, '"abcd')
+    assert follows(unbounded, '"a\\nb \u00e9"')
+    for grammar in [bounded, unbounded]:
+        assert not follows(grammar, '"a\x07') and not follows(grammar, '"\ttab')
+        assert not follows(grammar, '"\ud800')  # a surrogate: no character (Python decodes its bytes to U+FFFD)
 
 
 @pytest.mark.parametrize(
