@@ -111,6 +111,7 @@ def summary(passes: list[dict]) -> dict:
     e2e = sorted(r["seconds"] for r in done)
     return {
         "requests": len(done),
+        "req_per_s": len(done) / seconds,
         "tokens_per_s": sum(r["tokens"] for r in done) / seconds,
         "pass_tokens_per_s": [sum(r["tokens"] for r in p["requests"]) / p["seconds"] for p in passes],
         "mean_tokens": statistics.mean(r["tokens"] for r in done),
@@ -146,7 +147,10 @@ def main() -> None:
             if args.llama_server is not None:
                 gguf = llama_cpp.dequantized_gguf(Path(tmp) / "model-f32.gguf", "f32")
                 port = free_port()
-                proc = llama_cpp.start(args.llama_server, gguf, port, args.max_batch, args.threads, 1024, args.peer_log)
+                context = 512  # per slot, as vs_llama_cpp.py: a prompt and its output fit three times over
+                proc = llama_cpp.start(
+                    args.llama_server, gguf, port, args.max_batch, args.threads, context, args.peer_log
+                )
                 servers["llama.cpp"] = (proc, f"http://127.0.0.1:{port}")
             for engine, (_, url) in servers.items():  # warm-up, not recorded: every mode at the top concurrency
                 for mode in MODES:
@@ -171,27 +175,41 @@ def main() -> None:
                 proc.wait(timeout=60)
 
     rows = [{"engine": e, "mode": m, "concurrency": c, **summary(runs)} for (e, m, c), runs in passes.items()]
-    tok_s = {(r["engine"], r["mode"], r["concurrency"]): r["tokens_per_s"] for r in rows}
+    by_key = {(r["engine"], r["mode"], r["concurrency"]): r for r in rows}
     print(
         f"\nmachine: {machine()}; SmolLM2-135M-Instruct (F32 weights), max batch {args.max_batch}, "
         f"{args.threads} threads; {args.requests} chat completions, greedy, up to {args.max_tokens} tokens, "
         f"{args.rounds} rounds\n"
     )
 
-    def ratio(r: dict, engine: str, mode: str) -> str:
-        other = tok_s.get((engine, mode, r["concurrency"]))
-        return f"{r['tokens_per_s'] / other:.2f}x" if other else "-"
+    def ratio(r: dict, engine: str, mode: str, key: str) -> str:
+        other = by_key.get((engine, mode, r["concurrency"]))
+        return f"{r[key] / other[key]:.2f}x" if other else "-"
 
+    # Tokens/s against the same engine's free requests (the constraint's cost a token); requests/s
+    # against llama.cpp's (the engines write JSON with different whitespace: their token counts differ).
     print_table(
-        ["engine", "mode", "conc", "out tok/s", "vs free", "vs llama.cpp", "tokens/req", "e2e p50/p99 s", "valid"],
+        [
+            "engine",
+            "mode",
+            "conc",
+            "out tok/s",
+            "tok/s vs free",
+            "req/s",
+            "req/s vs llama.cpp",
+            "tokens/req",
+            "e2e p50/p99 s",
+            "valid",
+        ],
         [
             [
                 r["engine"],
                 r["mode"],
                 r["concurrency"],
                 f"{r['tokens_per_s']:.1f}",
-                ratio(r, r["engine"], "free"),
-                ratio(r, "llama.cpp", r["mode"]),
+                ratio(r, r["engine"], "free", "tokens_per_s"),
+                f"{r['req_per_s']:.2f}",
+                ratio(r, "llama.cpp", r["mode"], "req_per_s"),
                 f"{r['mean_tokens']:.1f}",
                 f"{r['e2e_p50']:.2f}/{r['e2e_p99']:.2f}",
                 f"{r['valid']}/{r['requests']}",

@@ -424,7 +424,9 @@ class RunningBatch:
                 else:
                     token = greedy[slot]
                 if row.constraint is not None and not row.constraint.accept(token):
-                    raise RowError(f"token {token} is outside the request's grammar", "grammar")
+                    raise RowError(
+                        "no token can continue the text inside its structure (one no text satisfies?)", "grammar"
+                    )
                 row.push(token, logprobs.of(slot, token))
             except Exception as e:
                 row.fail(e)

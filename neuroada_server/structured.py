@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
+import jsonschema
 import torch
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
@@ -47,7 +48,7 @@ class StructureError(ValueError):
 
 class Grammars:
     """Compiles structures for one model's tokenizer; the vocabulary's tables are built at the first
-    compile (a tenth of a second for a 49k vocabulary), not when the server starts."""
+    compile, not when the server starts."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: set[int]):
         self._tokenizer, self._vocab_size, self._stop_ids = tokenizer, vocab_size, sorted(stop_ids)
@@ -57,6 +58,8 @@ class Grammars:
     def compile(self, structure: Structure) -> Grammar:
         """Raises StructureError, with xgrammar's reason, for a structure it cannot compile."""
         compiler = self._compiler or self._build()
+        if structure.kind == "json_schema":
+            check_json_schema(structure.spec)
         try:
             if structure.kind == "json_schema":
                 compiled = compiler.compile_grammar(json_schema_grammar(structure.spec))
@@ -80,6 +83,22 @@ class Grammars:
                 )
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=MAX_COMPILED_BYTES)
             return self._compiler
+
+
+def check_json_schema(schema: str) -> None:
+    """Raises StructureError unless `schema` is a JSON schema by its meta-schema (its `$schema`'s
+    draft, else 2020-12): xgrammar compiles some invalid ones (an empty `anyOf` as an empty text)."""
+    try:
+        parsed = json.loads(schema)
+    except json.JSONDecodeError as e:
+        raise StructureError(f"the schema is not JSON: {e}") from None
+    if not isinstance(parsed, (dict, bool)):
+        raise StructureError(f"a schema is an object or a boolean, not {type(parsed).__name__}")
+    try:
+        jsonschema.validators.validator_for(parsed).check_schema(parsed)
+    except jsonschema.SchemaError as e:
+        where = "/".join(map(str, e.absolute_path))
+        raise StructureError(f"invalid schema{f' at {where}' if where else ''}: {e.message}") from None
 
 
 # What xgrammar (0.2.8) lets a JSON string hold, as its grammars write it, and what we hold it to.
@@ -132,5 +151,6 @@ class Constraint:
         return logits.masked_fill(~allowed[: logits.shape[-1]].to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> bool:
-        """Follow `token`; False if the grammar does not allow it (the matcher is then unchanged)."""
+        """Follow `token`; False if the grammar does not allow it (the matcher is then unchanged):
+        sampled from `masked` logits, only where the grammar allows no token at all."""
         return self.matcher.accept_token(token)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 import torch
 
@@ -88,6 +89,22 @@ def test_upload_and_use_without_restart(served):
         )
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     assert (store / "cs-copy.safetensors").read_bytes() == data
+
+
+def test_the_readme_json_schema_example_gives_the_record_on_the_base_and_an_adapter(served):
+    """The README's structured-outputs request, as written there."""
+    readme = (ROOT / "README.md").read_text()
+    body = json.loads(re.search(r"curl -s 127.0.0.1:8000/v1/chat/completions .* -d '(\{.*?\})'", readme, re.S)[1])
+    schema = body["response_format"]["json_schema"]["schema"]
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=300) as c:
+        for model in [body["model"], "commonsense"]:
+            r = c.post("/v1/chat/completions", json=body | {"model": model})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            record = json.loads(choice["message"]["content"])
+            jsonschema.validate(record, schema)
+            assert choice["finish_reason"] == "stop" and record["name"] == "Alice", record
 
 
 def test_inspect_validates_a_shipped_adapter():

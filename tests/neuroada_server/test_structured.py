@@ -75,8 +75,10 @@ def test_a_json_string_refuses_raw_control_characters_and_surrogates(grammars):
 @pytest.mark.parametrize(
     "structure, reason",
     [
-        (Structure("json_schema", '{"type": "objectx"}'), 'Unsupported type "objectx"'),
-        (Structure("json_schema", "nope"), "Failed to parse JSON"),
+        (Structure("json_schema", '{"type": "objectx"}'), "invalid schema at type: 'objectx' is not valid"),
+        (Structure("json_schema", '{"anyOf": []}'), "invalid schema at anyOf: [] should be non-empty"),
+        (Structure("json_schema", "nope"), "the schema is not JSON"),
+        (Structure("json_schema", '{"enum": []}'), "enum array must not be empty"),  # xgrammar's own check
         (Structure("regex", "(a"), "parenthesis is not closed"),
         (Structure("grammar", "root ::= "), "EBNF parser error"),
     ],
@@ -156,7 +158,7 @@ def test_constrained_rows_leave_the_rows_beside_them_unchanged(server):
     [
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
-            'structured output (json_schema): Unsupported type "objectx"',
+            "structured output (json_schema): invalid schema at type",
         ),
         ({"structured_outputs": {"regex": "(a"}}, "structured output (regex): Regex parsing error"),
         ({"structured_outputs": {"grammar": "root ::= ("}}, "structured output (grammar): EBNF parser error"),
@@ -174,3 +176,16 @@ def test_structures_that_cannot_be_followed_are_refused_and_change_nothing(serve
         assert refused.status_code == 422 and named in refused.json()["error"]["message"], refused.text
         assert generate(c, "hello there", None) == before
         assert server.engine.base_weights_intact()
+
+
+def test_a_structure_no_text_satisfies_fails_its_request_alone(server):
+    impossible = 'root ::= "a" b\nb ::= b "c"'  # compiles; no token follows "a"
+    with server.client() as c:
+        solo = generate(c, "hello there", "a", n=24)
+        with ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(generate, c, "hello there", "a", 24)
+            body = {"prompt": "hi", "max_new_tokens": 50, "structured_outputs": {"grammar": impossible}}
+            r = c.post("/generate", params={"adapter": "a"}, json=body)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "grammar", r.text
+            assert "no token can continue" in r.json()["error"]["message"]
+            assert plain.result() == solo
