@@ -8,7 +8,8 @@ Each request asks the embedded SmolLM2-135M-Instruct to describe a person as a J
 (`PROMPTS`), greedy, up to `--max-tokens` tokens; with `response_format` json_schema (`SCHEMA`) the
 text must follow the schema (ours: xgrammar; llama.cpp: its JSON-schema-to-GBNF grammar), free
 without. Both prompt caches are off (ours: `NEUROADA_PREFIX_CACHE_BYTES=0`, llama.cpp's:
-`cache_prompt: false`): the prompts share their chat template's opening. Per engine, mode and
+`cache_prompt: false`): the prompts share their chat template's opening. Each concurrency runs on
+freshly started servers, the engines' passes interleaved round by round. Per engine, mode and
 concurrency: output tokens/s (from each response's usage), end-to-end latency, and how many texts
 parse as JSON that the schema validates (`jsonschema`). Without `--llama-server`, ours alone.
 Loopback only, bounded.
@@ -57,6 +58,7 @@ PROMPTS = [
     for name, age, city, hobbies in PEOPLE
 ]
 MODES = ("json_schema", "free")
+ENGINES = ("neuroada", "llama.cpp")
 
 
 def body(prompt: str, mode: str, max_tokens: int, engine: str) -> dict:
@@ -138,26 +140,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("structured_outputs.json"))
     args = parser.parse_args()
 
+    passes = {(e, m, c): [] for e in ENGINES[: 1 + bool(args.llama_server)] for m in MODES for c in args.concurrency}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "adapters"
         store.mkdir()
-        servers = {}
-        try:
-            servers["neuroada"] = start_server("neuroada", store, args.threads, args.max_batch, prefix_cache=False)
-            if args.llama_server is not None:
-                gguf = llama_cpp.dequantized_gguf(Path(tmp) / "model-f32.gguf", "f32")
-                port = free_port()
-                context = 512  # per slot, as vs_llama_cpp.py: a prompt and its output fit three times over
-                proc = llama_cpp.start(
-                    args.llama_server, gguf, port, args.max_batch, args.threads, context, args.peer_log
-                )
-                servers["llama.cpp"] = (proc, f"http://127.0.0.1:{port}")
-            for engine, (_, url) in servers.items():  # warm-up, not recorded: every mode at the top concurrency
-                for mode in MODES:
-                    asyncio.run(run_pass(url, engine, mode, max(args.concurrency), 8, args.max_tokens))
-            passes = {(e, m, c): [] for e in servers for m in MODES for c in args.concurrency}
-            for round_ in range(args.rounds):
-                for c in args.concurrency:
+        gguf = llama_cpp.dequantized_gguf(Path(tmp) / "model-f32.gguf", "f32") if args.llama_server else None
+        for c in args.concurrency:
+            # Fresh servers per concurrency: llama-server serves 4 clients of these requests markedly
+            # slower after a pass of 16 clients than from a fresh start (benchmarks/RESULTS.md).
+            servers = {}
+            try:
+                servers["neuroada"] = start_server("neuroada", store, args.threads, args.max_batch, prefix_cache=False)
+                if gguf is not None:
+                    port = free_port()
+                    context = 512  # per slot, as vs_llama_cpp.py: a prompt and its output fit three times over
+                    proc = llama_cpp.start(
+                        args.llama_server, gguf, port, args.max_batch, args.threads, context, args.peer_log
+                    )
+                    servers["llama.cpp"] = (proc, f"http://127.0.0.1:{port}")
+                for engine, (_, url) in servers.items():  # warm-up, not recorded
+                    for mode in MODES:
+                        asyncio.run(run_pass(url, engine, mode, c, 8, args.max_tokens))
+                for round_ in range(args.rounds):
                     for mode in MODES:
                         for engine, (_, url) in servers.items():
                             result = asyncio.run(run_pass(url, engine, mode, c, args.requests, args.max_tokens))
@@ -165,14 +169,14 @@ def main() -> None:
                             tokens = sum(r["tokens"] for r in result["requests"])
                             valid = sum(follows_schema(r["text"]) for r in result["requests"])
                             print(
-                                f"  round {round_}, concurrency {c}, {mode}, {engine}: "
+                                f"  concurrency {c}, round {round_}, {mode}, {engine}: "
                                 f"{tokens / result['seconds']:.1f} tok/s, {valid}/{args.requests} valid",
                                 flush=True,
                             )
-        finally:
-            for proc, _ in servers.values():
-                proc.terminate()
-                proc.wait(timeout=60)
+            finally:
+                for proc, _ in servers.values():
+                    proc.terminate()
+                    proc.wait(timeout=60)
 
     rows = [{"engine": e, "mode": m, "concurrency": c, **summary(runs)} for (e, m, c), runs in passes.items()]
     by_key = {(r["engine"], r["mode"], r["concurrency"]): r for r in rows}
