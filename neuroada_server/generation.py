@@ -415,23 +415,35 @@ class RunningBatch:
                 # Bias, penalties and a grammar change what is sampled; the logprobs stay the model's
                 # own (vLLM's default).
                 row_logits = row.adjusted(logits[slot]) if params.adjusts_logits else logits[slot]
-                if row.constraint is not None:
-                    row_logits = row.constraint.masked(row_logits)
-                if params.temperature != 0:
-                    token = sample_next(row_logits.cpu(), params, row.generator)
-                elif params.adjusts_logits or row.constraint is not None:
-                    token = int(row_logits.argmax())
-                else:
+                constraint = row.constraint
+                if constraint is not None and params.temperature != 0 and (params.top_k or params.top_p < 1):
+                    row_logits = constraint.masked(row_logits)  # top-k and top-p choose among allowed tokens
+                if params.temperature == 0 and not params.adjusts_logits:
                     token = greedy[slot]
-                if row.constraint is not None and not row.constraint.accept(token):
-                    raise RowError(
-                        "no token can continue the text inside its structure (one no text satisfies?)", "grammar"
-                    )
+                else:
+                    token = self._choose(row_logits, params, row.generator)
+                if constraint is not None and not constraint.accept(token):
+                    # The grammar's mask is computed only when the token chosen without it is
+                    # refused; the choice is then the same as with the mask from the start: greedy,
+                    # the best allowed token is also the best of all when allowed; sampled, drawing
+                    # again from the masked distribution after a refused draw is rejection sampling.
+                    token = self._choose(constraint.masked(row_logits), params, row.generator)
+                    if not constraint.accept(token):
+                        raise RowError(
+                            "no token can continue the text inside its structure (one no text satisfies?)", "grammar"
+                        )
                 row.push(token, logprobs.of(slot, token))
             except Exception as e:
                 row.fail(e)
             tokens.append(token)
         return tokens
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+        """A token from one row's logits [V]: the greedy one, or one sampled under the row's params."""
+        if params.temperature == 0:
+            return int(logits.argmax())
+        return sample_next(logits.cpu(), params, generator)
 
     def _drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]

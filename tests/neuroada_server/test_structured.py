@@ -14,7 +14,7 @@ import torch
 
 from neuroada_server.structured import Constraint, Grammar, Grammars, Structure, StructureError
 from tests.helpers import tiny_tokenizer
-from tests.neuroada_server.conftest import generate
+from tests.neuroada_server.conftest import adapted_model, generate
 
 PERSON = {
     "type": "object",
@@ -87,6 +87,31 @@ def test_a_structure_that_does_not_compile_raises_with_the_reason_alone(grammars
     with pytest.raises(StructureError, match=re.escape(reason)) as raised:
         grammars.compile(structure)
     assert ".cc:" not in str(raised.value)  # xgrammar's source location is left out
+
+
+def test_greedy_structured_text_is_the_masked_argmax_at_every_step(server, store):
+    """The served text equals whole-sequence forwards with the grammar's mask applied at every step,
+    for a structure that refuses the model's own choice at some steps and takes it at others (the
+    server computes the mask only when it refuses)."""
+    regex = r"[ -~]{8,40}\."  # printable ASCII, then a full stop
+    tokenizer = tiny_tokenizer()
+    model = adapted_model(store / "a.safetensors")
+    constraint = Constraint(
+        Grammars(tokenizer, len(tokenizer), {tokenizer.eos_token_id}).compile(Structure("regex", regex))
+    )
+    ids = tokenizer("hello there", add_special_tokens=False).input_ids
+    generated, refused = [], 0
+    with torch.no_grad():
+        while not generated or generated[-1] != tokenizer.eos_token_id:
+            logits = model(torch.tensor([ids + generated])).logits[0, -1]
+            generated.append(int(constraint.masked(logits).argmax()))
+            refused += generated[-1] != int(logits.argmax())
+            assert constraint.accept(generated[-1]) and len(generated) <= 42
+    assert 0 < refused < len(generated) - 1
+    with server.client() as c:
+        body = {"prompt": "hello there", "max_new_tokens": 60, "structured_outputs": {"regex": regex}}
+        r = c.post("/generate", params={"adapter": "a"}, json=body)
+    assert r.status_code == 200 and r.json()["text"] == tokenizer.decode(generated, skip_special_tokens=True)
 
 
 def test_chat_json_schema_through_the_openai_client_streamed_or_not(server):
