@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 StructureKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 MAX_COMPILED_BYTES = 64 << 20  # the compiler's cache of compiled grammars
+MAX_SCHEMA_DEPTH = 64  # objects and arrays nested in a schema's JSON (the meta-schema check recurses per level)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ def check_json_schema(schema: str) -> None:
         parsed = json.loads(schema)
     except json.JSONDecodeError as e:
         raise StructureError(f"the schema is not JSON: {e}") from None
+    except RecursionError:
+        parsed = None
+    if parsed is None or _depth(parsed) > MAX_SCHEMA_DEPTH:
+        raise StructureError(f"the schema nests objects and arrays deeper than {MAX_SCHEMA_DEPTH} levels")
     if not isinstance(parsed, (dict, bool)):
         raise StructureError(f"a schema is an object or a boolean, not {type(parsed).__name__}")
     try:
@@ -99,6 +104,18 @@ def check_json_schema(schema: str) -> None:
     except jsonschema.SchemaError as e:
         where = "/".join(map(str, e.absolute_path))
         raise StructureError(f"invalid schema{f' at {where}' if where else ''}: {e.message}") from None
+
+
+def _depth(value) -> int:
+    """How deep objects and arrays nest in a parsed JSON value (0: a scalar), without recursing."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo += [(child, depth + 1) for child in children]
+    return deepest
 
 
 # What xgrammar (0.2.8) lets a JSON string hold, as its grammars write it, and what we hold it to.

@@ -31,6 +31,11 @@ PERSON = {
 CHOICES = ["yes", 'a "quoted"\nno', "\u00e9t\u00e9 \U0001f600", "maybe"]
 
 
+def _nested_arrays(depth: int) -> str:
+    """A schema of arrays in arrays, as JSON text (too deep for Python's json.dumps at thousands of levels)."""
+    return '{"type": "array", "items": ' * depth + '{"type": "integer"}' + "}" * depth
+
+
 @pytest.fixture(scope="module")
 def grammars() -> Grammars:
     tokenizer = tiny_tokenizer()
@@ -192,6 +197,8 @@ def test_constrained_rows_leave_the_rows_beside_them_unchanged(server):
         ({"structured_outputs": {"json_schema": {}}}, "json_schema"),  # vLLM's name is "json"
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "not both"),
         ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "ignore_eos"),
+        ({"structured_outputs": {"json": json.loads(_nested_arrays(100))}}, "deeper than 64 levels"),
+        ({"structured_outputs": {"json": _nested_arrays(2000)}}, "deeper than 64 levels"),
     ],
 )
 def test_structures_that_cannot_be_followed_are_refused_and_change_nothing(server, fields, named):
