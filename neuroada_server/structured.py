@@ -74,6 +74,8 @@ class Grammars:
                 compiled = compiler.compile_grammar(structure.spec)
         except RuntimeError as e:
             raise StructureError(_reason(e)) from None
+        except UnicodeDecodeError:  # xgrammar's message cut a character of the text in two
+            raise StructureError("it does not parse (xgrammar's message about it is not valid UTF-8)") from None
         return Grammar(structure, compiled)
 
     def _build(self) -> xgr.GrammarCompiler:

@@ -86,6 +86,7 @@ def test_a_json_string_refuses_raw_control_characters_and_surrogates(grammars):
         (Structure("json_schema", '{"enum": []}'), "enum array must not be empty"),  # xgrammar's own check
         (Structure("regex", "(a"), "parenthesis is not closed"),
         (Structure("grammar", "root ::= "), "EBNF parser error"),
+        (Structure("grammar", "\u008eN"), "it does not parse"),  # found by benchmarks/fuzz.py: it was a 500
     ],
 )
 def test_a_structure_that_does_not_compile_raises_with_the_reason_alone(grammars, structure, reason):
