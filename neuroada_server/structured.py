@@ -120,7 +120,7 @@ def _depth(value) -> int:
     return deepest
 
 
-# What xgrammar (0.2.8) lets a JSON string hold, as its grammars write it, and what we hold it to.
+# What xgrammar (0.2.8 and 0.2.9) lets a JSON string hold, as its grammars write it, and what we hold it to.
 # A string with a minLength or maxLength is a repetition of the first class, which lets raw control
 # characters in: invalid JSON, `json.loads` refuses it (mlc-ai/xgrammar#800). Both classes let
 # UTF-8-encoded surrogates in (U+D800-U+DFFF are no characters: each decodes to three U+FFFD). Escapes
