@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from neuroada_server.generation import Finished, SamplingParams
 from neuroada_server.structured import Structure
+from neuroada_server.tools import tool_structure
 
 
 class PromptTokensDetails(BaseModel):
@@ -64,6 +65,7 @@ def _json_text(schema: dict | str) -> str:
 
 
 SchemaText = Annotated[dict[str, Any] | str, AfterValidator(_json_text)]  # a JSON schema, kept as its JSON text
+SchemaObject = Annotated[dict[str, Any], AfterValidator(_json_text)]  # the same, given as an object only
 
 
 class StructuredOutputs(BaseModel):
@@ -262,9 +264,58 @@ class CompletionRequest(OpenAISamplingFields):
         return self.prompt
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = Field(None, description="none only in an assistant message with tool_calls")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls")
+    tool_call_id: str | None = Field(None, description="a tool message's: the call it answers")
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content: a {self.role} message needs it (only an assistant's tool calls stand alone)")
+        return self
+
+
+MAX_TOOLS = 128
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: SchemaObject | None = Field(None, description="a JSON schema of the arguments (none: no arguments)")
+    strict: bool | None = Field(None, description="ignored: a called function's parameters are always enforced")
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+def _template_function(function: FunctionDefinition) -> dict:
+    described = {"description": function.description} if function.description else {}
+    parameters = {"parameters": json.loads(function.parameters)} if function.parameters else {}
+    return {"name": function.name} | described | parameters
 
 
 class ChatCompletionRequest(OpenAISamplingFields):
@@ -276,7 +327,52 @@ class ChatCompletionRequest(OpenAISamplingFields):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the n most likely tokens at each position"
     )
-    tools: list[dict] | None = Field(None, max_length=0, description="not supported: none only")
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"required" or a named function (held to the parameters\' schemas), or "none"'
+    )
+    parallel_tool_calls: bool = Field(True, description='with tool_choice "required": more than one call allowed')
+
+    @model_validator(mode="after")
+    def _a_tool_choice_we_can_follow(self):
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two functions share a name")
+        if self.tools and self.tool_choice in (None, "auto"):
+            raise ValueError(
+                'tool_choice: "auto" (the default with tools) needs a parser for the model\'s own tool-call '
+                'format, which is not built; use "required", a named function, or "none"'
+            )
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: there are no tools to choose from")
+        if self.named_tool is not None and self.named_tool not in names:
+            raise ValueError(f"tool_choice: no tool is named {self.named_tool!r}")
+        if self.calls_tools and super().structure is not None:
+            raise ValueError("give tool calls or a response_format / structured_outputs, not both")
+        return self
+
+    @property
+    def named_tool(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer is tool calls: the text is held to the tools' parameter schemas."""
+        return self.tool_choice == "required" or self.named_tool is not None
+
+    @property
+    def structure(self) -> Structure | None:
+        if self.calls_tools:
+            functions = {tool.function.name: tool.function.parameters for tool in self.tools}
+            return tool_structure(functions, self.named_tool, self.parallel_tool_calls)
+        return super().structure
+
+    @property
+    def template_tools(self) -> list[dict] | None:
+        """The tools as a chat template takes them (transformers' `tools`), unless tool_choice is none."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [{"type": "function", "function": _template_function(tool.function)} for tool in self.tools]
 
     @property
     def logprobs_n(self) -> int | None:

@@ -26,6 +26,7 @@ from neuroada_server.schemas import (
     OpenAISamplingFields,
     Usage,
 )
+from neuroada_server.tools import tool_calls
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
@@ -110,11 +111,18 @@ async def chat_completions(
     adapter = _adapter_for(engine, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "top_logprobs: set logprobs to true to use it")
-    messages = [m.model_dump() for m in body.messages]
-    check_prompt_chars(engine, sum(len(m["content"]) for m in messages))
+    # An assistant's tool calls stand without content: templates get "" there, not None.
+    messages = [m.model_dump(exclude_none=True) | {"content": m.content or ""} for m in body.messages]
+    calls = [call.function.arguments for m in body.messages for call in m.tool_calls or ()]
+    check_prompt_chars(engine, sum(len(m["content"]) for m in messages) + sum(map(len, calls)))
     try:
         ids = await run_in_threadpool(
-            engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            engine.tokenizer.apply_chat_template,
+            messages,
+            tools=body.template_tools,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
     except Exception as e:  # a tokenizer without a chat template, or messages it refuses
         raise ApiError(422, f"messages: the tokenizer's chat template cannot render them: {e}") from None
@@ -131,30 +139,39 @@ async def chat_completions(
     def logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict | None:
         return _chat_logprobs(engine.tokenizer, tokens) if body.logprobs else None
 
+    def answer(text: str, finish: str) -> tuple[dict, str]:
+        """A choice's message fields and finish reason: its text, or the tool calls read from it."""
+        calls = tool_calls(text, body.named_tool) if body.calls_tools else None
+        if calls is None:
+            return {"content": text}, finish
+        return {"content": None, "tool_calls": calls}, "tool_calls"
+
     if body.stream:
         started = set()  # the choices whose role has been sent (in their first chunk)
+        held = {}  # per choice, the text of tool calls so far: sent as calls once whole
 
         def chunk(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
-            if index in started:
-                delta = {"content": text} if text else {}
+            if body.calls_tools:  # the calls' text is held until whole, then sent as calls
+                held[index] = held.get(index, "") + text
+                delta, finish = answer(held[index], finish) if finish else ({}, None)
+                if "tool_calls" in delta:
+                    delta["tool_calls"] = [{"index": i} | call for i, call in enumerate(delta["tool_calls"])]
             else:
+                delta = {"content": text} if text else {}
+            if index not in started:
                 started.add(index)
-                delta = {"role": "assistant", "content": text}
+                delta = {"role": "assistant"} | ({} if body.calls_tools else {"content": text}) | delta
             choice = {"index": index, "delta": delta, "logprobs": logprobs(tokens), "finish_reason": finish}
             return _envelope(rid, "chat.completion.chunk", created, body.model, [choice])
 
         return _stream(job, chunk, last=_usage_chunk(body, rid, "chat.completion.chunk", created))
     done = await job.results(http)
     response.headers.update(job.headers)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": d.text},
-            "logprobs": logprobs(d.logprobs),
-            "finish_reason": _finish(d),
-        }
-        for i, d in enumerate(done)
-    ]
+    choices = []
+    for i, d in enumerate(done):
+        message, finish = answer(d.text, _finish(d))
+        message = {"role": "assistant"} | message
+        choices.append({"index": i, "message": message, "logprobs": logprobs(d.logprobs), "finish_reason": finish})
     return _envelope(rid, "chat.completion", created, body.model, choices, Usage.of(done, body.n).model_dump())
 
 

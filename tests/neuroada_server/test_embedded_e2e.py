@@ -107,6 +107,28 @@ def test_the_readme_json_schema_example_gives_the_record_on_the_base_and_an_adap
             assert choice["finish_reason"] == "stop" and record["name"] == "Alice", record
 
 
+def test_a_named_tool_call_and_a_required_one_on_the_base_and_an_adapter(served):
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
+    asked = {"messages": [{"role": "user", "content": "What's the weather like in Paris, in celsius?"}], "tools": tools}
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=300) as c:
+        for model in ["SmolLM2-135M-Instruct", "commonsense"]:
+            for choice in [{"type": "function", "function": {"name": "get_weather"}}, "required"]:
+                body = asked | {"model": model, "tool_choice": choice, "temperature": 0}
+                r = c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                answer = r.json()["choices"][0]
+                assert answer["finish_reason"] == "tool_calls" and answer["message"]["tool_calls"]
+                for call in answer["message"]["tool_calls"]:  # one, or more for "required"
+                    assert call["function"]["name"] == "get_weather"
+                    jsonschema.validate(json.loads(call["function"]["arguments"]), weather)
+
+
 def test_inspect_validates_a_shipped_adapter():
     out = subprocess.run(
         [sys.executable, "-m", "neuroada.cli", "inspect", str(SHIPPED / "gsm8k.safetensors")],

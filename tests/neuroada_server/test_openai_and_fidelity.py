@@ -213,7 +213,7 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
         ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 'tool_choice: "auto"'),
     ],
 )
 def test_openai_fields_out_of_range_or_not_implemented_are_refused_not_ignored(server, path, fields, named):

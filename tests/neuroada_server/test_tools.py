@@ -1,0 +1,132 @@
+"""Tool calls through structured outputs: named and required function calling, through the official
+openai client against the real HTTP server; what cannot be followed is refused."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from neuroada_server.tools import tool_calls, tool_structure
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "the weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+    {"type": "function", "function": {"name": "ping"}},  # no parameters
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME, "ping": {"type": "object", "properties": {}}}
+ASKED = dict(model="a", messages=[{"role": "user", "content": "weather in Oslo?"}], max_tokens=200, temperature=0)
+
+
+def _valid(call) -> None:
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_required_calls_are_a_list_of_calls_to_the_tools_and_read_back_as_tool_calls():
+    functions = {"get_weather": json.dumps(WEATHER), "ping": None}
+    schema = json.loads(tool_structure(functions, None, parallel=True).spec)
+    calls = [
+        {"name": "ping", "parameters": {}},
+        {"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}},
+    ]
+    jsonschema.validate(calls, schema)
+    for wrong in [[], [{"name": "nope", "parameters": {}}], [{"name": "get_weather", "parameters": {"city": 1}}]]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
+    single = json.loads(tool_structure(functions, None, parallel=False).spec)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(calls, single)
+    assert json.loads(tool_structure(functions, "get_weather", parallel=True).spec) == WEATHER
+
+    read = tool_calls(json.dumps(calls), None)
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in read] == [
+        ("function", call["name"], call["parameters"]) for call in calls
+    ]
+    assert len({c["id"] for c in read}) == 2
+    assert tool_calls('{"city": "Os', "get_weather") is None  # cut short by max_tokens
+
+
+def test_a_named_function_is_called_with_arguments_its_schema_validates(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    full = client.chat.completions.create(**ASKED, tools=TOOLS, tool_choice=named)
+    choice = full.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    _valid(call)
+
+    stream = client.chat.completions.create(**ASKED, tools=TOOLS, tool_choice=named, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
+        (0, "get_weather", call.function.arguments)
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_gives_valid_calls_greedy_and_sampled(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    greedy = client.chat.completions.create(**ASKED | {"max_tokens": 400}, tools=TOOLS, tool_choice="required")
+    assert greedy.choices[0].finish_reason == "tool_calls"
+    for call in greedy.choices[0].message.tool_calls:
+        _valid(call)
+    sampled = client.chat.completions.create(
+        **ASKED | {"temperature": 1.0}, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, n=3, seed=1
+    )
+    for choice in sampled.choices:
+        (call,) = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls"
+        _valid(call)
+
+
+def test_a_conversation_with_calls_and_their_results_goes_on_and_none_answers_in_text(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+    messages = ASKED["messages"] + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    again = client.chat.completions.create(**ASKED | {"messages": messages}, tools=TOOLS, tool_choice="required")
+    assert again.choices[0].message.tool_calls
+    plain = client.chat.completions.create(**ASKED | {"max_tokens": 12})
+    answered = client.chat.completions.create(**ASKED | {"max_tokens": 12}, tools=TOOLS, tool_choice="none")
+    assert answered.choices[0].message.content == plain.choices[0].message.content
+    assert answered.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"tools": TOOLS}, 'tool_choice: "auto"'),
+        ({"tools": TOOLS, "tool_choice": "auto"}, 'tool_choice: "auto"'),
+        ({"tool_choice": "required"}, "no tools to choose from"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "no tool is named 'nope'",
+        ),
+        ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "two functions share a name"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "not both"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+                "tool_choice": "required",
+            },
+            "invalid schema",
+        ),
+        ({"messages": [{"role": "user"}]}, "content: a user message needs it"),
+    ],
+)
+def test_tool_calls_that_cannot_be_followed_are_refused(server, fields, named):
+    with server.client() as c:
+        refused = c.post("/v1/chat/completions", json=ASKED | fields)
+        assert refused.status_code == 422 and named in refused.json()["error"]["message"], refused.text
