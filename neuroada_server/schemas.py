@@ -275,9 +275,20 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+def _joined(content: str | list[TextPart] | None) -> str | None:
+    return "".join(part.text for part in content) if isinstance(content, list) else content
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = Field(None, description="none only in an assistant message with tool_calls")
+    content: Annotated[str | list[TextPart] | None, AfterValidator(_joined)] = Field(
+        None, description="text, or text parts (joined); none only in an assistant message with tool_calls"
+    )
     tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls")
     tool_call_id: str | None = Field(None, description="a tool message's: the call it answers")
 

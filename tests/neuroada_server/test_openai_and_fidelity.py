@@ -47,6 +47,15 @@ def test_openai_client_completion_and_streamed_chat(server, store):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
+def test_chat_content_given_as_text_parts_is_their_joined_text(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    asked = dict(model="a", max_tokens=10, temperature=0)
+    text = client.chat.completions.create(messages=[{"role": "user", "content": "weather in Oslo?"}], **asked)
+    parts = [{"type": "text", "text": "weather in "}, {"type": "text", "text": "Oslo?"}]
+    joined = client.chat.completions.create(messages=[{"role": "user", "content": parts}], **asked)
+    assert joined.choices[0].message.content == text.choices[0].message.content
+
+
 def test_openai_logit_bias_and_penalties(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     a = tiny_tokenizer()("a", add_special_tokens=False).input_ids[0]

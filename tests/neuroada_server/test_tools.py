@@ -94,7 +94,7 @@ def test_a_conversation_with_calls_and_their_results_goes_on_and_none_answers_in
     call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
     messages = ASKED["messages"] + [
         {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "12:00"}]},
     ]
     again = client.chat.completions.create(**ASKED | {"messages": messages}, tools=TOOLS, tool_choice="required")
     assert again.choices[0].message.tool_calls
@@ -124,6 +124,7 @@ def test_a_conversation_with_calls_and_their_results_goes_on_and_none_answers_in
             "invalid schema",
         ),
         ({"messages": [{"role": "user"}]}, "content: a user message needs it"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "content"),
     ],
 )
 def test_tool_calls_that_cannot_be_followed_are_refused(server, fields, named):
