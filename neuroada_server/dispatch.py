@@ -175,9 +175,11 @@ async def with_structure(engine: Engine, params: SamplingParams, structure: Stru
     if params.ignore_eos:
         raise ApiError(422, "ignore_eos: a structured output ends where its structure does, not with it")
     try:
-        grammar = await run_in_threadpool(engine.grammars.compile, structure)
+        with engine.metrics.structure_compile_seconds.time():
+            grammar = await run_in_threadpool(engine.grammars.compile, structure)
     except StructureError as e:
         raise ApiError(422, f"structured output ({structure.kind}): {e}", "invalid_structure") from None
+    engine.metrics.structured_requests.labels(kind=structure.kind).inc()
     return replace(params, grammar=grammar)
 
 

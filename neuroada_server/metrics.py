@@ -98,6 +98,18 @@ class ServerMetrics:
         )
         self.device_memory = Gauge("neuroada_device_memory_bytes", "Device memory allocated (CUDA only)", registry=r)
         self.uploads = Counter("neuroada_adapter_uploads", "Adapter uploads by result", ["result"], registry=r)
+        self.structured_requests = Counter(
+            "neuroada_structured_requests",
+            "Requests held to a structure, by kind (json_schema, json_object, regex, choice, grammar)",
+            ["kind"],
+            registry=r,
+        )
+        self.structure_compile_seconds = Histogram(
+            "neuroada_structure_compile_seconds",
+            "Time compiling a request's structure (one compiled before comes from the cache)",
+            buckets=_SWITCH_BUCKETS[4:] + (1, 2.5, 10),
+            registry=r,
+        )
 
     def forget_adapter(self, name: str) -> None:
         """Remove a deleted adapter's label series, so the label set stays the adapters served."""

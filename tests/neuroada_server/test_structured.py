@@ -14,7 +14,7 @@ import torch
 
 from neuroada_server.structured import Constraint, Grammar, Grammars, Structure, StructureError
 from tests.helpers import tiny_tokenizer
-from tests.neuroada_server.conftest import adapted_model, generate
+from tests.neuroada_server.conftest import adapted_model, generate, metric
 
 PERSON = {
     "type": "object",
@@ -222,3 +222,15 @@ def test_a_structure_no_text_satisfies_fails_its_request_alone(server):
             assert r.status_code == 500 and r.json()["error"]["code"] == "grammar", r.text
             assert "no token can continue" in r.json()["error"]["message"]
             assert plain.result() == solo
+
+
+def test_structured_requests_are_counted_by_kind_with_their_compile_times(server):
+    with server.client() as c:
+        for structured_outputs in [{"regex": "[ab]{2}"}, {"regex": "[ab]{2}"}, {"choice": ["x", "y"]}]:
+            body = {"prompt": "hi", "max_new_tokens": 8, "structured_outputs": structured_outputs}
+            assert c.post("/generate", json=body).status_code == 200
+        body = {"prompt": "hi", "max_new_tokens": 8, "structured_outputs": {"regex": "("}}
+        assert c.post("/generate", json=body).status_code == 422  # refused: not counted
+        assert metric(c, 'neuroada_structured_requests_total{kind="regex"}') == 2
+        assert metric(c, 'neuroada_structured_requests_total{kind="choice"}') == 1
+        assert metric(c, "neuroada_structure_compile_seconds_count") == 4
