@@ -148,19 +148,16 @@ async def chat_completions(
 
     if body.stream:
         started = set()  # the choices whose role has been sent (in their first chunk)
-        held = {}  # per choice, the text of tool calls so far: sent as calls once whole
+        held = {}  # per choice, the text of its tool calls so far
 
         def chunk(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
-            if body.calls_tools:  # the calls' text is held until whole, then sent as calls
-                held[index] = held.get(index, "") + text
-                delta, finish = answer(held[index], finish) if finish else ({}, None)
-                if "tool_calls" in delta:
-                    delta["tool_calls"] = [{"index": i} | call for i, call in enumerate(delta["tool_calls"])]
+            first = index not in started
+            started.add(index)
+            if body.calls_tools:
+                delta, finish = _tool_call_delta(body.named_tool, held, index, text, finish)
             else:
-                delta = {"content": text} if text else {}
-            if index not in started:
-                started.add(index)
-                delta = {"role": "assistant"} | ({} if body.calls_tools else {"content": text}) | delta
+                delta = {"content": text} if text or first else {}
+            delta = ({"role": "assistant"} if first else {}) | delta
             choice = {"index": index, "delta": delta, "logprobs": logprobs(tokens), "finish_reason": finish}
             return _envelope(rid, "chat.completion.chunk", created, body.model, [choice])
 
@@ -173,6 +170,32 @@ async def chat_completions(
         message = {"role": "assistant"} | message
         choices.append({"index": i, "message": message, "logprobs": logprobs(d.logprobs), "finish_reason": finish})
     return _envelope(rid, "chat.completion", created, body.model, choices, Usage.of(done, body.n).model_dump())
+
+
+def _tool_call_delta(
+    named: str | None, held: dict[int, str], index: int, text: str, finish: str | None
+) -> tuple[dict, str | None]:
+    """A streamed choice's delta of tool calls and its finish reason. A named function's call goes
+    out as it is generated (its id and name first, then its arguments' text); "required" calls are
+    held until the choice ends, then sent whole. A text that ends unparsed is cut short: content
+    for "required", the arguments sent so far for a named function; finish_reason "length"."""
+    start = index not in held
+    held[index] = held.get(index, "") + text
+    if named is not None:
+        call = {"index": 0, "function": {"arguments": text}}
+        if start:
+            call = {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function"} | call
+            call["function"] = {"name": named} | call["function"]
+        delta = {"tool_calls": [call]} if start or text else {}
+        if finish is not None and tool_calls(held[index], named) is not None:
+            finish = "tool_calls"
+        return delta, finish
+    if finish is None:
+        return {}, None
+    calls = tool_calls(held[index], None)
+    if calls is None:
+        return {"content": held[index]}, finish
+    return {"tool_calls": [{"index": i} | call for i, call in enumerate(calls)]}, "tool_calls"
 
 
 def _token_texts(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogprob, ...]) -> dict[int, str]:

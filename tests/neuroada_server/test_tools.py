@@ -64,14 +64,22 @@ def test_a_named_function_is_called_with_arguments_its_schema_validates(server):
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
     _valid(call)
 
+    # Streamed, the call goes out as it is generated: its id and name once, then its arguments' text.
     stream = client.chat.completions.create(**ASKED, tools=TOOLS, tool_choice=named, stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
-    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
-        (0, "get_weather", call.function.arguments)
-    ]
+    assert len(deltas) > 2 and {d.index for d in deltas} == {0}
+    assert [d.function.name for d in deltas if d.function.name] == ["get_weather"] == [deltas[0].function.name]
+    assert [d.id for d in deltas if d.id] == [deltas[0].id] and deltas[0].id.startswith("call_")
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    required = client.chat.completions.create(**ASKED, tools=TOOLS, tool_choice="required", stream=True)
+    whole = [ch.choices[0].delta.tool_calls for ch in required if ch.choices[0].delta.tool_calls]
+    assert len(whole) == 1  # "required" calls arrive whole, in the last chunk
+    for streamed in whole[0]:
+        _valid(streamed)
 
 
 def test_required_gives_valid_calls_greedy_and_sampled(server):
