@@ -31,6 +31,8 @@ from common import machine, print_table, write_json
 from peers import llama_cpp
 from serve_load import free_port, start_server
 
+from neuroada.base_model import EMBEDDED_MODEL
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -62,7 +64,7 @@ ENGINES = ("neuroada", "llama.cpp")
 
 
 def body(prompt: str, mode: str, max_tokens: int, engine: str) -> dict:
-    request = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": prompt}]}
+    request = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": prompt}]}
     request |= {"max_tokens": max_tokens, "temperature": 0}
     if mode == "json_schema":
         request["response_format"] = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}

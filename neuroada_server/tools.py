@@ -35,6 +35,11 @@ def tool_structure(functions: dict[str, str | None], named: str | None, parallel
     return Structure("json_schema", json.dumps(calls))
 
 
+def call_id() -> str:
+    """A new tool call's id, OpenAI-shaped."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def tool_calls(text: str, named: str | None) -> list[dict] | None:
     """OpenAI `tool_calls` from a text held to `tool_structure`: None if it does not parse (cut
     short by max_tokens)."""
@@ -44,7 +49,7 @@ def tool_calls(text: str, named: str | None) -> list[dict] | None:
         return None
     return [
         {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "id": call_id(),
             "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call["parameters"], ensure_ascii=False)},
         }

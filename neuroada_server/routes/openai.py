@@ -26,7 +26,7 @@ from neuroada_server.schemas import (
     OpenAISamplingFields,
     Usage,
 )
-from neuroada_server.tools import tool_calls
+from neuroada_server.tools import call_id, tool_calls
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
@@ -139,13 +139,6 @@ async def chat_completions(
     def logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict | None:
         return _chat_logprobs(engine.tokenizer, tokens) if body.logprobs else None
 
-    def answer(text: str, finish: str) -> tuple[dict, str]:
-        """A choice's message fields and finish reason: its text, or the tool calls read from it."""
-        calls = tool_calls(text, body.named_tool) if body.calls_tools else None
-        if calls is None:
-            return {"content": text}, finish
-        return {"content": None, "tool_calls": calls}, "tool_calls"
-
     if body.stream:
         started = set()  # the choices whose role has been sent (in their first chunk)
         held = {}  # per choice, the text of its tool calls so far
@@ -166,10 +159,21 @@ async def chat_completions(
     response.headers.update(job.headers)
     choices = []
     for i, d in enumerate(done):
-        message, finish = answer(d.text, _finish(d))
+        message, finish = (
+            _answered(d.text, _finish(d), body.named_tool) if body.calls_tools else ({"content": d.text}, _finish(d))
+        )
         message = {"role": "assistant"} | message
         choices.append({"index": i, "message": message, "logprobs": logprobs(d.logprobs), "finish_reason": finish})
     return _envelope(rid, "chat.completion", created, body.model, choices, Usage.of(done, body.n).model_dump())
+
+
+def _answered(text: str, finish: str, named: str | None) -> tuple[dict, str]:
+    """A tool-calling choice's message fields and finish reason: the calls read from its text, or
+    the text itself where it does not parse (cut short)."""
+    calls = tool_calls(text, named)
+    if calls is None:
+        return {"content": text}, finish
+    return {"content": None, "tool_calls": calls}, "tool_calls"
 
 
 def _tool_call_delta(
@@ -184,7 +188,7 @@ def _tool_call_delta(
     if named is not None:
         call = {"index": 0, "function": {"arguments": text}}
         if start:
-            call = {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function"} | call
+            call = {"index": 0, "id": call_id(), "type": "function"} | call
             call["function"] = {"name": named} | call["function"]
         delta = {"tool_calls": [call]} if start or text else {}
         if finish is not None and tool_calls(held[index], named) is not None:
@@ -192,10 +196,10 @@ def _tool_call_delta(
         return delta, finish
     if finish is None:
         return {}, None
-    calls = tool_calls(held[index], None)
-    if calls is None:
-        return {"content": held[index]}, finish
-    return {"tool_calls": [{"index": i} | call for i, call in enumerate(calls)]}, "tool_calls"
+    message, finish = _answered(held[index], finish, None)
+    if "tool_calls" in message:
+        return {"tool_calls": [{"index": i} | call for i, call in enumerate(message["tool_calls"])]}, finish
+    return message, finish
 
 
 def _token_texts(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogprob, ...]) -> dict[int, str]:
