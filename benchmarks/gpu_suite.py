@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -242,31 +243,35 @@ def time_decode(model, batch: int, steps: int, compiled: bool, device: torch.dev
     return elapsed_ms(one, device, repeats=steps)
 
 
-def run_decode(device: torch.device, smoke: bool, batches: list[int], steps: int, bandwidth: float) -> list[dict]:
+def decode_rows(device: torch.device, smoke: bool, batches: list[int], steps: int, bandwidth: float) -> Iterator[dict]:
+    """One row per (mode, batch) as it is measured, every eager one first, then the compiled ones from
+    batch 1: compiling is the slow part, and the caller saves each row (a run cut off keeps them)."""
     if not batches:  # `--decode-batch` with none: no 13 GB model made for nothing
-        return []
+        return
     model = random_llama(SMOKE_MODEL if smoke else LLAMA_7B, device)
     place_for_serving_(model, device)
     weight_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
     floor_ms = weight_bytes / bandwidth * 1e3
-    rows = []
-    for batch in batches:
-        for compiled in (False, True):
+    for compiled in (False, True):
+        for batch in batches:
             started = time.perf_counter()
             ms = time_decode(model, batch, steps, compiled, device)
-            rows.append(
-                {
-                    "batch": batch,
-                    "compiled": compiled,
-                    "step_ms": ms,
-                    "tokens_per_s": batch / ms * 1e3,
-                    "floor_ms": floor_ms,
-                    "floor_fraction": floor_ms / ms,
-                    "wall_s": time.perf_counter() - started,  # compilation included
-                }
+            wall_s = time.perf_counter() - started  # compilation included
+            mode = "compiled" if compiled else "eager"
+            print(
+                f"  decode batch {batch}, {mode}: {ms:.2f} ms a step, floor {floor_ms:.2f} ms "
+                f"({floor_ms / ms:.0%}), {wall_s:.0f} s wall",
+                flush=True,
             )
-            print(f"  decode batch {batch}, {'compiled' if compiled else 'eager'}: {ms:.2f} ms", flush=True)
-    return rows
+            yield {
+                "batch": batch,
+                "compiled": compiled,
+                "step_ms": ms,
+                "tokens_per_s": batch / ms * 1e3,
+                "floor_ms": floor_ms,
+                "floor_fraction": floor_ms / ms,
+                "wall_s": wall_s,
+            }
 
 
 def run_embedded(out_dir: Path) -> None:
@@ -313,6 +318,8 @@ def main() -> None:
         sys.exit("on a CPU the Triton kernels need TRITON_INTERPRET=1")
 
     checks = check_kernels(device)
+    results = {"smoke": args.smoke, "checks": checks}
+    write_json(args.out, results)  # saved after every section: a run cut off keeps what it measured
     print(f"\nmachine: {machine()}\n")
     print_table(
         ["check", "ok", "max difference"],
@@ -344,16 +351,23 @@ def main() -> None:
             for r in switch
         ],
     )
+    results.update(bandwidth=bandwidth, switch=switch)
+    write_json(args.out, results)
     mixed = time_mixed(buffer, shapes, starts, args.k, args.batch, device)
     print(f"\nmixed-adapter delta vs the dense matmuls, batch {args.batch}, 8 adapters, all layers\n")
     print_table(
         ["k", "dense ms", "mixed delta ms", "overhead"],
         [[r["k"], f"{r['dense_ms']:.3f}", f"{r['mixed_ms']:.3f}", f"{r['ratio']:.1%}"] for r in mixed],
     )
+    results.update(mixed=mixed, decode=[])
+    write_json(args.out, results)
     del buffer, shapes, starts  # the stack's 13 GB, before a model of the same size is made
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    decode = run_decode(device, args.smoke, args.decode_batch, args.decode_steps, bandwidth)
+    decode = results["decode"]
+    for row in decode_rows(device, args.smoke, args.decode_batch, args.decode_steps, bandwidth):
+        decode.append(row)
+        write_json(args.out, results)
     if decode:
         print(f"\ndecode on a {'smoke' if args.smoke else 'LLaMA-7B'}-shaped model, bf16, our decoder's step\n")
         print_table(
@@ -371,17 +385,6 @@ def main() -> None:
                 for r in decode
             ],
         )
-    write_json(
-        args.out,
-        {
-            "smoke": args.smoke,
-            "checks": checks,
-            "bandwidth": bandwidth,
-            "switch": switch,
-            "mixed": mixed,
-            "decode": decode,
-        },
-    )
     if args.embedded:
         run_embedded(args.out.parent)
     if not all(c["ok"] for c in checks):
