@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh prepare   # here, on the CPU: wheels and model files into ignored folders
 #   bash benchmarks/gpu_session.sh run       # there: the device tool's command, carry [".whl", ".gpu"]
+#   bash benchmarks/gpu_session.sh setup server   # there: some steps alone (setup first)
 #
 # The GPU machine (benchmarks/RESULTS.md, DEVELOPERS.md) has Python 3.12 with its own CUDA torch,
 # transformers, triton and httpx, and no network: the server's other packages travel as wheels
@@ -33,7 +34,7 @@ prepare() {
     du -sh .whl .gpu
 }
 
-run() {
+setup() {
     : "${OUT:?the device tool sets OUT}"
     export PYTHONUNBUFFERED=1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -43,17 +44,30 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, \
 triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+}
+
+suite() {
     # perf_hints: inductor says so where it skips CUDA graphs (a compiled step would then pay launches).
     TORCH_LOGS=perf_hints timeout 270 python3 benchmarks/gpu_suite.py --out "$OUT/gpu_suite.json" 2>&1 |
         tee "$OUT/gpu_suite.log"
-    python3 benchmarks/random_model.py /tmp/smollm2-random --like .gpu/smollm2 2>&1 | tail -1
-    timeout 75 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random \
-        --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check.json" 2>&1 | tee "$OUT/serve_check.log"
-    # The server with its decode step compiled (CUDA graphs), then the kernel tests: the most likely cut off.
-    timeout 100 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random --compile-decode 1,4,16 \
-        --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check_compiled.json" 2>&1 |
-        tee "$OUT/serve_check_compiled.log"
-    timeout 45 python3 -m pytest -q -x tests/neuroada_kernels 2>&1 | tail -5 | tee "$OUT/kernel_tests.log"
 }
 
-"${1:?prepare or run}"
+server() {
+    # Each serve_check leaves the server's own output beside its JSON (NAME.server.log).
+    python3 benchmarks/random_model.py /tmp/smollm2-random --like .gpu/smollm2 2>&1 | tail -1
+    timeout 100 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random \
+        --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check.json" 2>&1
+    # Last, as the one most likely cut off: the server with its decode step compiled (CUDA graphs).
+    timeout 170 python3 benchmarks/serve_check.py --device cuda --model /tmp/smollm2-random --compile-decode 1,4 \
+        --adapters /tmp/smollm2-random/adapters/*.safetensors --out "$OUT/serve_check_compiled.json" 2>&1
+}
+
+run() {
+    setup
+    suite
+    server
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 prepare | run | STEP... (setup suite server)" >&2; exit 2; }
+for step in "$@"; do "$step"; done
+

@@ -151,7 +151,8 @@ def main() -> None:
         store = Path(tmp)
         for f in args.adapters:
             shutil.copy(f, store / f.name)
-        proc, url = start_server("neuroada", store, args.threads, 16, env, ready_timeout=900)
+        log = args.out.with_suffix(".server.log")  # beside the results: it travels back from a lent GPU
+        proc, url = start_server("neuroada", store, args.threads, 16, env, ready_timeout=900, log=log)
         try:
             with httpx.Client(base_url=url, timeout=600) as client:
                 health = client.get("/health").json()

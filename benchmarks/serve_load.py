@@ -70,9 +70,12 @@ def start_server(
     extra_env: dict | None = None,
     ready_timeout: float = 300,
     prefix_cache: bool = True,
+    log: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`neuroada serve` (or the LoRA peer) on a free loopback port. `prefix_cache=False` turns the
-    prefix cache off: a load of one prompt repeated would otherwise measure the cache, not the engine."""
+    prefix cache off: a load of one prompt repeated would otherwise measure the cache, not the engine.
+    The server's output goes to `log` (default: a temporary file); a server that exits before it
+    answers raises at once, with the end of that output."""
     port = free_port()
     env = dict(
         os.environ,
@@ -89,17 +92,21 @@ def start_server(
         peer = Path(__file__).with_name("peers") / "lora_server.py"
         command = [sys.executable, str(peer), "--adapter-dir", str(store), "--port", str(port)]
         command += ["--max-batch-size", str(max_batch), "--threads", str(threads)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if log is None:
+        log = Path(tempfile.mkstemp(prefix="neuroada-server-", suffix=".log")[1])
+    with log.open("wb") as output:
+        proc = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not start")
+    tail = log.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"server did not start (exit code {proc.wait()}); the end of {log}:\n{tail}")
 
 
 def switches(url: str) -> float:
