@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 19 in one device call: everything a lent GPU should run, prepared here first.
+# Issues 15 and 19 in one device call: everything a lent GPU should run, prepared here first.
 #
 #   bash benchmarks/gpu_session.sh prepare   # here, on the CPU: wheels and model files into ignored folders
 #   bash benchmarks/gpu_session.sh run       # there: the device tool's command, carry [".whl", ".gpu"]
@@ -11,13 +11,13 @@
 # image lacks). Nor can the embedded model travel (a 98 MB GGUF; 64 MiB a call), so the server
 # checks run on a model of its shape and tokenizer with random weights (`random_model.py`), made
 # there from the 3.4 MB of config and tokenizer files `prepare` copies. `run` writes every result
-# under $OUT (it comes back) and goes on past a failed step; under 9 minutes.
+# under $OUT (it comes back) and goes on past a failed step; the steps' timeouts fit one device call.
 set -u
 cd "$(dirname "$0")/.."
 WHEELS="fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic-core==2.50.5
 pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5
 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 jsonschema==4.26.0 referencing==0.37.0
-jsonschema-specifications==2025.9.1 rpds-py==2026.9.1"
+jsonschema-specifications==2025.9.1 rpds-py==2026.9.1 opentelemetry-api==1.45.2"
 
 prepare() {
     grep -qxs '/.whl/' .git/info/exclude || echo '/.whl/' >>.git/info/exclude
@@ -37,7 +37,8 @@ prepare() {
 setup() {
     : "${OUT:?the device tool sets OUT}"
     export PYTHONUNBUFFERED=1
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+        exit 1
     export PYTHONPATH=/tmp/site:$PWD
     # The `serve` command is an entry point: the package's metadata must be installed (no dependencies pulled).
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3

@@ -11,7 +11,8 @@
    apply between adapters with their own, against the floor (bytes moved / copy bandwidth).
    Goal on an H100-class card: k = 20 under 1 ms, k = 1 under 0.1 ms.
 3. The mixed-adapter delta at batch 32 on the same stack (8 adapters, one index set): all 224
-   layers' `mixed_delta` against the dense matmuls of the same batch. Goal: at most 5% at k = 20.
+   layers' `mixed_delta` against the dense matmuls of the same batch, launched from Python and
+   replayed from a CUDA graph (the kernels' own time). Goal: at most 5% at k = 20.
 4. Decode on a LLaMA-7B-shaped model of random bf16 weights (packed as the server packs them),
    our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled as the
    server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead": CUDA graphs; the
@@ -184,20 +185,56 @@ def time_switch(buffer, shapes, starts, ks: list[int], device: torch.device, ban
     return rows
 
 
+def replayed_ms(fn, device: torch.device) -> float | None:
+    """Median milliseconds of fn()'s kernels captured once in a CUDA graph and replayed: their GPU
+    time without the host's launches (None off CUDA). Beside `elapsed_ms(fn)` it tells a host-bound
+    sequence of launches from slow kernels."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, the allocator settles
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:  # not yet run on a GPU: a failed capture costs its column, not the sections after it
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        print(f"  capturing a CUDA graph failed: {str(e)[:300]}", flush=True)
+        return None
+    return elapsed_ms(graph.replay, device)
+
+
 def time_mixed(buffer, shapes, starts, ks: list[int], batch: int, device: torch.device) -> list[dict]:
     weights = [buffer[s : s + o * i].view(o, i) for (o, i), s in zip(shapes, starts)]
     xs = {i: torch.randn(batch, i, device=device, dtype=torch.bfloat16) for i in {i for _, i in shapes}}
     slots = torch.arange(batch, device=device) % 8 + 1  # 8 adapters
-    dense_ms = elapsed_ms(lambda: [xs[w.shape[1]] @ w.t() for w in weights], device)
+
+    def dense():
+        return [xs[w.shape[1]] @ w.t() for w in weights]
+
+    dense_ms, dense_replayed_ms = elapsed_ms(dense, device), replayed_ms(dense, device)
     rows = []
     for k in ks:
         indices = [idx.t().contiguous() for idx in topk_indices(buffer, shapes, starts, k)]
         stacks = [torch.randn(9, k, o, device=device).mul_(1e-2).to(torch.bfloat16) for o, _ in shapes]
-        mixed_ms = elapsed_ms(
-            lambda: [mixed_delta(xs[w.shape[1]], ix, st, slots) for w, ix, st in zip(weights, indices, stacks)],
-            device,
+
+        def mixed():
+            return [mixed_delta(xs[w.shape[1]], ix, st, slots) for w, ix, st in zip(weights, indices, stacks)]
+
+        mixed_ms, mixed_replayed_ms = elapsed_ms(mixed, device), replayed_ms(mixed, device)
+        rows.append(
+            {
+                "k": k,
+                "batch": batch,
+                "dense_ms": dense_ms,
+                "mixed_ms": mixed_ms,
+                "ratio": mixed_ms / dense_ms,
+                "dense_replayed_ms": dense_replayed_ms,
+                "mixed_replayed_ms": mixed_replayed_ms,
+            }
         )
-        rows.append({"k": k, "batch": batch, "dense_ms": dense_ms, "mixed_ms": mixed_ms, "ratio": mixed_ms / dense_ms})
     return rows
 
 
@@ -356,8 +393,12 @@ def main() -> None:
     mixed = time_mixed(buffer, shapes, starts, args.k, args.batch, device)
     print(f"\nmixed-adapter delta vs the dense matmuls, batch {args.batch}, 8 adapters, all layers\n")
     print_table(
-        ["k", "dense ms", "mixed delta ms", "overhead"],
-        [[r["k"], f"{r['dense_ms']:.3f}", f"{r['mixed_ms']:.3f}", f"{r['ratio']:.1%}"] for r in mixed],
+        ["k", "dense ms", "mixed delta ms", "overhead", "dense, replayed", "mixed delta, replayed"],
+        [
+            [r["k"], f"{r['dense_ms']:.3f}", f"{r['mixed_ms']:.3f}", f"{r['ratio']:.1%}"]
+            + [f"{r[key]:.3f}" if r[key] is not None else "-" for key in ("dense_replayed_ms", "mixed_replayed_ms")]
+            for r in mixed
+        ],
     )
     results.update(mixed=mixed, decode=[])
     write_json(args.out, results)
