@@ -26,7 +26,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     for name, field in ServerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help = f"{field.description} [env NEUROADA_{name.upper()}]"
-        if field.annotation is bool:  # `--flag` alone means true; `--flag false` is accepted too
+        if field.annotation in (bool, bool | None):  # `--flag` alone means true; `--flag false` is accepted too
             p.add_argument(flag, dest=name, default=None, nargs="?", const="true", help=help)
         else:
             p.add_argument(flag, dest=name, default=None, help=help)

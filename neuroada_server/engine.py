@@ -138,7 +138,7 @@ class Engine:
             self.metrics.prefix_cache_bytes.set_function(lambda: self.prefix_cache.bytes)
         forward = batch_forward(self.model, pad, settings.runner, self.prefix_cache)
         self.decode_graphs = None
-        if settings.compile_decode:
+        if settings.compiles_decode(device.type, our_decoder=unsupported is None):
             max_length = settings.max_prompt_tokens + settings.max_new_tokens
             self.decode_graphs = compile_decode(
                 forward, settings.decode_buckets, max_length, self.metrics.compiled_steps.inc

@@ -112,18 +112,20 @@ class ServerSettings(BaseSettings):
         description="auto: our decoder for Llama-shaped models (llama, mistral, qwen2, qwen3), Hugging Face's "
         "forward for other families; hf: Hugging Face's forward for every model",
     )
-    compile_decode: bool = Field(
-        False,
+    compile_decode: bool | None = Field(
+        None,
         description="compile our decoder's step (torch.compile; CUDA graphs on a GPU) once per batch-size bucket at "
         "start-up, over a KV cache allocated whole (max_batch_size rows of max_prompt_tokens + max_new_tokens); "
-        "mixed-adapter steps stay eager, and a compilation that fails leaves every step eager. Off by default: on the "
-        "CPU it does not pay (our float32 kernels are not traceable), on a GPU it is not measured yet",
+        "mixed-adapter steps stay eager, and a compilation that fails leaves every step eager. Default: on where our "
+        "decoder runs on a CUDA GPU (an eager step there is bound by kernel launches), off on the CPU (our float32 "
+        "kernels are not traceable, and compiling the rest does not pay)",
     )
     compile_batch_sizes: str = Field(
-        "1,2,4,8,16,32",
+        "1,4,16",
         pattern=r"^[0-9]+(,[0-9]+)*$",
         description="with compile_decode: the batch-size buckets, comma-separated (a batch runs as the smallest that "
-        "holds it, padded); sizes above max_batch_size are dropped and max_batch_size is always one",
+        "holds it, padded; each bucket is a compilation at start-up); sizes above max_batch_size are dropped and "
+        "max_batch_size is always one",
     )
     prefix_cache_bytes: int | None = Field(
         None,
@@ -150,6 +152,13 @@ class ServerSettings(BaseSettings):
     def decode_buckets(self) -> tuple[int, ...]:
         sizes = {int(n) for n in self.compile_batch_sizes.split(",") if 0 < int(n) < self.max_batch_size}
         return tuple(sorted(sizes | {self.max_batch_size}))
+
+    def compiles_decode(self, device_type: str, our_decoder: bool) -> bool:
+        """Whether the engine compiles its decode step: as set, or by default where it pays (a CUDA GPU,
+        our decoder)."""
+        if self.compile_decode is not None:
+            return self.compile_decode
+        return device_type == "cuda" and our_decoder and self.runner == "auto"
 
     @model_validator(mode="after")
     def _compiled_decode_is_our_decoders(self) -> ServerSettings:

@@ -3,6 +3,7 @@ and the ones derived from others."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from neuroada_server.cli import add_serve_command
 from neuroada_server.settings import ServerSettings
 from tests.neuroada_server.conftest import ROOT
 
@@ -63,9 +65,38 @@ def test_bf16_weights_need_float32_activations_and_our_decoder(conflict):
 
 
 def test_decode_buckets_stop_at_the_batch_size_which_is_always_one():
-    assert ServerSettings(max_batch_size=12).decode_buckets == (1, 2, 4, 8, 12)
+    assert ServerSettings(max_batch_size=12).decode_buckets == (1, 4, 12)
+    assert ServerSettings(max_batch_size=12, compile_batch_sizes="1,2,4,8,16").decode_buckets == (1, 2, 4, 8, 12)
     assert ServerSettings(max_batch_size=3, compile_batch_sizes="4,1,1").decode_buckets == (1, 3)
     with pytest.raises(ValidationError, match="compile_batch_sizes"):
         ServerSettings(compile_batch_sizes="1,two")
     with pytest.raises(ValidationError, match="compile_decode compiles our decoder"):
         ServerSettings(compile_decode=True, runner="hf")
+
+
+def test_the_decode_step_compiles_by_default_on_a_cuda_gpu_with_our_decoder_only():
+    default = ServerSettings()
+    assert default.compile_decode is None
+    assert default.compiles_decode("cuda", our_decoder=True)
+    assert not default.compiles_decode("cpu", our_decoder=True)
+    assert not default.compiles_decode("cuda", our_decoder=False)  # Hugging Face's forward: nothing to compile
+    assert not ServerSettings(runner="hf").compiles_decode("cuda", our_decoder=True)
+    assert not ServerSettings(compile_decode=False).compiles_decode("cuda", our_decoder=True)
+    assert ServerSettings(compile_decode=True).compiles_decode("cpu", our_decoder=True)
+
+
+@pytest.mark.parametrize(
+    "argv, expected", [([], None), (["--compile-decode"], True), (["--compile-decode", "false"], False)]
+)
+def test_compile_decode_on_the_command_line_alone_means_on(argv, expected):
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    value = parser.parse_args(["serve", *argv]).compile_decode
+    assert (value if value is None else ServerSettings(compile_decode=value).compile_decode) is expected
+
+
+def test_compile_decode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NEUROADA_COMPILE_DECODE", "false")
+    assert ServerSettings().compile_decode is False
+    monkeypatch.setenv("NEUROADA_COMPILE_DECODE", "1")
+    assert ServerSettings().compile_decode is True
