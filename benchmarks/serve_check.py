@@ -138,15 +138,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("serve_check.json"))
     parser.add_argument(
-        "--compile-decode", metavar="SIZES", help="serve with the decode step compiled for these buckets"
+        "--compile-decode", metavar="SIZES", help="serve with the decode step compiled for these buckets (else eager)"
     )
     args = parser.parse_args()
 
     env = {"NEUROADA_DEVICE": args.device, "NEUROADA_DTYPE": args.dtype}
     if args.model:
         env["NEUROADA_MODEL"] = args.model
+    env["NEUROADA_COMPILE_DECODE"] = (
+        "1" if args.compile_decode else "0"
+    )  # eager unless asked: on a GPU the default compiles
     if args.compile_decode:
-        env |= {"NEUROADA_COMPILE_DECODE": "1", "NEUROADA_COMPILE_BATCH_SIZES": args.compile_decode}
+        env["NEUROADA_COMPILE_BATCH_SIZES"] = args.compile_decode
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         for f in args.adapters:
