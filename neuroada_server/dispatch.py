@@ -200,6 +200,11 @@ def submit(
     for prompt_ids in prompts:
         _check_prompt(engine, prompt_ids, params)
     check_token_ids(engine, [token for token, _ in params.logit_bias], "logit_bias")
+    check_token_ids(engine, list(params.stop_token_ids), "stop_token_ids")
+    if params.min_tokens > params.max_new_tokens:
+        raise ApiError(
+            422, f"min_tokens {params.min_tokens} exceeds the {params.max_new_tokens} tokens the request may generate"
+        )
     if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > 64 for s in params.stop):
         raise ApiError(422, f"at most {MAX_STOP_STRINGS} stop strings of at most 64 characters each")
     loop = asyncio.get_running_loop()

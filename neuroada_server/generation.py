@@ -46,11 +46,24 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's: a token of the prompt or generated so far has its logit divided by repetition_penalty
+    # where positive, multiplied where negative (CTRL's, as Hugging Face's and vLLM's); min_p drops
+    # tokens less likely than min_p times the most likely one (after temperature).
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0  # until this many are generated: end-of-sequence and stop tokens masked, stop strings unchecked
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the text (kept in it, unless special), as eos does
     grammar: Grammar | None = None  # the structure the text must follow (`Grammars.compile`), if any
 
     @property
     def adjusts_logits(self) -> bool:
-        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+        """Whether sampling sees other logits than the model's, whatever has been generated."""
+        return (
+            bool(self.logit_bias)
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+        )
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,7 @@ class _RowState:
         self.logprobs_sent = 0  # of them, in text deltas so far
         self.num_tokens = 0  # generated tokens, eos included
         self.counts: dict[int, int] = {}  # how often each token was generated (for the penalties)
+        self.seen: torch.Tensor | None = None  # [V] bool: the prompt's and generated tokens (repetition_penalty)
         self.text = ""
         self.emitted = 0
         self.finish_reason: str | None = None  # stop | length | cancelled | failed
@@ -163,14 +177,20 @@ class _RowState:
             self.first_token_at = time.monotonic()
         self.num_tokens += 1
         self.counts[token] = self.counts.get(token, 0) + 1
+        if self.seen is not None:
+            self.seen[token] = True
         if logprob is not None:
             self.logprobs.append(logprob)
-        if token in self.eos_ids and not self.request.params.ignore_eos:
+        params = self.request.params
+        if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.ids.append(token)
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            for stop in self.request.params.stop:
+            if token in params.stop_token_ids:
+                self.finish_reason = "stop"
+            # Stop strings count from min_tokens on (vLLM's); a stop token cannot come sooner (masked).
+            for stop in params.stop if self.num_tokens >= params.min_tokens else ():
                 # Only the text that is new since the last token can hold a new match: searching
                 # from the start every token would cost the worker time quadratic in the length.
                 at = self.text.find(stop, max(0, self.stable - len(stop) + 1))
@@ -195,10 +215,24 @@ class _RowState:
             self.request.on_event(TextDelta(self.text[self.emitted : safe], logprobs))
             self.emitted, self.logprobs_sent = safe, len(self.logprobs)
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether this step's sampling sees other logits than the model's (`adjusted`)."""
+        return self.request.params.adjusts_logits or self.num_tokens < self.request.params.min_tokens
+
     def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] with the request's logit bias and penalties applied (a copy), as sampling sees them."""
         params = self.request.params
         logits = logits.float().clone()
+        if params.repetition_penalty != 1:
+            if self.seen is None:  # the prompt's tokens and those generated so far, kept up to date in `push`
+                self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                self.seen[torch.tensor(self.request.prompt_ids + list(self.counts), device=logits.device)] = True
+            penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+            logits = torch.where(self.seen, penalized, logits)
+        if self.num_tokens < params.min_tokens:
+            ends = ([] if params.ignore_eos else list(self.eos_ids)) + list(params.stop_token_ids)
+            logits[ends] = float("-inf")
         if params.logit_bias:
             tokens, biases = zip(*params.logit_bias)
             logits[list(tokens)] += torch.tensor(biases, device=logits.device)
@@ -241,10 +275,13 @@ class RowError(RuntimeError):
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from logits [V] (float32) under temperature / top-k / top-p."""
+    """One token from logits [V] (float32) under temperature / min-p / top-k / top-p."""
     if params.temperature == 0:
         return int(logits.argmax())
     logits = logits / params.temperature
+    if params.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -414,11 +451,12 @@ class RunningBatch:
                     raise RowError("the model's logits for this request are not finite (NaN or infinity)", "non_finite")
                 # Bias, penalties and a grammar change what is sampled; the logprobs stay the model's
                 # own (vLLM's default).
-                row_logits = row.adjusted(logits[slot]) if params.adjusts_logits else logits[slot]
+                adjusts = row.adjusts_logits
+                row_logits = row.adjusted(logits[slot]) if adjusts else logits[slot]
                 constraint = row.constraint
                 if constraint is not None and params.temperature != 0 and (params.top_k or params.top_p < 1):
                     row_logits = constraint.masked(row_logits)  # top-k and top-p choose among allowed tokens
-                if params.temperature == 0 and not params.adjusts_logits:
+                if params.temperature == 0 and not adjusts:
                     token = greedy[slot]
                 else:
                     token = self._choose(row_logits, params, row.generator)

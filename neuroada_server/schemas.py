@@ -55,6 +55,7 @@ Temperature = Annotated[
 
 MAX_SPEC_CHARS = 65_536  # a schema's JSON text, a regex or a grammar
 MAX_CHOICES_LISTED = 256  # structured_outputs.choice
+MAX_STOP_TOKEN_IDS = 64
 
 
 def _json_text(schema: dict | str) -> str:
@@ -117,6 +118,23 @@ class SamplingFields(BaseModel):
         description="drop the request if still queued after this long (the server's request_timeout_s caps it)",
     )
     structured_outputs: StructuredOutputs | None = Field(None, description="a structure the text must follow")
+    # vLLM's sampling parameters beyond OpenAI's, on every generation endpoint.
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.01,  # logits stay finite (as MIN_TEMPERATURE keeps them)
+        le=10.0,
+        description="a prompt's or generated token's logit is divided by it where positive, multiplied where "
+        "negative; above 1 discourages repeating",
+    )
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="sample no token less likely than min_p times the most likely one"
+    )
+    min_tokens: int = Field(
+        0, ge=0, description="tokens generated before end-of-sequence, stop_token_ids or stop strings can end the text"
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="token ids that end the text, as end-of-sequence does"
+    )
 
     @property
     def structure(self) -> Structure | None:
@@ -137,6 +155,10 @@ class SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            repetition_penalty=self.repetition_penalty,
+            min_p=self.min_p,
+            min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
         )
 
 

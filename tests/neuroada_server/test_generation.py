@@ -265,3 +265,89 @@ def test_logit_bias_and_penalties_change_what_is_sampled_as_openai_defines_them(
     assert got == ids[len(adjusted.prompt_ids) :]
     assert events["hello there"][-1].text != solo["hello there"][: len(events["hello there"][-1].text)]
     assert events["1 + 2 ="][-1].text == solo["1 + 2 ="]
+
+
+def _generate(batch: RunningBatch, requests: list[GenerationRequest]) -> None:
+    batch.join(requests)
+    for _ in range(64):
+        if not batch:
+            return
+        batch.step()
+    raise AssertionError("the batch did not finish")
+
+
+def _greedy_reference(model, prompt_ids: list[int], n: int, adjust) -> list[int]:
+    """n greedy tokens over whole-sequence forwards, `adjust(logits, generated)` applied at each step."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            adjust(logits, ids[len(prompt_ids) :])
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids) :]
+
+
+def test_repetition_penalty_divides_seen_tokens_positive_logits_and_multiplies_negative_ones(solo, runner):
+    batch, events = _batch(runner), {}
+    penalized = _request("hello there", events, n=10, repetition_penalty=1.8, logprobs=0)
+    beside = _request("1 + 2 =", events, n=12)  # no adjustment: as alone
+    batch.join([penalized, beside])
+    while batch:
+        batch.step()
+    got = [t.token for t in events["hello there"][-1].logprobs]
+
+    def penalize(logits, generated):  # the prompt's tokens count as seen, as in vLLM and Hugging Face
+        seen = sorted(set(penalized.prompt_ids) | set(generated))
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.8, logits[seen] * 1.8)
+
+    assert got == _greedy_reference(batch.model, penalized.prompt_ids, 10, penalize)
+    assert events["hello there"][-1].text != solo["hello there"]
+    assert events["1 + 2 ="][-1].text == solo["1 + 2 ="]
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_until_that_many_are_generated():
+    tokenizer = tiny_tokenizer()
+    events = {}
+    _generate(_batch(), [_request("hello there", events, n=1, logprobs=0)])
+    (eos,) = [t.token for t in events["hello there"][-1].logprobs]  # the greedy first token ends the text here
+    batch = RunningBatch(tiny_llama(seed=0), tokenizer, {eos}, tokenizer.eos_token_id)
+    asks = _request("hello there", events, n=12, logprobs=0)
+
+    def mask(logits, generated):  # min_tokens 3: eos (and the stop token, below) cannot come sooner
+        if len(generated) < 3:
+            logits[eos] = float("-inf")
+
+    held = _greedy_reference(batch.model, asks.prompt_ids, 12, mask)
+    # A stop token the text reaches after the third token and not before: masking it changes nothing sooner.
+    stop = next(token for i, token in enumerate(held) if i >= 3 and token not in held[:3] + [eos])
+    params = replace(asks.params, ignore_eos=False, min_tokens=3, stop_token_ids=(stop,))
+    _generate(batch, [replace(asks, params=params)])
+    done = events["hello there"][-1]
+    ends = next(i for i, token in enumerate(held) if i >= 3 and token in (eos, stop)) + 1
+    assert [t.token for t in done.logprobs] == held[:ends] and done.completion_tokens == ends
+    assert done.finish_reason == "stop"
+    # A stop token's text stays in the answer (it is no special token here); eos's does not.
+    kept = held[:ends] if held[ends - 1] == stop else held[: ends - 1]
+    assert done.text == tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def test_a_stop_token_ends_the_text_and_keeps_its_own(solo):
+    events, tokenizer = {}, tiny_tokenizer()
+    batch = _batch()
+    _generate(batch, [_request("hello there", events, n=6, logprobs=0)])
+    greedy = [t.token for t in events["hello there"][-1].logprobs]
+    stop_at = next(i for i, token in enumerate(greedy) if token not in greedy[:i])  # its first occurrence
+    events = {}
+    asks = _request("hello there", events, n=6, stop_token_ids=(greedy[stop_at],))
+    _generate(batch, [replace(asks, params=replace(asks.params, ignore_eos=False))])
+    done = events["hello there"][-1]
+    assert done.finish_reason == "stop" and done.completion_tokens == stop_at + 1
+    assert done.text == tokenizer.decode(greedy[: stop_at + 1], skip_special_tokens=True)
+
+
+def test_min_p_of_one_samples_only_the_most_likely_token(solo, runner):
+    batch, events = _batch(runner), {}
+    batch.join([_request(p, events, temperature=1.5, seed=7, min_p=1.0) for p in PROMPTS])
+    while batch:
+        batch.step()
+    assert {p: events[p][-1].text for p in PROMPTS} == solo

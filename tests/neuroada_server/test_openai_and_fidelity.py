@@ -67,6 +67,25 @@ def test_openai_logit_bias_and_penalties(server):
     assert len(set(penalised.choices[0].text)) > len(set(plain))
 
 
+def test_vllms_sampling_extras_through_the_openai_client(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    a = tiny_tokenizer()("a", add_special_tokens=False).input_ids[0]
+    asked = dict(model="a", prompt="hello there", max_tokens=8, temperature=0)
+    plain = client.completions.create(**asked).choices[0]
+    forced = dict(logit_bias={str(a): 100}, extra_body={"stop_token_ids": [a]})
+    stopped = client.completions.create(**asked, **forced)
+    assert stopped.choices[0].text == "a" and stopped.choices[0].finish_reason == "stop"
+    held = client.completions.create(
+        **asked, logit_bias={str(a): 100}, extra_body={"stop_token_ids": [a], "min_tokens": 3}
+    )
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+    assert held.choices[0].text.endswith("a") and "a" not in held.choices[0].text[:-1]
+    penalized = client.completions.create(**asked, extra_body={"repetition_penalty": 2.0}).choices[0]
+    assert penalized.text != plain.text
+    sampled = client.completions.create(**asked | {"temperature": 1.5}, seed=3, extra_body={"min_p": 1.0}).choices[0]
+    assert sampled.text == plain.text  # only the most likely token is ever left to sample
+
+
 def test_openai_stream_options_include_usage_sends_a_last_usage_chunk(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     asked = dict(model="a", prompt=["hello there", "a"], max_tokens=6, temperature=0, n=2)
@@ -214,6 +233,10 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
         ("/v1/completions", {"frequency_penalty": -3}, "frequency_penalty"),
         ("/v1/completions", {"logit_bias": {"5": 150}}, "logit_bias"),
         ("/v1/completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+        ("/v1/completions", {"repetition_penalty": 0}, "repetition_penalty"),
+        ("/v1/completions", {"min_p": 1.5}, "min_p"),
+        ("/v1/completions", {"min_tokens": 3}, "min_tokens 3 exceeds the 2 tokens"),
+        ("/v1/chat/completions", {"stop_token_ids": [10**6]}, "stop_token_ids: token id 1000000"),
         ("/v1/chat/completions", {"logit_bias": {"999999": 1}}, "logit_bias: token id 999999"),
         ("/v1/completions", {"prompt": [[1, 2], [10**6]]}, "token id 1000000"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
@@ -233,6 +256,7 @@ def test_openai_fields_out_of_range_or_not_implemented_are_refused_not_ignored(s
         refused = c.post(path, json=body | fields)
         assert refused.status_code == 422 and named in refused.json()["error"]["message"], refused.text
         defaults = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "n": 1}
+        defaults |= {"repetition_penalty": 1, "min_p": 0, "min_tokens": 0, "stop_token_ids": []}
         assert c.post(path, json=body | defaults).status_code == 200
 
 
