@@ -172,8 +172,9 @@ async def with_structure(engine: Engine, params: SamplingParams, structure: Stru
     it does not compile)."""
     if structure is None:
         return params
-    if params.ignore_eos:
-        raise ApiError(422, "ignore_eos: a structured output ends where its structure does, not with it")
+    if params.ignore_eos or params.min_tokens:
+        field = "ignore_eos" if params.ignore_eos else "min_tokens"
+        raise ApiError(422, f"{field}: a structured output ends where its structure does, not with it")
     try:
         with engine.metrics.structure_compile_seconds.time():
             grammar = await run_in_threadpool(engine.grammars.compile, structure)

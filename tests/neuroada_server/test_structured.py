@@ -198,6 +198,7 @@ def test_constrained_rows_leave_the_rows_beside_them_unchanged(server):
         ({"structured_outputs": {"json_schema": {}}}, "json_schema"),  # vLLM's name is "json"
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "not both"),
         ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "ignore_eos"),
+        ({"structured_outputs": {"choice": ["yes", "no"]}, "min_tokens": 3}, "min_tokens"),
         ({"structured_outputs": {"json": json.loads(_nested_arrays(100))}}, "deeper than 64 levels"),
         ({"structured_outputs": {"json": _nested_arrays(2000)}}, "deeper than 64 levels"),
     ],
