@@ -49,7 +49,7 @@ triton.__version__, transformers.__version__, torch.cuda.get_device_name())" | t
 
 suite() {
     # perf_hints: inductor says so where it skips CUDA graphs (a compiled step would then pay launches).
-    TORCH_LOGS=perf_hints timeout 270 python3 benchmarks/gpu_suite.py --out "$OUT/gpu_suite.json" 2>&1 |
+    TORCH_LOGS=perf_hints timeout 300 python3 benchmarks/gpu_suite.py --out "$OUT/gpu_suite.json" 2>&1 |
         tee "$OUT/gpu_suite.log"
 }
 

@@ -12,7 +12,8 @@
    Goal on an H100-class card: k = 20 under 1 ms, k = 1 under 0.1 ms.
 3. The mixed-adapter delta at batch 32 on the same stack (8 adapters, one index set): all 224
    layers' `mixed_delta` against the dense matmuls of the same batch, launched from Python and
-   replayed from a CUDA graph (the kernels' own time). Goal: at most 5% at k = 20.
+   replayed from a CUDA graph (the kernels' own time). Goal: at most 5% at k = 20. Then the
+   same under each candidate Triton launch (`TritonLaunch`: tile sizes, the k loop unrolled).
 4. Decode on a LLaMA-7B-shaped model of random bf16 weights (packed as the server packs them),
    our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled as the
    server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead": CUDA graphs; the
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import subprocess
@@ -41,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, print_table, write_json  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+mixed_delta_module = importlib.import_module("neuroada_kernels.mixed_delta")  # the package's attribute is the function
+
 from neuroada_kernels import (  # noqa: E402
     apply_delta_flat_,
     flat_offsets,
@@ -49,6 +53,7 @@ from neuroada_kernels import (  # noqa: E402
     restore_flat_,
     sparse_delta,
 )
+from neuroada_kernels.mixed_delta import TritonLaunch  # noqa: E402
 from neuroada_server.engine import place_for_serving_  # noqa: E402
 from neuroada_server.forward.graphs import DecodeGraphs  # noqa: E402
 from neuroada_server.forward.llama import LlamaForward  # noqa: E402
@@ -238,6 +243,39 @@ def time_mixed(buffer, shapes, starts, ks: list[int], batch: int, device: torch.
     return rows
 
 
+MIXED_LAUNCHES = [  # the Triton mixed kernel's candidate tilings: (tokens, outputs) per program, loop unrolled
+    TritonLaunch(16, 64, False),
+    TritonLaunch(16, 64, True),
+    TritonLaunch(16, 32, True),
+    TritonLaunch(8, 32, True),
+    TritonLaunch(32, 32, True),
+    TritonLaunch(32, 128, True),
+]
+
+
+def time_mixed_launches(buffer, shapes, starts, ks: list[int], batch: int, device: torch.device) -> list[dict]:
+    """The mixed delta of every layer under each candidate launch, launched from Python and replayed."""
+    weights = [buffer[s : s + o * i].view(o, i) for (o, i), s in zip(shapes, starts)]
+    xs = {i: torch.randn(batch, i, device=device, dtype=torch.bfloat16) for i in {i for _, i in shapes}}
+    slots = torch.arange(batch, device=device) % 8 + 1  # 8 adapters
+    chosen, rows = mixed_delta_module.LAUNCH, []
+    try:
+        for k in ks:
+            indices = [idx.t().contiguous() for idx in topk_indices(buffer, shapes, starts, k)]
+            stacks = [torch.randn(9, k, o, device=device).mul_(1e-2).to(torch.bfloat16) for o, _ in shapes]
+
+            def mixed():
+                return [mixed_delta(xs[w.shape[1]], ix, st, slots) for w, ix, st in zip(weights, indices, stacks)]
+
+            for launch in MIXED_LAUNCHES:
+                mixed_delta_module.LAUNCH = launch
+                row = {"k": k, "batch": batch, **launch._asdict(), "launched_ms": elapsed_ms(mixed, device)}
+                rows.append(row | {"replayed_ms": replayed_ms(mixed, device)})
+    finally:
+        mixed_delta_module.LAUNCH = chosen
+    return rows
+
+
 def random_llama(shape: dict, device: torch.device) -> LlamaForCausalLM:
     """Random bf16 weights, made on the device (a 7B model never passes through host memory)."""
     config = LlamaConfig(
@@ -400,7 +438,20 @@ def main() -> None:
             for r in mixed
         ],
     )
-    results.update(mixed=mixed, decode=[])
+    results.update(mixed=mixed)
+    write_json(args.out, results)
+    launches = time_mixed_launches(buffer, shapes, starts, args.k, args.batch, device)
+    print(f"\nthe mixed delta under each Triton launch, batch {args.batch}, all layers")
+    print(f"(every call's: {mixed_delta_module.LAUNCH})\n")
+    print_table(
+        ["k", "block_t", "block_o", "unroll", "launched ms", "replayed ms"],
+        [
+            [r["k"], r["block_t"], r["block_o"], r["unroll"], f"{r['launched_ms']:.3f}"]
+            + [f"{r['replayed_ms']:.3f}" if r["replayed_ms"] is not None else "-"]
+            for r in launches
+        ],
+    )
+    results.update(mixed_launches=launches, decode=[])
     write_json(args.out, results)
     del buffer, shapes, starts  # the stack's 13 GB, before a model of the same size is made
     if device.type == "cuda":

@@ -20,18 +20,39 @@ straight to the kernel: the dispatcher's few microseconds a call would add up on
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from neuroada_kernels._triton import tl, triton, use_triton
 from neuroada_kernels.cpu import cpu_kernels, use_cpu_kernels
 from neuroada_kernels.reference import mixed_delta_ref
 
-_BLOCK_T = 16
-_BLOCK_O = 64
+
+class TritonLaunch(NamedTuple):
+    """How the Triton kernel tiles the product: tokens x outputs per program, and whether its loop
+    over the k terms is unrolled (the loads of every term issued at once rather than one term's
+    gather waiting on the last). `benchmarks/gpu_suite.py` times the candidates on a GPU."""
+
+    block_t: int = 16
+    block_o: int = 64
+    unroll: bool = False
+
+
+LAUNCH = TritonLaunch()  # the launch every call uses
+UNROLL_MAX_K = 32  # an unrolled loop is that many copies of its body: past it, the loop stays a loop
 _CPU_VALUE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernel widens bf16 values exactly
 
 
 if triton is not None:
+
+    @triton.jit
+    def _term(x_ptr, idx_ptr, val_ptr, x_rows, v_rows, o, mo, mask, j, d_out):
+        """Term j of every (token, output) of the tile: x at the output's j-th index times its value."""
+        col = tl.load(idx_ptr + j * d_out + o, mask=mo, other=0).to(tl.int64)
+        xv = tl.load(x_ptr + x_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(val_ptr + v_rows + j * d_out, mask=mask, other=0.0).to(tl.float32)
+        return xv * v
 
     @triton.jit
     def _mixed_delta_kernel(
@@ -47,6 +68,7 @@ if triton is not None:
         K: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_O: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -57,11 +79,12 @@ if triton is not None:
         x_rows = t.to(tl.int64)[:, None] * d_in
         v_rows = slot[:, None] * d_out * K + o[None, :]
         acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
-        for j in range(K):
-            col = tl.load(idx_ptr + j * d_out + o, mask=mo, other=0).to(tl.int64)
-            xv = tl.load(x_ptr + x_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(val_ptr + v_rows + j * d_out, mask=mask, other=0.0).to(tl.float32)
-            acc += xv * v
+        if UNROLL:
+            for j in tl.static_range(K):
+                acc += _term(x_ptr, idx_ptr, val_ptr, x_rows, v_rows, o, mo, mask, j, d_out)
+        else:
+            for j in range(K):
+                acc += _term(x_ptr, idx_ptr, val_ptr, x_rows, v_rows, o, mo, mask, j, d_out)
         tl.store(out_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :], acc, mask=mask)
 
 
@@ -106,7 +129,8 @@ def _mixed_delta(
     k, d_out = indices.shape
     T = x.numel() // x.shape[-1]
     out = torch.empty(*x.shape[:-1], d_out, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(T, _BLOCK_T), triton.cdiv(d_out, _BLOCK_O))
+    launch = LAUNCH
+    grid = (triton.cdiv(T, launch.block_t), triton.cdiv(d_out, launch.block_o))
     _mixed_delta_kernel[grid](
         out,
         x.contiguous(),
@@ -118,8 +142,9 @@ def _mixed_delta(
         x.shape[-1],
         d_out,
         K=k,
-        BLOCK_T=_BLOCK_T,
-        BLOCK_O=_BLOCK_O,
+        BLOCK_T=launch.block_t,
+        BLOCK_O=launch.block_o,
+        UNROLL=launch.unroll and k <= UNROLL_MAX_K,
     )
     return out
 

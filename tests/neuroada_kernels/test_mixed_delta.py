@@ -1,7 +1,12 @@
+import importlib
+
 import pytest
 import torch
 
 from neuroada_kernels import add_delta_, add_mixed_delta_, mixed_delta, triton_available
+
+# The module (the package's `mixed_delta` attribute is the function of that name).
+mixed_delta_module = importlib.import_module("neuroada_kernels.mixed_delta")
 
 BACKENDS = [
     "torch",
@@ -67,6 +72,28 @@ def test_triton_matches_the_torch_twin(dtype, k):
         # Both sum in float32 and round once; the interpreter may round bf16 one ulp apart.
         ulps = (out.view(torch.int16).int() - reference.view(torch.int16).int()).abs()
         assert int(ulps.max()) <= 1
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        mixed_delta_module.TritonLaunch(block_t=16, block_o=64, unroll=True),
+        mixed_delta_module.TritonLaunch(block_t=4, block_o=16, unroll=False),  # tiles past the edges: 6 x 70
+        mixed_delta_module.TritonLaunch(block_t=1, block_o=128, unroll=True),
+    ],
+)
+@pytest.mark.parametrize("k", [1, 5, mixed_delta_module.UNROLL_MAX_K + 1])  # the last unrolls no more
+def test_every_triton_launch_gives_the_twins_delta(monkeypatch, launch, k):
+    if not triton_available():
+        pytest.skip("no triton")
+    _, x, indices, values, slots = case(k, tokens_per_row=2, seed=k)
+    monkeypatch.setattr(mixed_delta_module, "LAUNCH", launch)
+    torch.testing.assert_close(
+        mixed_delta(x, indices, values, slots, backend="triton"),
+        mixed_delta(x, indices, values, slots, backend="torch"),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_bf16_output_keeps_a_delta_smaller_than_half_its_ulp_in_float32_accumulation():
