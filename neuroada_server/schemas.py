@@ -362,7 +362,9 @@ class ChatCompletionRequest(OpenAISamplingFields):
     )
     tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description='"required" or a named function (held to the parameters\' schemas), or "none"'
+        None,
+        description='"required" or a named function (held to the parameters\' schemas), "auto" (the default with '
+        'tools: the server\'s --tool-call-parser reads calls from the text), or "none"',
     )
     parallel_tool_calls: bool = Field(True, description='with tool_choice "required": more than one call allowed')
 
@@ -371,11 +373,6 @@ class ChatCompletionRequest(OpenAISamplingFields):
         names = [tool.function.name for tool in self.tools or []]
         if len(set(names)) < len(names):
             raise ValueError("tools: two functions share a name")
-        if self.tools and self.tool_choice in (None, "auto"):
-            raise ValueError(
-                'tool_choice: "auto" (the default with tools) needs a parser for the model\'s own tool-call '
-                'format, which is not built; use "required", a named function, or "none"'
-            )
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice: there are no tools to choose from")
         if self.named_tool is not None and self.named_tool not in names:
@@ -387,6 +384,11 @@ class ChatCompletionRequest(OpenAISamplingFields):
     @property
     def named_tool(self) -> str | None:
         return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def auto_tools(self) -> bool:
+        """The model answers in text or with calls in its own format, as it decides."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     @property
     def calls_tools(self) -> bool:

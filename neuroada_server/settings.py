@@ -127,6 +127,12 @@ class ServerSettings(BaseSettings):
         "holds it, padded; each bucket is a compilation at start-up); sizes above max_batch_size are dropped and "
         "max_batch_size is always one",
     )
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = Field(
+        None,
+        description='tool_choice "auto" (the default with tools): read tool calls back from the text in the model\'s '
+        "own format (vLLM's parsers): hermes (Qwen2.5, Qwen3, Hermes), llama3_json (Llama 3.1, 3.2); unset: "
+        '"auto" is refused, and "required" or a named function work with any model',
+    )
     prefix_cache_bytes: int | None = Field(
         None,
         ge=0,

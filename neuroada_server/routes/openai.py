@@ -26,7 +26,7 @@ from neuroada_server.schemas import (
     OpenAISamplingFields,
     Usage,
 )
-from neuroada_server.tools import call_id, tool_calls
+from neuroada_server.tools import CALL_FORMATS, CallFormat, call_id, openai_calls, tool_calls
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
 
@@ -111,6 +111,16 @@ async def chat_completions(
     adapter = _adapter_for(engine, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "top_logprobs: set logprobs to true to use it")
+    call_format = None
+    if body.auto_tools:
+        parser = engine.settings.tool_call_parser
+        if parser is None:
+            raise ApiError(
+                422,
+                'tool_choice: "auto" (the default with tools) reads calls in the model\'s own format: start the '
+                'server with --tool-call-parser (hermes or llama3_json), or use "required", a named function or "none"',
+            )
+        call_format = CALL_FORMATS[parser]
     # An assistant's tool calls stand without content: templates get "" there, not None.
     messages = [m.model_dump(exclude_none=True) | {"content": m.content or ""} for m in body.messages]
     calls = [call.function.arguments for m in body.messages for call in m.tool_calls or ()]
@@ -141,13 +151,16 @@ async def chat_completions(
 
     if body.stream:
         started = set()  # the choices whose role has been sent (in their first chunk)
-        held = {}  # per choice, the text of its tool calls so far
+        held = {}  # per choice, the text of its tool calls so far (auto: the whole text so far)
+        sent = {}  # auto: per choice, the characters of its text sent as content
 
         def chunk(index: int, text: str, finish: str | None, tokens: tuple[TokenLogprob, ...]) -> dict:
             first = index not in started
             started.add(index)
             if body.calls_tools:
                 delta, finish = _tool_call_delta(body.named_tool, held, index, text, finish)
+            elif call_format is not None:
+                delta, finish = _auto_delta(call_format, held, sent, index, text, finish)
             else:
                 delta = {"content": text} if text or first else {}
             delta = ({"role": "assistant"} if first else {}) | delta
@@ -159,9 +172,12 @@ async def chat_completions(
     response.headers.update(job.headers)
     choices = []
     for i, d in enumerate(done):
-        message, finish = (
-            _answered(d.text, _finish(d), body.named_tool) if body.calls_tools else ({"content": d.text}, _finish(d))
-        )
+        if body.calls_tools:
+            message, finish = _answered(d.text, _finish(d), body.named_tool)
+        elif call_format is not None:
+            message, finish = _answered_auto(d.text, _finish(d), call_format)
+        else:
+            message, finish = {"content": d.text}, _finish(d)
         message = {"role": "assistant"} | message
         choices.append({"index": i, "message": message, "logprobs": logprobs(d.logprobs), "finish_reason": finish})
     return _envelope(rid, "chat.completion", created, body.model, choices, Usage.of(done, body.n).model_dump())
@@ -174,6 +190,35 @@ def _answered(text: str, finish: str, named: str | None) -> tuple[dict, str]:
     if calls is None:
         return {"content": text}, finish
     return {"content": None, "tool_calls": calls}, "tool_calls"
+
+
+def _answered_auto(text: str, finish: str, call_format: CallFormat) -> tuple[dict, str]:
+    """A choice under tool_choice "auto": the calls its text writes in the model's format (and the text
+    before them as content), or the text itself."""
+    read = call_format.read(text)
+    if read is None:
+        return {"content": text}, finish
+    content, calls = read
+    return {"content": content, "tool_calls": openai_calls(calls)}, "tool_calls"
+
+
+def _auto_delta(
+    call_format: CallFormat, held: dict[int, str], sent: dict[int, int], index: int, text: str, finish: str | None
+) -> tuple[dict, str | None]:
+    """A streamed choice's delta under tool_choice "auto": its text goes out as content up to where a
+    call may begin; from there it is held, and at the end sent as the calls it writes (whole), or as
+    content where it writes none."""
+    whole = held[index] = held.get(index, "") + text
+    done = sent.get(index, 0)
+    if finish is None:
+        safe = max(done, call_format.held_from(whole))
+        sent[index] = safe
+        return ({"content": whole[done:safe]} if safe > done else {}), None
+    read = call_format.read(whole)
+    if read is None:
+        return ({"content": whole[done:]} if len(whole) > done else {}), finish
+    calls = [{"index": i} | call for i, call in enumerate(openai_calls(read[1]))]
+    return {"tool_calls": calls}, "tool_calls"
 
 
 def _tool_call_delta(

@@ -1,5 +1,6 @@
-"""Tool calls through structured outputs: named and required function calling, through the official
-openai client against the real HTTP server; what cannot be followed is refused."""
+"""Tool calls: named and required function calling through structured outputs, auto through a model
+family's call format, through the official openai client against the real HTTP server; what cannot
+be followed is refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import jsonschema
 import openai
 import pytest
 
-from neuroada_server.tools import tool_calls, tool_structure
+from neuroada_server.tools import CALL_FORMATS, tool_calls, tool_structure
+from tests.neuroada_server.conftest import RunningServer, make_settings
 
 WEATHER = {
     "type": "object",
@@ -139,3 +141,82 @@ def test_tool_calls_that_cannot_be_followed_are_refused(server, fields, named):
     with server.client() as c:
         refused = c.post("/v1/chat/completions", json=ASKED | fields)
         assert refused.status_code == 422 and named in refused.json()["error"]["message"], refused.text
+
+
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
+OSLO = ("get_weather", {"city": "Oslo", "unit": "celsius"})
+
+
+@pytest.mark.parametrize(
+    "parser, text, read",
+    [
+        ("hermes", HERMES_CALL, (None, [OSLO])),
+        (
+            "hermes",
+            f'Let me look.\n{HERMES_CALL}\n<tool_call>{{"name": "ping"}}',
+            ("Let me look.", [OSLO, ("ping", {})]),
+        ),
+        ("hermes", "It is sunny in Oslo.", None),
+        ("hermes", '<tool_call>\n{"name": "get_weather", "argu', None),  # cut short: the text stands
+        ("hermes", '<tool_call>["get_weather"]</tool_call>', None),  # no name: no call
+        ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}', (None, [OSLO])),
+        (
+            "llama3_json",
+            '<|python_tag|>{"name": "ping", "parameters": {}}; {"name": "ping"}',
+            (None, [("ping", {})] * 2),
+        ),
+        ("llama3_json", "It is sunny in Oslo.", None),
+        ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Os', None),
+    ],
+)
+def test_each_call_format_reads_the_calls_its_models_write(parser, text, read):
+    assert CALL_FORMATS[parser].read(text) == read
+
+
+@pytest.mark.parametrize(
+    "parser, text, held_from",
+    [
+        ("hermes", "Let me look.", 12),
+        ("hermes", "Let me look. <tool_", 13),  # may be the marker's first characters
+        ("hermes", f"Let me look. {HERMES_CALL}", 13),
+        ("llama3_json", "  ", 0),  # not yet known
+        ("llama3_json", ' {"name"', 0),
+        ("llama3_json", "<|python", 0),
+        ("llama3_json", "It is", 5),
+    ],
+)
+def test_a_partial_text_is_content_up_to_where_a_call_may_begin(parser, text, held_from):
+    assert CALL_FORMATS[parser].held_from(text) == held_from
+
+
+@pytest.fixture
+def hermes_server(tiny_model_dir, store):
+    with RunningServer(make_settings(tiny_model_dir, store, tool_call_parser="hermes")) as running:
+        yield running
+
+
+def test_auto_reads_the_calls_the_text_writes_in_the_models_format(hermes_server):
+    client = openai.OpenAI(base_url=f"{hermes_server.url}/v1", api_key="unused")
+    # The tiny model writes no calls of its own accord: a regex holds it to a short answer and a call.
+    city = "[a-z]{1,8}"
+    call = '\\{"name": "get_weather", "arguments": \\{"city": "' + city + '", "unit": "celsius"\\}\\}'
+    held = {"structured_outputs": {"regex": "Sure\\. <tool_call>\\n" + call + "\\n</tool_call>"}}
+    full = client.chat.completions.create(**ASKED, tools=TOOLS, extra_body=held).choices[0]
+    assert full.finish_reason == "tool_calls" and full.message.content == "Sure."
+    (called,) = full.message.tool_calls
+    assert called.function.name == "get_weather" and called.id.startswith("call_")
+    _valid(called)
+
+    chunks = list(client.chat.completions.create(**ASKED, tools=TOOLS, extra_body=held, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Sure. "  # sent as generated
+    calls = [c for ch in chunks for c in ch.choices[0].delta.tool_calls or ()]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
+        (0, "get_weather", called.function.arguments)
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # Text that writes no call is the answer, streamed or not; "auto" is the default with tools.
+    plain = client.chat.completions.create(**ASKED | {"max_tokens": 12}, tools=TOOLS).choices[0]
+    assert plain.message.tool_calls is None and plain.message.content and plain.finish_reason == "length"
+    streamed = client.chat.completions.create(**ASKED | {"max_tokens": 12}, tools=TOOLS, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == plain.message.content
