@@ -189,29 +189,45 @@ def test_a_partial_text_is_content_up_to_where_a_call_may_begin(parser, text, he
     assert CALL_FORMATS[parser].held_from(text) == held_from
 
 
-@pytest.fixture
-def hermes_server(tiny_model_dir, store):
-    with RunningServer(make_settings(tiny_model_dir, store, tool_call_parser="hermes")) as running:
+CITY = '\\{"city": "[a-z]{1,8}", "unit": "celsius"\\}'
+# What each format's models write, held by a regex (the tiny model writes no calls of its own accord):
+# the text, the content read before the calls (non-streamed, streamed) and the functions called.
+WRITTEN = {
+    "hermes": (
+        'Sure\\. <tool_call>\\n\\{"name": "get_weather", "arguments": ' + CITY + "\\}\\n</tool_call>",
+        ("Sure.", "Sure. "),
+        ["get_weather"],
+    ),
+    "llama3_json": (
+        '\\{"name": "get_weather", "parameters": ' + CITY + '\\}; \\{"name": "ping", "parameters": \\{\\}\\}',
+        (None, ""),
+        ["get_weather", "ping"],
+    ),
+}
+
+
+@pytest.fixture(params=sorted(WRITTEN))
+def auto_server(request, tiny_model_dir, store):
+    with RunningServer(make_settings(tiny_model_dir, store, tool_call_parser=request.param)) as running:
         yield running
 
 
-def test_auto_reads_the_calls_the_text_writes_in_the_models_format(hermes_server):
-    client = openai.OpenAI(base_url=f"{hermes_server.url}/v1", api_key="unused")
-    # The tiny model writes no calls of its own accord: a regex holds it to a short answer and a call.
-    city = "[a-z]{1,8}"
-    call = '\\{"name": "get_weather", "arguments": \\{"city": "' + city + '", "unit": "celsius"\\}\\}'
-    held = {"structured_outputs": {"regex": "Sure\\. <tool_call>\\n" + call + "\\n</tool_call>"}}
+def test_auto_reads_the_calls_the_text_writes_in_the_models_format(auto_server):
+    client = openai.OpenAI(base_url=f"{auto_server.url}/v1", api_key="unused")
+    regex, (content, streamed_content), functions = WRITTEN[auto_server.settings.tool_call_parser]
+    held = {"structured_outputs": {"regex": regex}}
     full = client.chat.completions.create(**ASKED, tools=TOOLS, extra_body=held).choices[0]
-    assert full.finish_reason == "tool_calls" and full.message.content == "Sure."
-    (called,) = full.message.tool_calls
-    assert called.function.name == "get_weather" and called.id.startswith("call_")
-    _valid(called)
+    assert full.finish_reason == "tool_calls" and full.message.content == content
+    assert [call.function.name for call in full.message.tool_calls] == functions
+    assert all(call.id.startswith("call_") for call in full.message.tool_calls)
+    for call in full.message.tool_calls:
+        _valid(call)
 
     chunks = list(client.chat.completions.create(**ASKED, tools=TOOLS, extra_body=held, stream=True))
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Sure. "  # sent as generated
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == streamed_content  # sent as generated
     calls = [c for ch in chunks for c in ch.choices[0].delta.tool_calls or ()]
     assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
-        (0, "get_weather", called.function.arguments)
+        (i, call.function.name, call.function.arguments) for i, call in enumerate(full.message.tool_calls)
     ]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
