@@ -4,7 +4,8 @@
     TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --smoke      # the same code paths on a CPU
 
 1. Kernels against their torch twins on the device: flat apply / reapply / restore bit for bit
-   (float32, bfloat16, float16), the sparse product's forward and gradients, the mixed product.
+   (float32, bfloat16, float16), the sparse product's forward and gradients, the mixed product,
+   the decode step's attention (LLaMA-7B's head shape with grouped queries).
 2. Whole-model switch on a LLaMA-7B-shaped stack of random bf16 weights in one flat buffer
    (32 layers; q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008), magnitude top-k
    indices, k = 1 and 20: one scatter between two adapters sharing the index set, and restore +
@@ -53,6 +54,7 @@ from neuroada_kernels import (  # noqa: E402
     restore_flat_,
     sparse_delta,
 )
+from neuroada_kernels.decode_attention import decode_attention_ref, decode_attention_triton  # noqa: E402
 from neuroada_kernels.mixed_delta import TritonLaunch  # noqa: E402
 from neuroada_server.engine import place_for_serving_  # noqa: E402
 from neuroada_server.forward.graphs import DecodeGraphs  # noqa: E402
@@ -136,6 +138,21 @@ def check_kernels(device: torch.device) -> list[dict]:
         tri = mixed_delta(xs, idx, stack, slots, backend="triton")
         diff = float((ref - tri).abs().max())
         rows.append({"check": f"mixed_delta {str(dtype)[6:]}", "ok": diff < 1e-4, "max_abs_diff": diff})
+
+    for dtype in (torch.float32, torch.bfloat16):
+        B, heads, kv_heads, head_dim = 5, 32, 8, 128
+        q = torch.randn(B, heads, head_dim, generator=g).to(dtype).to(device)
+        k, v = torch.randn(2, B, kv_heads, head_dim, generator=g).to(dtype).to(device)
+        angles = torch.randn(B, head_dim // 2, generator=g).repeat(1, 2).to(device)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        keys, values = torch.randn(2, 8, kv_heads, 300, head_dim, generator=g).to(dtype).to(device)
+        positions = torch.tensor([0, 17, 299, 64, 5], device=device)
+        args = (q, k, v, cos, sin)
+        ref = decode_attention_ref(*args, keys.clone(), values.clone(), 1, positions, head_dim**-0.5)
+        tri = decode_attention_triton(*args, keys, values, 1, positions, head_dim**-0.5)
+        diff = float((ref.float() - tri.float()).abs().max())
+        bound = 1e-4 if dtype == torch.float32 else 5e-2  # the twin rounds each op to bf16
+        rows.append({"check": f"decode_attention {str(dtype)[6:]}", "ok": diff < bound, "max_abs_diff": diff})
     return rows
 
 

@@ -5,16 +5,117 @@ owns one slot of a KV cache laid out `[slots, kv_heads, capacity, head_dim]`. Th
 new query and key (Hugging Face's rotate-half convention), writes the key and value at the row's
 position, and attends each query head to its row's keys 0..position (grouped-query: head h reads
 kv head h // (heads / kv_heads)). On the CPU in float32 it is one C++ pass
-(`neuroada_kernels/csrc/decode_attention.cpp`); elsewhere the torch twin below, which reads every row up to
-the longest and masks: positions past a row's own must hold finite values (zeros), or a masked
-NaN would still poison the row (`neuroada_server.forward.llama.SlotCache.clear_tails` keeps them clean).
+(`neuroada_kernels/csrc/decode_attention.cpp`); on CUDA, eager, one Triton launch (a step that runs
+eager there, a mixed one or any with compilation off, is bound by its launches: the twin makes
+about twenty a layer); elsewhere, and inside a compiled graph (which fuses the twin itself), the torch
+twin below, which reads every row up to the longest and masks: positions past a row's own must hold
+finite values (zeros), or a masked NaN would still poison the row
+(`neuroada_server.forward.llama.SlotCache.clear_tails` keeps them clean).
 """
 
 from __future__ import annotations
 
 import torch
 
+from neuroada_kernels._triton import tl, triton, use_triton
 from neuroada_kernels.cpu import cpu_kernels
+
+_BLOCK_L = 16  # cache positions a program reads at once
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotated(x_ptr, row, cos_ptr, sin_ptr, b, mask, HALF: tl.constexpr):
+        """Rows [R, D] of x at offsets row [R], rotated (rotate-half), as two halves [R, HALF] in float32."""
+        d = tl.arange(0, HALF)
+        x1 = tl.load(x_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + row[:, None] + HALF + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + b * 2 * HALF + d).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + b * 2 * HALF + HALF + d).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + b * 2 * HALF + d).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + b * 2 * HALF + HALF + d).to(tl.float32)[None, :]
+        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+    @triton.jit
+    def _decode_attention_kernel(
+        out_ptr,  # [B, heads, D]
+        q_ptr,  # [B, heads, D]
+        k_ptr,  # [B, KV, D]
+        v_ptr,  # [B, KV, D]
+        cos_ptr,  # [B, D]
+        sin_ptr,  # [B, D]
+        keys_ptr,  # [slots, KV, capacity, D]
+        values_ptr,  # like keys
+        pos_ptr,  # [B] int64
+        first,
+        scale,
+        slot_stride,
+        head_stride,
+        KV: tl.constexpr,
+        G: tl.constexpr,
+        G_BLOCK: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
+        """One program per (row b, kv head h): its G query heads attend to the row's positions
+        0..pos, the new key and value (rotated, rounded to the cache's dtype) written at pos and
+        used from registers, the older ones read from the cache; an online softmax over blocks."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        D: tl.constexpr = 2 * HALF
+        g = tl.arange(0, G_BLOCK)
+        mg = g < G
+        d = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr + b)
+        q1, q2 = _rotated(q_ptr, (b * KV * G + h * G + g) * D, cos_ptr, sin_ptr, b, mg, HALF)  # [G_BLOCK, HALF]
+        one = tl.arange(0, 1)
+        k1, k2 = _rotated(k_ptr, (b * KV + h) * D + one * 0, cos_ptr, sin_ptr, b, one == 0, HALF)  # [1, HALF]
+        v1 = tl.load(v_ptr + (b * KV + h) * D + d)[None, :]
+        v2 = tl.load(v_ptr + (b * KV + h) * D + HALF + d)[None, :]
+        cache = (first + b).to(tl.int64) * slot_stride + h * head_stride
+        at = cache + pos * D + d[None, :]
+        kind = keys_ptr.dtype.element_ty
+        tl.store(keys_ptr + at, k1.to(kind))
+        tl.store(keys_ptr + at + HALF, k2.to(kind))
+        tl.store(values_ptr + at, v1.to(values_ptr.dtype.element_ty))
+        tl.store(values_ptr + at + HALF, v2.to(values_ptr.dtype.element_ty))
+
+        top = tl.full([G_BLOCK], float("-inf"), tl.float32)  # running max of the scores
+        total = tl.zeros([G_BLOCK], tl.float32)  # running sum of exp(score - top)
+        acc1 = tl.zeros([G_BLOCK, HALF], tl.float32)
+        acc2 = tl.zeros([G_BLOCK, HALF], tl.float32)
+        for start in range(0, pos, BLOCK_L):
+            p = start + tl.arange(0, BLOCK_L)
+            mp = p < pos
+            rows = cache + p[:, None] * D + d[None, :]  # [BLOCK_L, HALF]
+            key1 = tl.load(keys_ptr + rows, mask=mp[:, None], other=0.0).to(tl.float32)
+            key2 = tl.load(keys_ptr + rows + HALF, mask=mp[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(q1[:, None, :] * key1[None, :, :], 2) + tl.sum(q2[:, None, :] * key2[None, :, :], 2)
+            scores = tl.where(mp[None, :], scores * scale, float("-inf"))  # [G_BLOCK, BLOCK_L]
+            new_top = tl.maximum(top, tl.max(scores, 1))
+            kept = tl.exp(top - new_top)
+            weights = tl.exp(scores - new_top[:, None])
+            total = total * kept + tl.sum(weights, 1)
+            val1 = tl.load(values_ptr + rows, mask=mp[:, None], other=0.0).to(tl.float32)
+            val2 = tl.load(values_ptr + rows + HALF, mask=mp[:, None], other=0.0).to(tl.float32)
+            acc1 = acc1 * kept[:, None] + tl.sum(weights[:, :, None] * val1[None, :, :], 1)
+            acc2 = acc2 * kept[:, None] + tl.sum(weights[:, :, None] * val2[None, :, :], 1)
+            top = new_top
+        # The new position, as the cache holds it.
+        k1, k2 = k1.to(kind).to(tl.float32), k2.to(kind).to(tl.float32)
+        v1 = v1.to(values_ptr.dtype.element_ty).to(tl.float32)
+        v2 = v2.to(values_ptr.dtype.element_ty).to(tl.float32)
+        score = (tl.sum(q1 * k1, 1) + tl.sum(q2 * k2, 1)) * scale  # [G_BLOCK]
+        new_top = tl.maximum(top, score)
+        kept = tl.exp(top - new_top)
+        weight = tl.exp(score - new_top)
+        total = total * kept + weight
+        acc1 = (acc1 * kept[:, None] + weight[:, None] * v1) / total[:, None]
+        acc2 = (acc2 * kept[:, None] + weight[:, None] * v2) / total[:, None]
+        out = out_ptr + ((b * KV * G + h * G + g) * D)[:, None] + d[None, :]
+        tl.store(out, acc1.to(out_ptr.dtype.element_ty), mask=mg[:, None])
+        tl.store(out + HALF, acc2.to(out_ptr.dtype.element_ty), mask=mg[:, None])
 
 
 def decode_attention(
@@ -33,6 +134,8 @@ def decode_attention(
     """The twin reads every row's keys up to `length`; given, it spares a device-to-host read of
     `positions.max()` per layer (a sync on a GPU, which would also break a captured graph)."""
     tensors = (q, k, v, cos, sin, keys, values)
+    if use_triton(q) and not torch.compiler.is_compiling() and triton_fits(q, k, keys, values):
+        return decode_attention_triton(q, k, v, cos, sin, keys, values, first, positions, scale)
     if all(t.is_cpu and t.dtype == torch.float32 for t in tensors) and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     ):
@@ -41,6 +144,51 @@ def decode_attention(
             q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
             return kernels.decode_attention(q, k, v, cos, sin, keys, values, first, positions.cpu(), scale)
     return decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scale, length)
+
+
+def triton_fits(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """The Triton kernel's layout: a head_dim of twice a power of two, whole query-head groups, a
+    contiguous cache; no gradients (it has none)."""
+    head_dim = q.shape[-1]
+    half = head_dim // 2
+    return (
+        head_dim % 2 == 0
+        and half & (half - 1) == 0
+        and q.shape[1] % k.shape[1] == 0
+        and keys.is_contiguous()
+        and values.is_contiguous()
+        and not (torch.is_grad_enabled() and q.requires_grad)
+    )
+
+
+def decode_attention_triton(q, k, v, cos, sin, keys, values, first, positions, scale) -> torch.Tensor:
+    """The Triton kernel (same arguments as `decode_attention`; `triton_fits` must hold)."""
+    B, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
+    _decode_attention_kernel[(B, kv_heads)](
+        out,
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        keys,
+        values,
+        positions.to(device=q.device, dtype=torch.int64),
+        first,
+        scale,
+        keys.stride(0),
+        keys.stride(1),
+        KV=kv_heads,
+        G=group,
+        G_BLOCK=triton.next_power_of_2(group),
+        HALF=head_dim // 2,
+        BLOCK_L=_BLOCK_L,
+    )
+    return out
 
 
 def decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scale, length=None) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroada_kernels import cpu_kernels, decode_attention
-from neuroada_kernels.decode_attention import decode_attention_ref
+from neuroada_kernels import cpu_kernels, decode_attention, triton_available
+from neuroada_kernels.decode_attention import decode_attention_ref, decode_attention_triton, triton_fits
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
 
@@ -90,3 +90,42 @@ def test_the_twin_given_the_length_on_the_host_equals_reading_it_from_the_positi
     doubles = [t.double() for t in (q, k, v, cos, sin, keys, values)]  # float64: the twin, not the kernel
     given = decode_attention(*doubles, 1, at, 0.5, length=21 + extra)
     torch.testing.assert_close(given.float(), found, rtol=1e-5, atol=1e-5)
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="no triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("B,positions", [(1, [0]), (1, [37]), (3, [5, 0, 20]), (4, [63, 1, 9, 16])])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_kernel_equals_the_torch_twin(B, positions, heads, kv_heads, head_dim, dtype):
+    tensors = case(B, heads, kv_heads, head_dim, positions)
+    q, k, v, cos, sin, keys, values, at = (t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    before, keys_ref, values_ref = keys.clone(), keys.clone(), values.clone()
+    out = decode_attention_triton(q, k, v, cos, sin, keys, values, 2, at, 0.125)
+    expected = decode_attention_ref(q, k, v, cos, sin, keys_ref, values_ref, 2, at, 0.125)
+    # The kernel rotates and sums in float32; the twin rounds each of its ops to bf16.
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(keys, keys_ref, rtol=tolerance, atol=tolerance)  # rotated, where the twin put them
+    torch.testing.assert_close(values, values_ref, rtol=0, atol=0)
+    written = torch.zeros(keys.shape[:3], dtype=torch.bool)  # [slots, kv_heads, capacity]
+    written[torch.arange(2, 2 + B), :, at] = True
+    assert torch.equal((keys != before).any(-1), written)  # each row's new position, nothing else
+
+
+@needs_triton
+def test_the_triton_kernel_never_reads_past_a_rows_position():
+    q, k, v, cos, sin, keys, values, at = case(2, 4, 2, 8, [3, 10])
+    clean = decode_attention_triton(q, k, v, cos, sin, keys.clone(), values.clone(), 0, at, 1.0)
+    keys[0, :, 4:], values[0, :, 4:] = float("nan"), float("nan")  # what a failed request may leave
+    assert torch.equal(decode_attention_triton(q, k, v, cos, sin, keys, values, 0, at, 1.0), clean)
+
+
+def test_the_triton_kernel_takes_what_its_layout_allows():
+    q, k, _, _, _, keys, values, _ = case(2, 4, 2, 8, [3, 10])
+    assert triton_fits(q, k, keys, values)
+    q6, k6, _, _, _, keys6, values6, _ = case(2, 4, 2, 6, [3, 10])  # half a head is 3: no power of two
+    assert not triton_fits(q6, k6, keys6, values6)
+    assert not triton_fits(q, k, keys.transpose(2, 3), values)
