@@ -138,11 +138,20 @@ class Engine:
             self.metrics.prefix_cache_bytes.set_function(lambda: self.prefix_cache.bytes)
         forward = batch_forward(self.model, pad, settings.runner, self.prefix_cache)
         self.decode_graphs = None
+        max_length = settings.max_prompt_tokens + settings.max_new_tokens
         if settings.compiles_decode(device.type, our_decoder=unsupported is None):
-            max_length = settings.max_prompt_tokens + settings.max_new_tokens
-            self.decode_graphs = compile_decode(
-                forward, settings.decode_buckets, max_length, self.metrics.compiled_steps.inc
-            )
+            if settings.compile_decode is None and not _whole_cache_fits(forward, settings.max_batch_size, max_length):
+                log.warning(
+                    "decode step not compiled: its KV cache, allocated whole for %d rows of %d tokens, would take more "
+                    "than half the GPU's free memory (lower --max-batch-size, --max-prompt-tokens or --max-new-tokens, "
+                    "or force it with --compile-decode true)",
+                    settings.max_batch_size,
+                    max_length,
+                )
+            else:
+                self.decode_graphs = compile_decode(
+                    forward, settings.decode_buckets, max_length, self.metrics.compiled_steps.inc
+                )
         self.worker = Worker(
             self.model,
             self.tokenizer,
@@ -189,6 +198,15 @@ class Engine:
 
     def restore_base(self) -> None:
         self.adapters.restore_base()
+
+
+def _whole_cache_fits(forward: object, rows: int, length: int) -> bool:
+    """Whether a compiled step's KV cache, allocated whole on the GPU, leaves at least as much free for
+    the rest (activations, the prefix cache, resident adapters) as it takes."""
+    cache = getattr(forward, "cache", None)
+    if cache is None or cache.device.type != "cuda":
+        return True
+    return 2 * cache.bytes_for(rows, length) <= torch.cuda.mem_get_info(cache.device)[0]
 
 
 def _memory_bytes(device: torch.device) -> int:

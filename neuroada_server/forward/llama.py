@@ -84,6 +84,12 @@ class SlotCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def bytes_for(self, slots: int, length: int) -> int:
+        """The device bytes of keys and values for `slots` slots of `length` positions, allocated whole."""
+        kv_heads, head_dim = self.shape
+        capacity = -(-length // CAPACITY_STEP) * CAPACITY_STEP
+        return 2 * len(self.keys) * slots * kv_heads * capacity * head_dim * self.dtype.itemsize
+
     def reserve(self, slots: int, length: int) -> None:
         """Room for `slots` slots of `length` positions; grows geometrically, keeping the contents.
         Every new buffer is allocated before any is swapped in."""

@@ -221,6 +221,13 @@ def test_the_slot_cache_grows_keeping_what_it_holds():
     assert not cache.keys[1][0, :, 2:].any() and torch.equal(cache.keys[1][1, 0, 2], torch.arange(4.0))
 
 
+def test_the_slot_cache_knows_the_bytes_of_a_whole_allocation_before_making_it():
+    cache = SlotCache(layers=3, kv_heads=2, head_dim=8, dtype=torch.bfloat16, device=torch.device("cpu"))
+    expected = cache.bytes_for(5, 100)
+    cache.reserve(5, 100)
+    assert expected == sum(t.nbytes for t in cache.keys + cache.values)
+
+
 @torch.inference_mode()
 def test_a_slot_left_with_nan_by_a_failed_request_does_not_reach_the_next_occupant():
     model = tiny_llama(seed=2)
