@@ -69,7 +69,10 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_O: tl.constexpr,
         UNROLL: tl.constexpr,
+        ADD_INTO: tl.constexpr,
     ):
+        """out [T, d_out] = the delta (float32), or with ADD_INTO, out (a layer's output, any float
+        dtype) += the delta, summed in float32 and rounded once."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         mt = t < T
@@ -85,7 +88,10 @@ if triton is not None:
         else:
             for j in range(K):
                 acc += _term(x_ptr, idx_ptr, val_ptr, x_rows, v_rows, o, mo, mask, j, d_out)
-        tl.store(out_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :], acc, mask=mask)
+        at = out_ptr + t.to(tl.int64)[:, None] * d_out + o[None, :]
+        if ADD_INTO:
+            acc += tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def mixed_delta(
@@ -126,9 +132,17 @@ def _mixed_delta(
         return delta
     if triton is None:
         raise RuntimeError("backend='triton' asked for, but triton is not installed")
+    out = torch.empty(*x.shape[:-1], indices.shape[1], dtype=torch.float32, device=x.device)
+    _launch(out, x, indices, values, slots, add_into=False)
+    return out
+
+
+def _launch(
+    out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, add_into: bool
+) -> None:
+    """The Triton kernel over contiguous out [B, L, d_out] (or [B, d_out]): the delta into it, or added to it."""
     k, d_out = indices.shape
     T = x.numel() // x.shape[-1]
-    out = torch.empty(*x.shape[:-1], d_out, dtype=torch.float32, device=x.device)
     launch = LAUNCH
     grid = (triton.cdiv(T, launch.block_t), triton.cdiv(d_out, launch.block_o))
     _mixed_delta_kernel[grid](
@@ -145,8 +159,8 @@ def _mixed_delta(
         BLOCK_T=launch.block_t,
         BLOCK_O=launch.block_o,
         UNROLL=launch.unroll and k <= UNROLL_MAX_K,
+        ADD_INTO=add_into,
     )
-    return out
 
 
 def _mixed_delta_shape(x, indices, values, slots, backend, check_ranges):
@@ -160,14 +174,17 @@ def add_mixed_delta_(
     values: torch.Tensor,  # [S, k, d_out]; slot 0 = zeros
     slots: torch.Tensor,  # [B] int64
     check_ranges: bool = True,
+    backend: str = "auto",
 ) -> None:
     """out += each row's own delta, rounded once to out's dtype. On the CPU with float32 tensors
-    the C++ kernel adds in place: no delta tensor, and rows of slot 0 are not touched. This is
-    the serving hot path (a call per target layer per decode step), so it checks little in Python."""
+    the C++ kernel adds in place: no delta tensor, and rows of slot 0 are not touched; on CUDA the
+    Triton kernel adds in place, one launch (an eager GPU step is bound by its launches). This is
+    the serving hot path (a call per target layer per decode step), so it checks little in Python.
+    `backend` forces "triton" (out contiguous) or the delta's own choice ("cpu", "torch")."""
     if torch.compiler.is_compiling():
-        torch.ops.neuroada.add_mixed_delta_(out, x, indices, values, slots, check_ranges)
+        torch.ops.neuroada.add_mixed_delta_(out, x, indices, values, slots, check_ranges, backend)
     else:
-        _add_mixed_delta(out, x, indices, values, slots, check_ranges)
+        _add_mixed_delta(out, x, indices, values, slots, check_ranges, backend)
 
 
 def _add_mixed_delta(
@@ -177,17 +194,23 @@ def _add_mixed_delta(
     values: torch.Tensor,
     slots: torch.Tensor,
     check_ranges: bool,
+    backend: str,
 ) -> None:
-    if out.dtype == torch.float32 and out.is_contiguous() and _cpu_kernel_fits(x, values):
+    in_place = out.dtype == torch.float32 and out.is_contiguous()
+    if backend in ("auto", "cpu") and in_place and _cpu_kernel_fits(x, values):
         cpu_kernels().mixed_delta_add_(out, x.contiguous(), indices, values, slots, check_ranges)
+    elif backend == "triton" or (backend == "auto" and use_triton(x) and out.is_contiguous()):
+        if triton is None or not out.is_contiguous():
+            raise RuntimeError("backend='triton' needs triton installed and a contiguous output")
+        _launch(out, x, indices, values, slots, add_into=True)
     else:
-        add_delta_(out, _mixed_delta(x, indices, values, slots, "auto", check_ranges))
+        add_delta_(out, _mixed_delta(x, indices, values, slots, backend, check_ranges))
 
 
 # The registered operators run the same functions; eager callers above call those directly.
 torch.library.custom_op("neuroada::mixed_delta", _mixed_delta, mutates_args=()).register_fake(_mixed_delta_shape)
 torch.library.custom_op("neuroada::add_mixed_delta_", _add_mixed_delta, mutates_args=("out",)).register_fake(
-    lambda out, x, indices, values, slots, check_ranges: None
+    lambda out, x, indices, values, slots, check_ranges, backend: None
 )
 
 

@@ -8,12 +8,11 @@ same product plus the deltas of every index set bound to the coming forward call
 as accelerate's hooks replace `module.forward`): the module's own forward and a forward hook on it
 cost more per call than such a replacement, a cost of the order of a decode step's whole sparse
 kernel on the CPU (benchmarks/RESULTS.md). Our decoder's one-call layers (float32 on the CPU) take each
-replacement's bound deltas (`MixedForward.deltas`) and add them inside that call.
-
-On a GPU, sibling projections that read the same input (q/k/v, gate/up: vLLM's packed modules)
-form one unit: one kernel launch for all of them, the first sibling computes it and the others
-take their slices (a sibling whose input turns out not to be the same tensor computes its own).
-On the CPU each layer is its own unit and the C++ kernel adds straight into its output.
+replacement's bound deltas (`MixedForward.deltas`) and add them inside that call. Elsewhere each
+layer's deltas are one kernel call that adds straight into its output: the C++ kernel on the CPU,
+one Triton launch on CUDA, where an eager step is bound by its launches (the deltas of sibling
+projections computed in one launch, then each added by its slice in float32, made 29 launches a
+layer for all seven projections where this makes 7).
 """
 
 from __future__ import annotations
@@ -25,35 +24,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from neuroada_kernels import add_delta_, add_mixed_delta_, cpu_kernels, linear, mixed_delta
+from neuroada_kernels import add_mixed_delta_, cpu_kernels, linear
 from neuroada_server.resident import ResidentAdapter
 
 MAX_INDEX_SETS = 16  # index sets kept on the device; past it, unused ones are dropped (oldest first)
-PACKED_MODULES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass(eq=False)
 class _Unit:
-    """Layers of one index set that read the same input, their rows concatenated."""
+    """One layer's deltas in an index set: its indices and every slot's values."""
 
-    spans: dict[str, tuple[int, int]]  # layer -> its rows [start, end) in the concatenation
-    indices: torch.Tensor  # [k, rows] int32 (gathers with 32-bit indices are faster), j-major
-    values: torch.Tensor  # [capacity, k, rows]; slot 0 stays zero
+    indices: torch.Tensor  # [k, d_out] int32 (gathers with 32-bit indices are faster), j-major
+    values: torch.Tensor  # [capacity, k, d_out]; slot 0 stays zero
 
 
 @dataclass
 class _IndexSet:
     """The slots of the adapters sharing one index set (one `index_hash`)."""
 
-    units: dict[str, _Unit]  # layer -> the unit holding it
+    units: dict[str, _Unit]  # layer -> its deltas
     slot_of: OrderedDict[int, int] = field(default_factory=OrderedDict)  # adapter version -> slot, LRU first
 
     @property
     def capacity(self) -> int:
         return next(iter(self.units.values())).values.shape[0]
-
-    def distinct_units(self) -> list[_Unit]:
-        return list({id(u): u for u in self.units.values()}.values())
 
 
 class MixedAdapters:
@@ -65,12 +59,8 @@ class MixedAdapters:
         # only the torch twin, for a CPU without the C++ kernels, wants float32 for speed.
         cpu_twin = device.type == "cpu" and cpu_kernels() is None
         self.values_dtype = torch.float32 if cpu_twin else torch.bfloat16
-        # Packing siblings pays on a GPU, where one kernel launch replaces three; the C++ CPU
-        # kernel gathers per output row anyway and adds straight into each layer's output.
-        self.pack_siblings = device.type != "cpu"
         self._sets: OrderedDict[str, _IndexSet] = OrderedDict()  # index_hash -> slots, LRU first
         self._bound: list[tuple[_IndexSet, torch.Tensor]] = []  # (index set, slots [B]) of the coming forward
-        self._unit_deltas: dict[_Unit, tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (input, delta)
         self._patched: set[str] = set()  # layers whose forward adds the bound deltas
 
     def bind(self, rows: list[ResidentAdapter | None]) -> None:
@@ -88,7 +78,6 @@ class MixedAdapters:
             slots = [index_set.slot_of.get(r.version, 0) if r is not None else 0 for r in rows]
             if any(slots):
                 self._bound.append((index_set, torch.tensor(slots, dtype=torch.int64, device=self.device)))
-        self._unit_deltas = {}
         for name in {n for s in self._sets.values() for n in s.units} - self._patched:
             self._patch(name)
 
@@ -99,11 +88,10 @@ class MixedAdapters:
         each token its row's delta."""
         bound = self._bound
         self._bound = [(index_set, slots.repeat_interleave(counts)) for index_set, slots in bound]
-        self._unit_deltas = {}
         try:
             yield
         finally:
-            self._bound, self._unit_deltas = bound, {}
+            self._bound = bound
 
     def unbind(self) -> None:
         """Leave the mixed path: the target linears get their own forward back, so the merged
@@ -112,7 +100,6 @@ class MixedAdapters:
             del self.modules[name].forward
         self._patched = set()
         self._bound = []
-        self._unit_deltas = {}
 
     def _patch(self, name: str) -> None:
         module = self.modules[name]
@@ -125,33 +112,12 @@ class MixedAdapters:
         """The units of layer `name` bound to the coming forward call, with their rows' slots."""
         return [(unit, slots) for index_set, slots in self._bound if (unit := index_set.units.get(name)) is not None]
 
-    def unit_delta(self, unit: _Unit, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        cached = self._unit_deltas.get(unit)
-        if cached is not None and cached[0] is x:  # a sibling already computed it from this very input
-            return cached[1]
-        delta = mixed_delta(x, unit.indices, unit.values, slots, check_ranges=False)
-        if len(unit.spans) > 1:
-            self._unit_deltas[unit] = (x, delta)
-        return delta
-
     def _new_set(self, resident: ResidentAdapter) -> _IndexSet:
-        groups: dict[tuple[str, int] | str, list[str]] = {}
-        for name in resident.adapter.layers:
-            parent, _, leaf = name.rpartition(".")
-            packed = next((i for i, group in enumerate(PACKED_MODULES) if leaf in group), None)
-            packed = packed if self.pack_siblings else None
-            groups.setdefault(name if packed is None else (parent, packed), []).append(name)
         units = {}
-        for names in groups.values():
-            deltas = [resident.adapter.layers[n] for n in names]
-            bounds = torch.tensor([0] + [d.indices.shape[0] for d in deltas]).cumsum(0).tolist()
-            indices = torch.cat([d.indices.t() for d in deltas], dim=1).to(self.device, torch.int32)
-            unit = _Unit(
-                spans={n: (bounds[i], bounds[i + 1]) for i, n in enumerate(names)},
-                indices=indices,
-                values=torch.zeros(2, *indices.shape, dtype=self.values_dtype, device=self.device),
-            )
-            units.update(dict.fromkeys(names, unit))
+        for name, delta in resident.adapter.layers.items():
+            indices = delta.indices.t().to(self.device, torch.int32).contiguous()  # [k, d_out]
+            values = torch.zeros(2, *indices.shape, dtype=self.values_dtype, device=self.device)
+            units[name] = _Unit(indices, values)
         return _IndexSet(units=units)
 
     def _drop_cold_sets(self, keep: set[str]) -> None:
@@ -172,11 +138,10 @@ class MixedAdapters:
                 free = index_set.slot_of.pop(evictable)
             else:  # every slot serves a row of this batch: double the stack
                 free = index_set.capacity
-                for unit in index_set.distinct_units():
+                for unit in index_set.units.values():
                     unit.values = torch.cat([unit.values, torch.zeros_like(unit.values)])
         for name, unit in index_set.units.items():
-            start, end = unit.spans[name]
-            unit.values[free, :, start:end].copy_(resident.adapter.layers[name].values.t())
+            unit.values[free].copy_(resident.adapter.layers[name].values.t())
         index_set.slot_of[resident.version] = free
 
 
@@ -195,20 +160,11 @@ class MixedForward:
         out = linear(x, self.weight, self.bias)
         for index_set, slots in self.adapters._bound:  # the hot path: a call per target layer per step
             unit = index_set.units.get(self.name)
-            if unit is None:
-                continue
-            if len(unit.spans) == 1:
+            if unit is not None:
                 # Indices were checked against the base when the adapter was loaded; slots are ours.
                 add_mixed_delta_(out, x, unit.indices, unit.values, slots, check_ranges=False)
-            else:
-                start, end = unit.spans[self.name]
-                add_delta_(out, self.adapters.unit_delta(unit, x, slots)[..., start:end])
         return out
 
-    def deltas(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
-        """(indices [k, d_out], values [slots, k, d_out], slots [B]) per bound index set; None where
-        a unit packs this layer with its siblings (a GPU's layout)."""
-        bound = self.adapters.bound(self.name)
-        if any(len(unit.spans) != 1 for unit, _ in bound):
-            return None
-        return [(unit.indices, unit.values, slots) for unit, slots in bound]
+    def deltas(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(indices [k, d_out], values [slots, k, d_out], slots [B]) per bound index set."""
+        return [(unit.indices, unit.values, slots) for unit, slots in self.adapters.bound(self.name)]

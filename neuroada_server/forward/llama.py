@@ -650,8 +650,7 @@ def _bound_deltas(linear: nn.Module):
     forward = linear.__dict__.get("forward")
     if forward is None:
         return None
-    deltas = forward.deltas() if isinstance(forward, MixedForward) else None
-    return _OFF_OUR_KERNEL if deltas is None else deltas
+    return forward.deltas() if isinstance(forward, MixedForward) else _OFF_OUR_KERNEL
 
 
 def _attend_past_prefixes(

@@ -96,6 +96,23 @@ def test_every_triton_launch_gives_the_twins_delta(monkeypatch, launch, k):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens_per_row", [1, 4])
+def test_triton_adds_into_the_output_in_one_launch_as_the_twin_does(dtype, tokens_per_row):
+    if not triton_available():
+        pytest.skip("no triton")
+    out, x, indices, values, slots = case(3, tokens_per_row, seed=tokens_per_row)
+    out, x, values = out.to(dtype), x.to(dtype), values.to(torch.bfloat16)
+    reference, before = out.clone(), out.clone()
+    add_delta_(reference, mixed_delta(x, indices, values, slots, backend="torch"))
+    add_mixed_delta_(out, x, indices, values, slots, backend="triton")
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    else:  # both sum in float32 and round once; the interpreter may round bf16 one ulp apart
+        assert int((out.view(torch.int16).int() - reference.view(torch.int16).int()).abs().max()) <= 1
+    assert torch.equal(out[slots == 0], before[slots == 0])  # rows without an adapter: their base output
+
+
 def test_bf16_output_keeps_a_delta_smaller_than_half_its_ulp_in_float32_accumulation():
     # Two tokens, each adding 0.4 ulp to 1.0 via two selected features: 0.8 ulp in float32, which
     # rounds to +1 ulp; rounding each term to bf16 first would lose both.
@@ -167,7 +184,7 @@ def test_add_mixed_delta_in_place_equals_adding_the_delta(dtype, tokens_per_row)
 def test_the_registered_operators_pass_torch_library_opcheck(tokens_per_row):
     out, x, indices, values, slots = case(4, tokens_per_row)
     torch.library.opcheck(torch.ops.neuroada.mixed_delta, (x, indices, values, slots, "auto", True))
-    torch.library.opcheck(torch.ops.neuroada.add_mixed_delta_, (out, x, indices, values, slots, True))
+    torch.library.opcheck(torch.ops.neuroada.add_mixed_delta_, (out, x, indices, values, slots, True, "auto"))
 
 
 def test_a_compiled_forward_keeps_the_mixed_product_in_one_graph():

@@ -142,30 +142,6 @@ def test_per_adapter_admission_keeps_one_adapter_and_drains_for_an_overdue_one()
     assert scheduler.admit(running=[], applied="c") == [b1]
 
 
-@torch.inference_mode()
-def test_sibling_projections_packed_as_on_a_gpu_add_the_same_deltas():
-    """On a GPU q/k/v and gate/up of one index set form one unit (one launch); here on the CPU,
-    packed the same way, every row gets what the per-layer units give it."""
-    model = tiny_llama(seed=0)
-    loader = AdapterLoader(PackedWeights(model), BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
-    siblings = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
-    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=siblings)))
-    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=1, seed=2, scale=0.3)))
-    rows, ids = [a, None, b], torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(0))
-    q_proj = model.model.layers[0].self_attn.q_proj
-    logits = {}
-    for pack in (False, True):
-        mixed = MixedAdapters(model, torch.device("cpu"))
-        mixed.pack_siblings = pack
-        mixed.bind(rows)
-        logits[pack] = model(ids).logits
-        # A packed unit's deltas cannot be handed out per projection: the one-call layers step aside.
-        assert (q_proj.forward.deltas() is None) == pack
-        mixed.unbind()
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits[True][0], model(ids).logits[0])  # row a's adapter did something
-
-
 def test_adapter_slots_grow_and_are_reused_without_mixing_up_adapters():
     model = tiny_llama(seed=0)
     base = BaseModelSpec.from_model(model, TINY_NAME)
