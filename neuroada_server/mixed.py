@@ -11,8 +11,8 @@ kernel on the CPU (benchmarks/RESULTS.md). Our decoder's one-call layers (float3
 replacement's bound deltas (`MixedForward.deltas`) and add them inside that call. Elsewhere each
 layer's deltas are one kernel call that adds straight into its output: the C++ kernel on the CPU,
 one Triton launch on CUDA, where an eager step is bound by its launches (the deltas of sibling
-projections computed in one launch, then each added by its slice in float32, made 29 launches a
-layer for all seven projections where this makes 7).
+projections computed in one launch, then each added by its slice in float32, made 25 kernel
+launches a layer for all seven projections where this makes 7).
 """
 
 from __future__ import annotations
