@@ -16,8 +16,9 @@ temporary store) on a loopback port and checks, one row each:
 - the base weights bit-identical after all of it (`/health?deep=1`);
 - with `--compile-decode SIZES` (the server's compiled decode step, those batch-size buckets):
   compiled steps ran and none failed.
-And, reported, not checked: a burst of base requests at once (16, `ignore_eos`), in tokens per
-second, to set compiled decoding beside eager.
+And, reported, not checked: a burst of 16 requests at once (`ignore_eos`), on the base and then
+spread over the base and every adapter (mixed steps), in tokens per second, to set compiled
+decoding beside eager and mixed steps beside merged ones.
 Prints the table, writes JSON, and exits 1 if a required check fails. Loopback only, bounded.
 """
 
@@ -56,12 +57,14 @@ def metric(client: httpx.Client, name: str) -> float:
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
-def burst(client: httpx.Client, requests: int, new_tokens: int) -> tuple[int, float]:
-    """`requests` base requests at once, each exactly `new_tokens` long: (tokens, seconds)."""
+def burst(client: httpx.Client, requests: int, new_tokens: int, adapters: tuple[str | None, ...]) -> tuple[int, float]:
+    """`requests` requests at once, each exactly `new_tokens` long, request i on adapters[i % len]
+    (None: the base): (tokens, seconds)."""
 
     def one(i: int) -> int:
         body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens, "ignore_eos": True}
-        r = client.post("/generate", json=body)
+        adapter = adapters[i % len(adapters)]
+        r = client.post("/generate", params={"adapter": adapter} if adapter else {}, json=body)
         return r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
 
     started = time.perf_counter()
@@ -115,10 +118,10 @@ def run_checks(client: httpx.Client, adapters: list[Path], new_tokens: int) -> l
     intact = client.get("/health", params={"deep": 1}).json().get("base_weights_intact")
     check("base weights bit-identical", intact is True, f"base_weights_intact={intact}")
 
-    tokens, seconds = burst(client, 16, 4 * new_tokens)
-    check(
-        "base burst (reported)", tokens > 0, f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s", False
-    )
+    for name, rows in (("base", (None,)), ("mixed", (None, *(f.stem for f in adapters)))):
+        tokens, seconds = burst(client, 16, 4 * new_tokens, rows)  # mixed: every step's rows on several adapters
+        detail = f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s"
+        check(f"{name} burst (reported)", tokens > 0, detail, False)
     if compiled := client.get("/health").json().get("compiled_decode"):
         steps = metric(client, "neuroada_compiled_decode_steps_total")
         detail = f"{steps:.0f} compiled steps; buckets {compiled['batch_sizes']} in {compiled['compile_seconds']} s"
