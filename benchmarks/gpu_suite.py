@@ -20,7 +20,8 @@
    server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead": CUDA graphs; the
    KV cache marked static, attention over its whole capacity so every step has one shape),
    against the HBM floor: the weights' bytes per step over the copy bandwidth. Goal: compiled
-   batch 1 at 70% of the floor or better.
+   batch 1 at 70% of the floor or better. At the first batch size, eager and compiled, torch's
+   profiler lists where a step's device time goes.
 5. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
    Triton gather product, LoRA; float32) on the embedded model (subprocesses).
 """
@@ -309,12 +310,16 @@ def random_llama(shape: dict, device: torch.device) -> LlamaForCausalLM:
 
 
 PROMPT_TOKENS = 8
+PROFILED_STEPS = 10
 
 
 @torch.inference_mode()
-def time_decode(model, batch: int, steps: int, compiled: bool, device: torch.device) -> float:
+def time_decode(
+    model, batch: int, steps: int, compiled: bool, device: torch.device, profile: bool = False
+) -> tuple[float, list[dict]]:
     """Median milliseconds of a decode step of `batch` rows (after a prefill of PROMPT_TOKENS each),
-    eager or as the server compiles it (`DecodeGraphs`: one bucket, the batch)."""
+    eager or as the server compiles it (`DecodeGraphs`: one bucket, the batch); with `profile`, the
+    ops and kernels taking the most device time over PROFILED_STEPS more steps (torch's profiler)."""
     forward = LlamaForward(model)
     if compiled:  # compiled and captured here, before the prefill, as the server does at start
         forward.graphs = DecodeGraphs(forward, [batch], PROMPT_TOKENS + steps + 4)
@@ -332,7 +337,35 @@ def time_decode(model, batch: int, steps: int, compiled: bool, device: torch.dev
 
     for _ in range(3):
         one()
-    return elapsed_ms(one, device, repeats=steps)
+    ms = elapsed_ms(one, device, repeats=steps)
+    if not profile:
+        return ms, []
+    try:  # not yet run on a GPU: a profiler that fails costs its table, not the measurements after it
+        return ms, profiled(one, device)
+    except Exception as e:
+        print(f"  profiling failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return ms, []
+
+
+def profiled(fn, device: torch.device, top: int = 15) -> list[dict]:
+    """The `top` entries of torch's profiler by device time (CPU time off CUDA), per step of fn."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(PROFILED_STEPS):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def spent(event) -> float:  # microseconds over every profiled step
+        return event.device_time_total if device.type == "cuda" else event.cpu_time_total
+
+    events = sorted(profile.key_averages(), key=spent, reverse=True)[:top]
+    return [
+        {"name": e.key[:90], "calls_per_step": e.count / PROFILED_STEPS, "ms_per_step": spent(e) / 1e3 / PROFILED_STEPS}
+        for e in events
+    ]
 
 
 def decode_rows(device: torch.device, smoke: bool, batches: list[int], steps: int, bandwidth: float) -> Iterator[dict]:
@@ -347,7 +380,7 @@ def decode_rows(device: torch.device, smoke: bool, batches: list[int], steps: in
     for compiled in (False, True):
         for batch in batches:
             started = time.perf_counter()
-            ms = time_decode(model, batch, steps, compiled, device)
+            ms, profile = time_decode(model, batch, steps, compiled, device, profile=batch == batches[0])
             wall_s = time.perf_counter() - started  # compilation included
             mode = "compiled" if compiled else "eager"
             print(
@@ -355,6 +388,11 @@ def decode_rows(device: torch.device, smoke: bool, batches: list[int], steps: in
                 f"({floor_ms / ms:.0%}), {wall_s:.0f} s wall",
                 flush=True,
             )
+            if profile:
+                print_table(
+                    ["op or kernel", "calls a step", "ms a step"],
+                    [[r["name"], f"{r['calls_per_step']:.0f}", f"{r['ms_per_step']:.3f}"] for r in profile],
+                )
             yield {
                 "batch": batch,
                 "compiled": compiled,
@@ -363,6 +401,7 @@ def decode_rows(device: torch.device, smoke: bool, batches: list[int], steps: in
                 "floor_ms": floor_ms,
                 "floor_fraction": floor_ms / ms,
                 "wall_s": wall_s,
+                "profile": profile,  # the first batch size's: where a step's time goes
             }
 
 
