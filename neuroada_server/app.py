@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from neuroada_server.engine import Engine
 from neuroada_server.errors import BodyLimit, install_error_handlers
-from neuroada_server.routes import adapters, generate, health, openai
+from neuroada_server.routes import adapters, generate, health, openai, tokens
 from neuroada_server.schemas import ERROR_RESPONSES
 from neuroada_server.settings import ServerSettings
 from neuroada_server.threads import in_own_thread
@@ -41,7 +41,7 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[ServerSetting
     app.state.engine = None
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_json_bytes=settings.max_request_bytes, max_upload_bytes=settings.max_upload_bytes)
-    for module in (generate, openai, adapters, health):
+    for module in (generate, openai, tokens, adapters, health):
         app.include_router(module.router)
     return app
 

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -27,6 +27,9 @@ from neuroada_server.generation import (
 from neuroada_server.scheduler import QueueFull, ShuttingDown
 from neuroada_server.structured import Structure, StructureError
 from neuroada_server.worker import UnknownAdapter
+
+if TYPE_CHECKING:
+    from neuroada_server.schemas import ChatMessage
 
 MAX_STOP_STRINGS = 8
 Rendered = PromptLogprobs | TextDelta | Finished  # the events a stream renders (a failure has one shape)
@@ -137,11 +140,47 @@ async def _client_gone(http: Request) -> None:
         pass
 
 
-async def tokenize(engine: Engine, text: str) -> list[int]:
+async def tokenize(engine: Engine, text: str, add_special_tokens: bool = False) -> list[int]:
     """Token ids of a prompt, computed off the event loop; a prompt too long to fit
     max_prompt_tokens whatever it says is refused (413) before any tokenizing."""
     check_prompt_chars(engine, len(text))
-    return await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def adapter_for(engine: Engine, model: str) -> str | None:
+    """The adapter a request's `model` names (None: the base model); 404 where it names neither."""
+    if model == engine.model_name:
+        return None
+    if not engine.catalog.servable(model):
+        raise ApiError(
+            404,
+            f"model {model!r} not found: use the base model {engine.model_name!r} or an adapter name",
+            "model_not_found",
+        )
+    return model
+
+
+async def render_chat(
+    engine: Engine, messages: list[ChatMessage], tools: list[dict] | None = None, add_generation_prompt: bool = True
+) -> list[int]:
+    """The token ids of a conversation as the tokenizer's chat template renders it, computed off
+    the event loop (422 where the template cannot render it)."""
+    # An assistant's tool calls stand without content: templates get "" there, not None.
+    rendered = [m.model_dump(exclude_none=True) | {"content": m.content or ""} for m in messages]
+    calls = [call.function.arguments for m in messages for call in m.tool_calls or ()]
+    check_prompt_chars(engine, sum(len(m["content"]) for m in rendered) + sum(map(len, calls)))
+    try:
+        ids = await run_in_threadpool(
+            engine.tokenizer.apply_chat_template,
+            rendered,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=False,
+        )
+    except Exception as e:  # a tokenizer without a chat template, or messages it refuses
+        raise ApiError(422, f"messages: the tokenizer's chat template cannot render them: {e}") from None
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def check_token_ids(engine: Engine, ids: list[int], field: str = "prompt") -> list[int]:

@@ -446,3 +446,47 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 STREAMING_RESPONSE: dict[int | str, dict] = {
     200: {"description": "the result, or with stream=true its events", "content": {"text/event-stream": {}}}
 }
+
+
+MAX_DETOKENIZE = 1 << 17  # token ids one /detokenize request may send
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or a conversation as the chat template renders it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="an adapter or the base model (all share the tokenizer)")
+    prompt: str | None = Field(None, max_length=200_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(
+        False, description="a prompt's: as the tokenizer would add them (generation does not)"
+    )
+    add_generation_prompt: bool = Field(
+        True, description="messages': the assistant's turn opened, as chat generation does"
+    )
+    return_token_strs: bool = Field(False, description="each token's text too")
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt, messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None = Field(description="the model's context length, where it declares one")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="an adapter or the base model (all share the tokenizer)")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(..., max_length=MAX_DETOKENIZE)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

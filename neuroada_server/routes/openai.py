@@ -11,11 +11,18 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
 from neuroada_server.deps import get_engine, require_api_token
-from neuroada_server.dispatch import Submitted, check_prompt_chars, check_token_ids, submit, tokenize, with_structure
+from neuroada_server.dispatch import (
+    Submitted,
+    adapter_for,
+    check_token_ids,
+    render_chat,
+    submit,
+    tokenize,
+    with_structure,
+)
 from neuroada_server.engine import Engine
 from neuroada_server.errors import ApiError
 from neuroada_server.generation import Finished, PromptLogprobs, TextDelta, TokenLogprob
@@ -29,18 +36,6 @@ from neuroada_server.schemas import (
 from neuroada_server.tools import CALL_FORMATS, CallFormat, call_id, openai_calls, tool_calls
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)])
-
-
-def _adapter_for(engine: Engine, model: str) -> str | None:
-    if model == engine.model_name:
-        return None
-    if not engine.catalog.servable(model):
-        raise ApiError(
-            404,
-            f"model {model!r} not found: use the base model {engine.model_name!r} or an adapter name",
-            "model_not_found",
-        )
-    return model
 
 
 @router.get("/models")
@@ -63,7 +58,7 @@ async def list_models(engine: Engine = Depends(get_engine)):
 
 @router.post("/completions", responses=STREAMING_RESPONSE)
 async def completions(body: CompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)):
-    adapter = _adapter_for(engine, body.model)
+    adapter = adapter_for(engine, body.model)
     prompts = [await tokenize(engine, p) if isinstance(p, str) else check_token_ids(engine, p) for p in body.prompts]
     # echo with logprobs: the prompt's tokens' logprobs too (vLLM's prompt_logprobs), the same number of alternatives.
     prompt_logprobs = body.logprobs if body.echo else None
@@ -108,7 +103,7 @@ def _prompt_text(engine: Engine, prompt: str | list[int]) -> str:
 async def chat_completions(
     body: ChatCompletionRequest, http: Request, response: Response, engine: Engine = Depends(get_engine)
 ):
-    adapter = _adapter_for(engine, body.model)
+    adapter = adapter_for(engine, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "top_logprobs: set logprobs to true to use it")
     call_format = None
@@ -121,23 +116,7 @@ async def chat_completions(
                 'server with --tool-call-parser (hermes or llama3_json), or use "required", a named function or "none"',
             )
         call_format = CALL_FORMATS[parser]
-    # An assistant's tool calls stand without content: templates get "" there, not None.
-    messages = [m.model_dump(exclude_none=True) | {"content": m.content or ""} for m in body.messages]
-    calls = [call.function.arguments for m in body.messages for call in m.tool_calls or ()]
-    check_prompt_chars(engine, sum(len(m["content"]) for m in messages) + sum(map(len, calls)))
-    try:
-        ids = await run_in_threadpool(
-            engine.tokenizer.apply_chat_template,
-            messages,
-            tools=body.template_tools,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-    except Exception as e:  # a tokenizer without a chat template, or messages it refuses
-        raise ApiError(422, f"messages: the tokenizer's chat template cannot render them: {e}") from None
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
+    ids = await render_chat(engine, body.messages, body.template_tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # as much as fits, up to a default
         room = engine.context_length - len(ids) if engine.context_length is not None else 256
