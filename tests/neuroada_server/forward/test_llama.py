@@ -9,6 +9,7 @@ import neuroada_kernels as kernels
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import adapter_to_bytes
 from neuroada.inplace import PackedWeights
+from neuroada_kernels.decode_attention import decode_attention_triton, triton_fits
 from neuroada_server import mixed as server_mixed
 from neuroada_server.engine import round_linear_weights_
 from neuroada_server.forward import HFForward, LlamaForward, batch_forward
@@ -206,6 +207,29 @@ def test_a_sliding_window_shorter_than_the_context_goes_to_hugging_face():
     assert "sliding" in llama_unsupported(model)
     assert isinstance(batch_forward(model, PAD, "hf"), HFForward)  # and "hf" asks for it outright
     assert isinstance(batch_forward(tiny_llama(), PAD, "hf"), HFForward)
+
+
+@torch.inference_mode()
+def test_the_decode_step_on_the_triton_attention_kernel_gives_the_same_logits(monkeypatch):
+    """The kernel a CUDA eager step runs (here under Triton's interpreter) inside our decoder's layer
+    loop, through joins, a leave and a split, in float32: the logits of the CPU's own attention."""
+    if not kernels.triton_available():
+        pytest.skip("no triton")
+    model = tiny_llama(seed=3)
+    monkeypatch.setattr(llama_forward, "decode_layers", lambda *args: None)  # the loop, layer by layer
+    own = logits_over_a_batch_life(LlamaForward(model))
+    calls = []
+
+    def on_triton(q, k, v, cos, sin, keys, values, first, positions, scale, length=None):
+        assert triton_fits(q, k, keys, values)
+        calls.append(1)
+        return decode_attention_triton(q, k, v, cos, sin, keys, values, first, positions, scale)
+
+    monkeypatch.setattr(llama_forward, "decode_attention", on_triton)
+    kernel = logits_over_a_batch_life(LlamaForward(model))
+    assert len(calls) == 13 * model.config.num_hidden_layers  # every decode step's layers (the split's twice)
+    for a, b in zip(kernel, own, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_the_slot_cache_grows_keeping_what_it_holds():
