@@ -11,6 +11,8 @@ import torch
 from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import adapter_to_bytes, save_adapter
 from neuroada.inplace import PackedWeights
+from neuroada_kernels import add_mixed_delta_, triton_available
+from neuroada_server import mixed as server_mixed
 from neuroada_server.generation import Finished, GenerationRequest, RunningBatch, SamplingParams
 from neuroada_server.mixed import MixedAdapters
 from neuroada_server.resident import AdapterLoader
@@ -140,6 +142,35 @@ def test_per_adapter_admission_keeps_one_adapter_and_drains_for_an_overdue_one()
     assert scheduler.admit(running=["a"], applied="a") == []  # the running batch drains for c
     assert scheduler.admit(running=[], applied="a") == [overdue]
     assert scheduler.admit(running=[], applied="c") == [b1]
+
+
+@torch.inference_mode()
+def test_the_mixed_path_on_the_triton_add_gives_the_same_logits(monkeypatch):
+    """Each layer's deltas added into its output by the Triton kernel a CUDA step runs (here under the
+    interpreter), every projection adapted, rows on two adapters and none: the CPU path's logits."""
+    if not triton_available():
+        pytest.skip("no triton")
+    model = tiny_llama(seed=0)
+    loader = AdapterLoader(PackedWeights(model), BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
+    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=1, seed=2, scale=0.3)))
+    ids = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(0))
+    mixed = MixedAdapters(model, torch.device("cpu"))
+    mixed.bind([a, None, b])
+    own = model(ids).logits
+    calls = []
+
+    def on_triton(out, x, indices, values, slots, check_ranges=True):
+        calls.append(1)
+        add_mixed_delta_(out, x, indices, values, slots, check_ranges, backend="triton")
+
+    monkeypatch.setattr(server_mixed, "add_mixed_delta_", on_triton)
+    kernel = model(ids).logits
+    mixed.unbind()
+    assert len(calls) == 7 * model.config.num_hidden_layers + 3 * model.config.num_hidden_layers  # a's 7, b's 3
+    torch.testing.assert_close(kernel, own, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(own[0], model(ids).logits[0])  # row a's adapter did something
 
 
 def test_adapter_slots_grow_and_are_reused_without_mixing_up_adapters():
