@@ -118,6 +118,17 @@ class SamplingFields(BaseModel):
         description="drop the request if still queued after this long (the server's request_timeout_s caps it)",
     )
     structured_outputs: StructuredOutputs | None = Field(None, description="a structure the text must follow")
+    # The same under vLLM's names before `structured_outputs` (its 0.10 and earlier), which clients still send.
+    guided_json: SchemaText | None = Field(None, description="structured_outputs.json, by its old name")
+    guided_regex: str | None = Field(
+        None, min_length=1, max_length=MAX_SPEC_CHARS, description="structured_outputs.regex, by its old name"
+    )
+    guided_choice: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES_LISTED, description="structured_outputs.choice, by its old name"
+    )
+    guided_grammar: str | None = Field(
+        None, min_length=1, max_length=MAX_SPEC_CHARS, description="structured_outputs.grammar, by its old name"
+    )
     # vLLM's sampling parameters beyond OpenAI's, on every generation endpoint.
     repetition_penalty: float = Field(
         1.0,
@@ -135,6 +146,18 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, max_length=MAX_STOP_TOKEN_IDS, description="token ids that end the text, as end-of-sequence does"
     )
+
+    @model_validator(mode="after")
+    def _guided_as_structured_outputs(self):
+        guided = {name: getattr(self, f"guided_{name}") for name in ("json", "regex", "choice", "grammar")}
+        guided = {name: value for name, value in guided.items() if value is not None}
+        if not guided:
+            return self
+        if len(guided) > 1 or self.structured_outputs is not None:
+            given = [f"guided_{name}" for name in guided] + (["structured_outputs"] if self.structured_outputs else [])
+            raise ValueError(f"give one structure, not {' and '.join(given)}")
+        self.structured_outputs = StructuredOutputs(**guided)
+        return self
 
     @property
     def structure(self) -> Structure | None:

@@ -165,6 +165,23 @@ def test_vllm_structured_outputs_hold_greedy_and_sampled_texts(server, structure
         assert native.status_code == 200 and follows(native.json()["text"]), native.text
 
 
+@pytest.mark.parametrize(
+    "guided, structured_outputs",
+    [
+        ({"guided_json": PERSON}, {"json": PERSON}),
+        ({"guided_regex": r"[0-9]{3}-[a-z]{2,4}"}, {"regex": r"[0-9]{3}-[a-z]{2,4}"}),
+        ({"guided_choice": CHOICES}, {"choice": CHOICES}),
+        ({"guided_grammar": 'root ::= "(" [a-c]+ ")"'}, {"grammar": 'root ::= "(" [a-c]+ ")"'}),
+    ],
+)
+def test_vllms_old_guided_names_are_the_same_structures(server, guided, structured_outputs):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    asked = dict(model="b", prompt="hello", max_tokens=300, temperature=0)
+    old = client.completions.create(**asked, extra_body=guided).choices[0]
+    new = client.completions.create(**asked, extra_body={"structured_outputs": structured_outputs}).choices[0]
+    assert old.text == new.text and old.finish_reason == "stop"
+
+
 def test_constrained_rows_leave_the_rows_beside_them_unchanged(server):
     prompts = ["hello there", "what does the cow say?", "1 + 2 ="]
     with server.client() as c:
@@ -199,6 +216,8 @@ def test_constrained_rows_leave_the_rows_beside_them_unchanged(server):
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "not both"),
         ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "ignore_eos"),
         ({"structured_outputs": {"choice": ["yes", "no"]}, "min_tokens": 3}, "min_tokens"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "give one structure, not guided_regex and guided_choice"),
+        ({"guided_regex": "a", "structured_outputs": {"regex": "a"}}, "not guided_regex and structured_outputs"),
         ({"structured_outputs": {"json": json.loads(_nested_arrays(100))}}, "deeper than 64 levels"),
         ({"structured_outputs": {"json": _nested_arrays(2000)}}, "deeper than 64 levels"),
     ],
