@@ -229,7 +229,9 @@ def replayed_ms(fn, device: torch.device) -> float | None:
     return elapsed_ms(graph.replay, device)
 
 
-def time_mixed(buffer, shapes, starts, ks: list[int], batch: int, device: torch.device) -> list[dict]:
+def layer_calls(buffer, shapes, starts, batch: int, device: torch.device):
+    """Every layer's dense product at `batch` rows (a call), and a maker of every layer's mixed delta
+    at k (8 adapters, one index set: magnitude top-k)."""
     weights = [buffer[s : s + o * i].view(o, i) for (o, i), s in zip(shapes, starts)]
     xs = {i: torch.randn(batch, i, device=device, dtype=torch.bfloat16) for i in {i for _, i in shapes}}
     slots = torch.arange(batch, device=device) % 8 + 1  # 8 adapters
@@ -237,15 +239,20 @@ def time_mixed(buffer, shapes, starts, ks: list[int], batch: int, device: torch.
     def dense():
         return [xs[w.shape[1]] @ w.t() for w in weights]
 
+    def mixed_at(k: int):
+        indices = [idx.t().contiguous() for idx in topk_indices(buffer, shapes, starts, k)]
+        stacks = [torch.randn(9, k, o, device=device).mul_(1e-2).to(torch.bfloat16) for o, _ in shapes]
+        return lambda: [mixed_delta(xs[w.shape[1]], ix, st, slots) for w, ix, st in zip(weights, indices, stacks)]
+
+    return dense, mixed_at
+
+
+def time_mixed(buffer, shapes, starts, ks: list[int], batch: int, device: torch.device) -> list[dict]:
+    dense, mixed_at = layer_calls(buffer, shapes, starts, batch, device)
     dense_ms, dense_replayed_ms = elapsed_ms(dense, device), replayed_ms(dense, device)
     rows = []
     for k in ks:
-        indices = [idx.t().contiguous() for idx in topk_indices(buffer, shapes, starts, k)]
-        stacks = [torch.randn(9, k, o, device=device).mul_(1e-2).to(torch.bfloat16) for o, _ in shapes]
-
-        def mixed():
-            return [mixed_delta(xs[w.shape[1]], ix, st, slots) for w, ix, st in zip(weights, indices, stacks)]
-
+        mixed = mixed_at(k)
         mixed_ms, mixed_replayed_ms = elapsed_ms(mixed, device), replayed_ms(mixed, device)
         rows.append(
             {
@@ -273,18 +280,11 @@ MIXED_LAUNCHES = [  # the Triton mixed kernel's candidate tilings: (tokens, outp
 
 def time_mixed_launches(buffer, shapes, starts, ks: list[int], batch: int, device: torch.device) -> list[dict]:
     """The mixed delta of every layer under each candidate launch, launched from Python and replayed."""
-    weights = [buffer[s : s + o * i].view(o, i) for (o, i), s in zip(shapes, starts)]
-    xs = {i: torch.randn(batch, i, device=device, dtype=torch.bfloat16) for i in {i for _, i in shapes}}
-    slots = torch.arange(batch, device=device) % 8 + 1  # 8 adapters
+    _, mixed_at = layer_calls(buffer, shapes, starts, batch, device)
     chosen, rows = mixed_delta_module.LAUNCH, []
     try:
         for k in ks:
-            indices = [idx.t().contiguous() for idx in topk_indices(buffer, shapes, starts, k)]
-            stacks = [torch.randn(9, k, o, device=device).mul_(1e-2).to(torch.bfloat16) for o, _ in shapes]
-
-            def mixed():
-                return [mixed_delta(xs[w.shape[1]], ix, st, slots) for w, ix, st in zip(weights, indices, stacks)]
-
+            mixed = mixed_at(k)
             for launch in MIXED_LAUNCHES:
                 mixed_delta_module.LAUNCH = launch
                 row = {"k": k, "batch": batch, **launch._asdict(), "launched_ms": elapsed_ms(mixed, device)}

@@ -7,7 +7,7 @@ position, and attends each query head to its row's keys 0..position (grouped-que
 kv head h // (heads / kv_heads)). On the CPU in float32 it is one C++ pass
 (`neuroada_kernels/csrc/decode_attention.cpp`); on CUDA, eager, one Triton launch (a step that runs
 eager there, a mixed one or any with compilation off, is bound by its launches: the twin makes
-about twenty a layer); elsewhere, and inside a compiled graph (which fuses the twin itself), the torch
+50 ATen calls a layer, views included); elsewhere, and inside a compiled graph (which fuses the twin itself), the torch
 twin below, which reads every row up to the longest and masks: positions past a row's own must hold
 finite values (zeros), or a masked NaN would still poison the row
 (`neuroada_server.forward.llama.SlotCache.clear_tails` keeps them clean).

@@ -196,8 +196,7 @@ def _auto_delta(
     read = call_format.read(whole)
     if read is None:
         return ({"content": whole[done:]} if len(whole) > done else {}), finish
-    calls = [{"index": i} | call for i, call in enumerate(openai_calls(read[1]))]
-    return {"tool_calls": calls}, "tool_calls"
+    return {"tool_calls": _indexed(openai_calls(read[1]))}, "tool_calls"
 
 
 def _tool_call_delta(
@@ -222,8 +221,13 @@ def _tool_call_delta(
         return {}, None
     message, finish = _answered(held[index], finish, None)
     if "tool_calls" in message:
-        return {"tool_calls": [{"index": i} | call for i, call in enumerate(message["tool_calls"])]}, finish
+        return {"tool_calls": _indexed(message["tool_calls"])}, finish
     return message, finish
+
+
+def _indexed(calls: list[dict]) -> list[dict]:
+    """Tool calls as a streamed delta lists them: each with its index."""
+    return [{"index": i} | call for i, call in enumerate(calls)]
 
 
 def _token_texts(tokenizer: PreTrainedTokenizerBase, tokens: tuple[TokenLogprob, ...]) -> dict[int, str]:
