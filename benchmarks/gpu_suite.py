@@ -21,7 +21,10 @@
    KV cache marked static, attention over its whole capacity so every step has one shape),
    against the HBM floor: the weights' bytes per step over the copy bandwidth. Goal: compiled
    batch 1 at 70% of the floor or better. At the first batch size, eager and compiled, torch's
-   profiler lists where a step's device time goes.
+   profiler lists where a step's device time goes. Then mixed steps (`--mixed-decode-batch`, 8):
+   the rows split between two adapters of k = the largest `--k` on every linear, sharing their
+   index set (magnitude selection), eager and compiled as the server compiles them (a graph
+   traced for that adapter shape at warm-up).
 5. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
    Triton gather product, LoRA; float32) on the embedded model (subprocesses).
 """
@@ -47,6 +50,10 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 mixed_delta_module = importlib.import_module("neuroada_kernels.mixed_delta")  # the package's attribute is the function
 
+from switch import TARGETS  # noqa: E402
+
+from neuroada.fingerprint import BaseModelSpec  # noqa: E402
+from neuroada.format import LayerDelta, SparseAdapter, build_adapter  # noqa: E402
 from neuroada_kernels import (  # noqa: E402
     apply_delta_flat_,
     flat_offsets,
@@ -60,6 +67,8 @@ from neuroada_kernels.mixed_delta import TritonLaunch  # noqa: E402
 from neuroada_server.engine import place_for_serving_  # noqa: E402
 from neuroada_server.forward.graphs import DecodeGraphs  # noqa: E402
 from neuroada_server.forward.llama import LlamaForward  # noqa: E402
+from neuroada_server.mixed import MixedAdapters  # noqa: E402
+from neuroada_server.resident import AdapterLoader, ResidentAdapter  # noqa: E402
 
 LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 SMOKE_LAYER = [(64, 64)] * 4 + [(172, 64)] * 2 + [(64, 172)]
@@ -315,15 +324,26 @@ PROFILED_STEPS = 10
 
 @torch.inference_mode()
 def time_decode(
-    model, batch: int, steps: int, compiled: bool, device: torch.device, profile: bool = False
+    model,
+    batch: int,
+    steps: int,
+    compiled: bool,
+    device: torch.device,
+    profile: bool = False,
+    adapters: list[ResidentAdapter] = (),
 ) -> tuple[float, list[dict]]:
     """Median milliseconds of a decode step of `batch` rows (after a prefill of PROMPT_TOKENS each),
-    eager or as the server compiles it (`DecodeGraphs`: one bucket, the batch); with `profile`, the
-    ops and kernels taking the most device time over PROFILED_STEPS more steps (torch's profiler)."""
+    eager or as the server compiles it (`DecodeGraphs`: one bucket, the batch); with `adapters`,
+    mixed steps, row b on adapters[b % len] (one index set); with `profile`, the ops and kernels
+    taking the most device time over PROFILED_STEPS more steps (torch's profiler)."""
     forward = LlamaForward(model)
+    mixed = MixedAdapters(model, device, compiled_slots=batch + 1) if adapters else None
     if compiled:  # compiled and captured here, before the prefill, as the server does at start
-        forward.graphs = DecodeGraphs(forward, [batch], PROMPT_TOKENS + steps + 4)
-        assert forward.graphs.warm_up(), forward.graphs.broken
+        forward.graphs = DecodeGraphs(forward, [batch], PROMPT_TOKENS + steps + 4, mixed=mixed)
+        shapes = [(a.adapter.metadata.k, a.adapter.metadata.targets) for a in adapters[:1]]
+        assert forward.graphs.warm_up(shapes) and len(forward.graphs.mixed_shapes) == len(shapes), forward.graphs.broken
+    if mixed is not None:
+        mixed.bind([adapters[b % len(adapters)] for b in range(batch)])  # stays bound for every step
     logits, _, rows, _ = forward.prefill([[1 + (b + t) % 1000 for t in range(PROMPT_TOKENS)] for b in range(batch)])
     forward.join(rows)
     forward.cache.reserve(batch, PROMPT_TOKENS + steps + 4)
@@ -337,7 +357,10 @@ def time_decode(
 
     for _ in range(3):
         one()
+    assert not compiled or forward.graphs.covers(forward, batch)  # its mixed steps too: a graph replays
     ms = elapsed_ms(one, device, repeats=steps)
+    if mixed is not None:
+        mixed.unbind()
     if not profile:
         return ms, []
     try:  # not yet run on a GPU: a profiler that fails costs its table, not the measurements after it
@@ -368,41 +391,73 @@ def profiled(fn, device: torch.device, top: int = 15) -> list[dict]:
     ]
 
 
-def decode_rows(device: torch.device, smoke: bool, batches: list[int], steps: int, bandwidth: float) -> Iterator[dict]:
+def shared_index_adapters(model, base: BaseModelSpec, k: int) -> list[SparseAdapter]:
+    """Two adapters of k inputs per output on every target linear, sharing one index set as NeuroAda
+    adapters of one base do (each row's k largest |w|, picked on the device: 6.5 G weights), random
+    values."""
+    g = torch.Generator().manual_seed(0)
+    layers = ({}, {})
+    for name, (d_out, _) in base.linear_shapes.items():
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            indices = model.get_submodule(name).weight.abs().topk(k, dim=1).indices.sort(dim=1).values  # [d_out, k]
+            for own in layers:
+                own[name] = LayerDelta(indices, torch.randn(d_out, k, generator=g) * 1e-2)
+    return [build_adapter(own, base=base, selection="magnitude") for own in layers]
+
+
+def decode_rows(
+    device: torch.device,
+    smoke: bool,
+    batches: list[int],
+    mixed_batches: list[int],
+    k: int,
+    steps: int,
+    bandwidth: float,
+) -> Iterator[dict]:
     """One row per (mode, batch) as it is measured, every eager one first, then the compiled ones from
-    batch 1: compiling is the slow part, and the caller saves each row (a run cut off keeps them)."""
-    if not batches:  # `--decode-batch` with none: no 13 GB model made for nothing
+    batch 1, then mixed steps' (adapters of k), eager and compiled: compiling is the slow part, and the
+    caller saves each row (a run cut off keeps them)."""
+    if not batches and not mixed_batches:  # `--decode-batch` with none: no 13 GB model made for nothing
         return
     model = random_llama(SMOKE_MODEL if smoke else LLAMA_7B, device)
-    place_for_serving_(model, device)
+    packed = place_for_serving_(model, device)
     weight_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
     floor_ms = weight_bytes / bandwidth * 1e3
-    for compiled in (False, True):
-        for batch in batches:
-            started = time.perf_counter()
-            ms, profile = time_decode(model, batch, steps, compiled, device, profile=batch == batches[0])
-            wall_s = time.perf_counter() - started  # compilation included
-            mode = "compiled" if compiled else "eager"
-            print(
-                f"  decode batch {batch}, {mode}: {ms:.2f} ms a step, floor {floor_ms:.2f} ms "
-                f"({floor_ms / ms:.0%}), {wall_s:.0f} s wall",
-                flush=True,
+    runs = [(batch, compiled, False) for compiled in (False, True) for batch in batches]
+    runs += [(batch, compiled, True) for compiled in (False, True) for batch in mixed_batches]
+    adapters = []
+    if mixed_batches:
+        loader = AdapterLoader(packed, BaseModelSpec.from_model(model, "random"), fidelity_threshold=0.9)
+        adapters = [loader.place(f"random{i}", a) for i, a in enumerate(shared_index_adapters(model, loader.base, k))]
+    for batch, compiled, mixed in runs:
+        started = time.perf_counter()
+        profiled_here = batch == (batches or mixed_batches)[0] and not mixed
+        ms, profile = time_decode(
+            model, batch, steps, compiled, device, profile=profiled_here, adapters=adapters if mixed else []
+        )
+        wall_s = time.perf_counter() - started  # compilation included
+        mode = ("mixed " if mixed else "") + ("compiled" if compiled else "eager")
+        print(
+            f"  decode batch {batch}, {mode}: {ms:.2f} ms a step, floor {floor_ms:.2f} ms "
+            f"({floor_ms / ms:.0%}), {wall_s:.0f} s wall",
+            flush=True,
+        )
+        if profile:
+            print_table(
+                ["op or kernel", "calls a step", "ms a step"],
+                [[r["name"], f"{r['calls_per_step']:.0f}", f"{r['ms_per_step']:.3f}"] for r in profile],
             )
-            if profile:
-                print_table(
-                    ["op or kernel", "calls a step", "ms a step"],
-                    [[r["name"], f"{r['calls_per_step']:.0f}", f"{r['ms_per_step']:.3f}"] for r in profile],
-                )
-            yield {
-                "batch": batch,
-                "compiled": compiled,
-                "step_ms": ms,
-                "tokens_per_s": batch / ms * 1e3,
-                "floor_ms": floor_ms,
-                "floor_fraction": floor_ms / ms,
-                "wall_s": wall_s,
-                "profile": profile,  # the first batch size's: where a step's time goes
-            }
+        yield {
+            "batch": batch,
+            "compiled": compiled,
+            "mixed_k": k if mixed else None,  # mixed steps: two adapters of k, one index set
+            "step_ms": ms,
+            "tokens_per_s": batch / ms * 1e3,
+            "floor_ms": floor_ms,
+            "floor_fraction": floor_ms / ms,
+            "wall_s": wall_s,
+            "profile": profile,  # the first batch size's: where a step's time goes
+        }
 
 
 def run_embedded(out_dir: Path) -> None:
@@ -438,7 +493,8 @@ def main() -> None:
     parser.add_argument("--embedded", action="store_true", help="also run decode.py and serve_load.py")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8, 32], help="none: skip the decode")
+    parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8], help="none: skip the decode")
+    parser.add_argument("--mixed-decode-batch", type=int, nargs="*", default=[8], help="none: no mixed steps")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("gpu_suite.json"))
     args = parser.parse_args()
@@ -513,7 +569,10 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     decode = results["decode"]
-    for row in decode_rows(device, args.smoke, args.decode_batch, args.decode_steps, bandwidth):
+    rows = decode_rows(
+        device, args.smoke, args.decode_batch, args.mixed_decode_batch, max(args.k), args.decode_steps, bandwidth
+    )
+    for row in rows:
         decode.append(row)
         write_json(args.out, results)
     if decode:
@@ -523,7 +582,7 @@ def main() -> None:
             [
                 [
                     r["batch"],
-                    "compiled" if r["compiled"] else "eager",
+                    ("mixed, " if r["mixed_k"] else "") + ("compiled" if r["compiled"] else "eager"),
                     f"{r['step_ms']:.2f}",
                     f"{r['tokens_per_s']:.0f}",
                     f"{r['floor_ms']:.2f}",

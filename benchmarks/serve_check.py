@@ -52,8 +52,9 @@ def generate(client: httpx.Client, adapter: str | None, prompt: str, new_tokens:
     return r.json()["text"] if r.status_code == 200 else None
 
 
-def metric(client: httpx.Client, name: str) -> float:
-    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith(name + " ")]
+def metric(client: httpx.Client, sample: str) -> float:
+    """A sample of /metrics, with its labels (`name{path="mixed"}`); 0 where it is not there."""
+    lines = [x for x in client.get("/metrics").text.splitlines() if x.rpartition(" ")[0] == sample]
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
@@ -123,10 +124,15 @@ def run_checks(client: httpx.Client, adapters: list[Path], new_tokens: int) -> l
         detail = f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s"
         check(f"{name} burst (reported)", tokens > 0, detail, False)
     if compiled := client.get("/health").json().get("compiled_decode"):
-        steps = metric(client, "neuroada_compiled_decode_steps_total")
-        detail = f"{steps:.0f} compiled steps; buckets {compiled['batch_sizes']} in {compiled['compile_seconds']} s"
+        merged, mixed = (
+            metric(client, f'neuroada_compiled_decode_steps_total{{path="{p}"}}') for p in ("merged", "mixed")
+        )
+        detail = (
+            f"{merged:.0f} merged and {mixed:.0f} mixed steps compiled; buckets {compiled['batch_sizes']}, mixed "
+            f"shapes {compiled['mixed_shapes']}, in {compiled['compile_seconds']} s"
+        )
         check(
-            "compiled decode ran", steps > 0 and compiled["broken"] is None, detail + f"; broken: {compiled['broken']}"
+            "compiled decode ran", merged > 0 and compiled["broken"] is None, detail + f"; broken: {compiled['broken']}"
         )
     return checks
 

@@ -251,6 +251,17 @@ class AdapterCatalog:
                 if e.error is not None and n.startswith(prefix)
             ]
 
+    def mixed_shapes(self) -> list[tuple[int, list[str]]]:
+        """The (k, target layers) of the store's servable adapters, commonest first: what a compiled
+        decode step traces mixed steps for at start."""
+        with self._lock:
+            shapes = Counter(
+                (e.header.metadata.k, tuple(e.header.metadata.targets))
+                for e in self._entries.values()
+                if e.error is None and e.header is not None
+            )
+        return [(k, list(targets)) for (k, targets), _ in shapes.most_common()]
+
     def count(self) -> int:
         self._follow_all()
         with self._lock:

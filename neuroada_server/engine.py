@@ -104,7 +104,9 @@ class Engine:
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.deep_check_lock = threading.Lock()  # one /health?deep=1 at a time
 
-        self.adapters = SparseDeltaAdapters(self.packed, MixedAdapters(self.model, device), self.metrics)
+        # Compiled mixed steps need stacks that never grow: a slot for every row a batch can hold.
+        mixed = MixedAdapters(self.model, device, compiled_slots=settings.max_batch_size + 1)
+        self.adapters = SparseDeltaAdapters(self.packed, mixed, self.metrics)
         loader = AdapterLoader(self.packed, self.base, settings.fidelity_threshold, self.adapters.base_values)
         self.catalog = AdapterCatalog(
             AdapterStore(settings.adapter_dir, shared=settings.shared_store),
@@ -150,7 +152,11 @@ class Engine:
                 )
             else:
                 self.decode_graphs = compile_decode(
-                    forward, settings.decode_buckets, max_length, self.metrics.compiled_steps.inc
+                    forward,
+                    settings.decode_buckets,
+                    max_length,
+                    lambda path: self.metrics.compiled_steps.labels(path=path).inc(),
+                    mixed=mixed,
                 )
         self.worker = Worker(
             self.model,
@@ -164,9 +170,13 @@ class Engine:
             self.metrics,
             settings.shutdown_drain_s,
             forward,
-            self.decode_graphs.warm_up if self.decode_graphs else None,  # compiled at start, where it will run
+            self._warm_up if self.decode_graphs else None,  # compiled at start, where it will run
         )
         self.catalog.scan()
+
+    def _warm_up(self) -> None:
+        """The decode step's graphs, mixed steps' for the store's commonest adapter shapes (listed by now)."""
+        self.decode_graphs.warm_up(self.catalog.mixed_shapes())
 
     # --- lifecycle ---------------------------------------------------------------------------
 

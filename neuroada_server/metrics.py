@@ -38,7 +38,10 @@ class ServerMetrics:
             registry=r,
         )
         self.compiled_steps = Counter(
-            "neuroada_compiled_decode_steps", "Decode steps run as a compiled graph (--compile-decode)", registry=r
+            "neuroada_compiled_decode_steps",
+            "Decode steps run as a compiled graph (--compile-decode), by path (merged or mixed)",
+            ["path"],
+            registry=r,
         )
         self.decode_compile_seconds = Gauge(
             "neuroada_decode_compile_seconds", "Time compiling the decode step's buckets at start-up", registry=r

@@ -529,9 +529,9 @@ class LlamaForward:
         alone: their own forwards (nullcontext), or the mixed path's, told to add each token its
         row's delta (`MixedAdapters.per_token`); a hook, or another replacement, may need the rows."""
         modules = [m for layer in self.layers for m in (*layer.linears, layer.mlp)]
-        if not all(unwrapped(m) or _mixed_forward(m) for m in modules):
+        if not all(unwrapped(m) or mixed_forward(m) for m in modules):
             return None
-        mixed = {id(f.adapters): f.adapters for m in modules if (f := _mixed_forward(m))}
+        mixed = {id(f.adapters): f.adapters for m in modules if (f := mixed_forward(m))}
         if not mixed:
             return nullcontext()
         if len(mixed) > 1:
@@ -632,7 +632,7 @@ def unwrapped(module: nn.Module) -> bool:
 _OFF_OUR_KERNEL = object()
 
 
-def _mixed_forward(module: nn.Module) -> MixedForward | None:
+def mixed_forward(module: nn.Module) -> MixedForward | None:
     """The mixed path's forward put in the module's place, where it is that alone (no hooks)."""
     forward = module.__dict__.get("forward")
     if isinstance(forward, MixedForward) and not module._forward_hooks and not module._forward_pre_hooks:

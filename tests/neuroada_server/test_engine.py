@@ -3,7 +3,6 @@ activations; the decode step compiled."""
 
 from __future__ import annotations
 
-import re
 import threading
 
 import httpx
@@ -19,6 +18,7 @@ from tests.neuroada_server.conftest import (
     generate,
     long_request,
     make_settings,
+    metric,
     offline_greedy,
     spawn_serve,
 )
@@ -49,13 +49,10 @@ def test_bf16_weights_serve_the_model_with_rounded_weights(tiny_model_dir, store
         assert s.engine.base_weights_intact()
 
 
-def metric(text: str, name: str) -> float:
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
-
-
-def test_a_compiled_decode_serves_the_greedy_text_merged_adapters_too_and_mixed_steps_eager(tiny_model_dir, store):
+def test_a_compiled_decode_serves_the_greedy_text_merged_and_mixed_steps_compiled(tiny_model_dir, store):
     """`neuroada serve --compile-decode` as a user starts it, over the torch twins (the C++ kernels
-    off: they are not traceable), so inductor compiles the float32 step; one bucket of 2 rows."""
+    off: they are not traceable), so inductor compiles the float32 step: one bucket of 2 rows, the
+    merged step and mixed steps of the store's two commonest adapter shapes (a and d: k = 2; b: k = 4)."""
     env = {
         "NEUROADA_MODEL": str(tiny_model_dir),
         "NEUROADA_ADAPTER_DIR": str(store),
@@ -66,20 +63,25 @@ def test_a_compiled_decode_serves_the_greedy_text_merged_adapters_too_and_mixed_
         "NEUROADA_MAX_PROMPT_TOKENS": "64",
         "NEUROADA_MAX_NEW_TOKENS": str(LONG_TOKENS),
     }
+    merged, mixed = (f'neuroada_compiled_decode_steps_total{{path="{path}"}}' for path in ("merged", "mixed"))
     proc, url = spawn_serve(env, timeout=600)
     try:
         with httpx.Client(base_url=url, timeout=120) as c:
             compiled = c.get("/health").json()["compiled_decode"]
             assert compiled["batch_sizes"] == [2] and compiled["compile_seconds"] > 0 and compiled["broken"] is None
+            assert compiled["mixed_shapes"] == [{"k": 2, "layers": 6}, {"k": 4, "layers": 6}]
             for prompt in PROMPTS:  # one row, padded to two
                 assert generate(c, prompt, None) == offline_greedy(None, prompt, 12)
             assert generate(c, "hello there", "a") == offline_greedy(store / "a.safetensors", "hello there", 12)
-            steps = metric(c.get("/metrics").text, "neuroada_compiled_decode_steps_total")
-            assert steps >= 5 * 10  # five requests of 12 tokens: every decode step compiled
-            with long_request(c, "a"):  # a second adapter beside it: a mixed step, eager
+            assert metric(c, merged) >= 5 * 11  # five requests of 12 tokens: every decode step compiled
+            with long_request(c):  # a base row beside a's: mixed steps of one index set, compiled
+                assert generate(c, "hello there", "a") == offline_greedy(store / "a.safetensors", "hello there", 12)
+            assert metric(c, mixed) >= 11
+            compiled_mixed, mixed_steps = metric(c, mixed), metric(c, 'neuroada_steps_total{path="mixed"}')
+            with long_request(c, "a"):  # b's rows beside a's: two index sets in one step, eager
                 assert generate(c, "hello there", "b") == offline_greedy(store / "b.safetensors", "hello there", 12)
-            metrics = c.get("/metrics").text
-            assert 'neuroada_steps_total{path="mixed"}' in metrics
+            assert metric(c, 'neuroada_steps_total{path="mixed"}') - mixed_steps >= 11
+            assert metric(c, mixed) - compiled_mixed < 11
             assert c.get("/health").json()["compiled_decode"]["broken"] is None
     finally:
         proc.terminate()
@@ -91,22 +93,29 @@ def test_compile_decode_where_it_cannot_compile_serves_eager(tiny_model_dir, sto
     with RunningServer(make_settings(tiny_model_dir, store, compile_decode=True)) as s, s.client() as c:
         assert c.get("/health").json()["compiled_decode"] is None
         assert generate(c, "hello there", None) == offline_greedy(None, "hello there", 12)
-        assert metric(c.get("/metrics").text, "neuroada_compiled_decode_steps_total") == 0
+        assert 'neuroada_compiled_decode_steps_total{path="merged"}' not in c.get("/metrics").text
 
 
 def test_the_decode_step_is_compiled_on_the_worker_thread_before_the_server_answers(tiny_model_dir, store, monkeypatch):
-    """A CUDA graph tree belongs to the thread that records it: the worker's, which replays it."""
+    """A CUDA graph tree belongs to the thread that records it: the worker's, which replays it. It
+    is told the store's adapter shapes (k, targets), commonest first: a and d have k = 2."""
     warmed = []
 
-    def warm_up(graphs):  # records where it ran; compiles nothing (the e2e test above does)
-        warmed.append(threading.current_thread().name)
+    def warm_up(graphs, mixed_shapes):  # records where it ran; compiles nothing (the e2e test above does)
+        warmed.append((threading.current_thread().name, [k for k, _ in mixed_shapes]))
         graphs.broken = "not compiled in this test"
         return False
 
     monkeypatch.setattr(DecodeGraphs, "warm_up", warm_up)
     settings = make_settings(tiny_model_dir, store, dtype="bfloat16", compile_decode=True, max_batch_size=4)
     with RunningServer(settings) as s, s.client() as c:
-        assert warmed == ["neuroada-worker"]  # done before the server answered its first request
+        [(thread, ks)] = warmed  # done before the server answered its first request
+        assert thread == "neuroada-worker" and ks[0] == 2 and sorted(ks) == [1, 2, 4]
         compiled = c.get("/health").json()["compiled_decode"]
-        assert compiled == {"batch_sizes": [1, 4], "compile_seconds": 0.0, "broken": "not compiled in this test"}
+        assert compiled == {
+            "batch_sizes": [1, 4],
+            "mixed_shapes": [],
+            "compile_seconds": 0.0,
+            "broken": "not compiled in this test",
+        }
         assert generate(c, "hello there", None)

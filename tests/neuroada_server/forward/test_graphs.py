@@ -11,10 +11,14 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from neuroada.fingerprint import BaseModelSpec
+from neuroada.format import adapter_to_bytes
 from neuroada.inplace import PackedWeights
 from neuroada_server.forward import HFForward, LlamaForward
 from neuroada_server.forward.graphs import DecodeGraphs, compile_decode
-from tests.helpers import logits_over_a_batch_life, random_adapter, random_prompts, tiny_llama
+from neuroada_server.mixed import MixedAdapters
+from neuroada_server.resident import AdapterLoader
+from tests.helpers import TINY_NAME, logits_over_a_batch_life, random_adapter, random_prompts, tiny_llama
 
 PAD = 0
 
@@ -45,7 +49,7 @@ def packed_bf16_model(seed: int) -> tuple[torch.nn.Module, PackedWeights]:
 
 def compiled_forward(model, buckets=(4, 8), max_length=64) -> tuple[LlamaForward, DecodeGraphs, Captured, list]:
     forward, backend, steps = LlamaForward(model), Captured(), []
-    graphs = DecodeGraphs(forward, buckets, max_length, backend=backend, on_step=lambda: steps.append(1))
+    graphs = DecodeGraphs(forward, buckets, max_length, backend=backend, on_step=steps.append)
     graphs.warm_up()
     forward.graphs = graphs
     return forward, graphs, backend, steps
@@ -156,7 +160,7 @@ def test_where_it_cannot_compile_every_step_runs_eager(caplog):
             raise RuntimeError("no compiler here")
 
         forward, steps = LlamaForward(model), []
-        graphs = compile_decode(forward, [1, 2], 64, lambda: steps.append(1), backend=unavailable)
+        graphs = compile_decode(forward, [1, 2], 64, steps.append, backend=unavailable)
         assert graphs.warm_up() is False
     assert "no compiler here" in graphs.broken
     messages = " ".join(r.getMessage() for r in caplog.records)
@@ -164,3 +168,92 @@ def test_where_it_cannot_compile_every_step_runs_eager(caplog):
     logits, _, rows, _ = forward.prefill(random_prompts(7, [3]))
     forward.join(rows)
     assert forward.decode(logits.argmax(-1).tolist()).isfinite().all() and not steps
+
+
+class MixedSetting:
+    """A bf16 model whose decode step is compiled, merged and, at warm-up, for mixed steps of
+    adapters with k = 2 on q, v and down; adapters of that shape (a and a2 share an index set, b
+    has its own) and one of another (c: k = 3); a compiled forward and an eager one over the model."""
+
+    def __init__(self, seed: int):
+        self.model, packed = packed_bf16_model(seed)
+        loader = AdapterLoader(packed, BaseModelSpec.from_model(self.model, TINY_NAME), fidelity_threshold=0.9)
+
+        def adapter(name: str, k: int, seed: int, scale: float = 0.5):
+            return loader.prepare(name, adapter_to_bytes(random_adapter(self.model, k=k, seed=seed, scale=scale)))
+
+        self.a, self.a2 = adapter("a", 2, seed=1), adapter("a2", 2, seed=1, scale=0.3)  # same indices
+        self.b, self.c = adapter("b", 2, seed=2), adapter("c", 3, seed=3)
+        assert self.a.adapter.metadata.index_hash == self.a2.adapter.metadata.index_hash
+        assert self.a.adapter.metadata.index_hash != self.b.adapter.metadata.index_hash
+        self.mixed = MixedAdapters(self.model, torch.device("cpu"), compiled_slots=4)
+        self.compiled, self.backend, self.steps = LlamaForward(self.model), Captured(), []
+        self.graphs = DecodeGraphs(
+            self.compiled, (2, 4), 64, backend=self.backend, on_step=self.steps.append, mixed=self.mixed
+        )
+        assert self.graphs.warm_up([(2, self.a.adapter.metadata.targets)])
+        self.compiled.graphs = self.graphs
+        self.eager = LlamaForward(self.model)
+        self.tokens = []
+        for forward in (self.compiled, self.eager):
+            logits, _, rows, _ = forward.prefill(random_prompts(8, [5, 3, 6]))
+            forward.join(rows)
+            self.tokens = logits.argmax(-1).tolist()
+
+    def step(self, rows) -> tuple[torch.Tensor, str | None]:
+        """A step of both forwards with `rows`' adapters bound (None: the merged path); their logits
+        equal, and the path the compiled forward's step ran compiled on (None: it ran eager)."""
+        before = len(self.steps)
+        if rows is None:
+            self.mixed.unbind()
+        else:
+            self.mixed.bind(rows)
+        a, b = self.compiled.decode(self.tokens), self.eager.decode(self.tokens)
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        self.tokens = a.argmax(-1).tolist()
+        return a, self.steps[-1] if len(self.steps) > before else None
+
+
+@torch.inference_mode()
+def test_mixed_steps_of_a_shape_traced_at_start_run_compiled_for_every_index_set_of_that_shape():
+    setting = MixedSetting(seed=6)
+    assert len(setting.backend.graphs) == 4  # both buckets, merged and mixed (k = 2 on q, v and down)
+    assert setting.graphs.describe()["mixed_shapes"] == [{"k": 2, "layers": 6}]
+    assert setting.step([setting.a, None, setting.a2])[1] == "mixed"  # 3 rows as the bucket of 4: padded with slot 0
+    assert setting.step([setting.b, setting.b, None])[1] == "mixed"  # another index set of the shape: the same graph
+    assert setting.step([setting.a, setting.b, None])[1] is None  # two index sets at once: eager
+    assert setting.step([setting.c, None, None])[1] is None  # k = 3, not traced: eager
+    assert setting.step(None)[1] == "merged"  # merged again
+    assert setting.step([setting.a2, setting.a, setting.a])[1] == "mixed"
+    assert len(setting.backend.graphs) == 4 and setting.graphs.broken is None  # nothing compiled after warm-up
+
+
+@torch.inference_mode()
+def test_a_compiled_mixed_step_adds_each_row_its_own_delta_and_nothing_to_rows_without():
+    setting = MixedSetting(seed=7)
+    plain = LlamaForward(setting.model)  # the base alone, over the same prompts
+    logits, _, rows, _ = plain.prefill(random_prompts(8, [5, 3, 6]))
+    plain.join(rows)
+    mixed, path = setting.step([setting.a, None, setting.a2])
+    setting.mixed.unbind()
+    base = plain.decode(logits.argmax(-1).tolist())
+    assert path == "mixed"
+    torch.testing.assert_close(mixed[1], base[1], rtol=2e-2, atol=2e-2)
+    for row in (0, 2):
+        assert (mixed[row] - base[row]).abs().max() > 0.1
+
+
+@torch.inference_mode()
+def test_a_step_the_compiler_would_have_to_compile_anew_is_refused_and_rerun_eager(monkeypatch, caplog):
+    setting = MixedSetting(seed=8)
+    merged = setting.mixed.signature()  # nothing bound yet
+    shape_of_k2 = next(s for s in setting.graphs.traced if s != merged)
+    # An index set the graphs were not traced for, passed off as one they were: dynamo's guards catch it.
+    monkeypatch.setattr(setting.mixed, "signature", lambda: shape_of_k2)
+    with caplog.at_level(logging.WARNING, logger="neuroada_server.forward.graphs"):
+        assert setting.step([setting.c, None, None])[1] is None  # refused, then eager: equal to the eager forward
+    assert "not compiled at start" in caplog.text and setting.graphs.broken is None
+    assert setting.step([setting.c, None, None])[1] is None  # that signature now goes eager at once
+    monkeypatch.undo()
+    assert setting.step(None)[1] == "merged"  # the other graphs stay
+    assert len(setting.backend.graphs) == 4
