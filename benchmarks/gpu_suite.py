@@ -331,11 +331,12 @@ def time_decode(
     device: torch.device,
     profile: bool = False,
     adapters: list[ResidentAdapter] = (),
-) -> tuple[float, list[dict]]:
+) -> tuple[float, list[dict], dict | None]:
     """Median milliseconds of a decode step of `batch` rows (after a prefill of PROMPT_TOKENS each),
     eager or as the server compiles it (`DecodeGraphs`: one bucket, the batch); with `adapters`,
     mixed steps, row b on adapters[b % len] (one index set); with `profile`, the ops and kernels
-    taking the most device time over PROFILED_STEPS more steps (torch's profiler)."""
+    taking the most device time over PROFILED_STEPS more steps (torch's profiler); compiled, how
+    its first step's logits compare with an eager step's over the same rows."""
     forward = LlamaForward(model)
     mixed = MixedAdapters(model, device, compiled_slots=batch + 1) if adapters else None
     if compiled:  # compiled and captured here, before the prefill, as the server does at start
@@ -344,11 +345,24 @@ def time_decode(
         assert forward.graphs.warm_up(shapes) and len(forward.graphs.mixed_shapes) == len(shapes), forward.graphs.broken
     if mixed is not None:
         mixed.bind([adapters[b % len(adapters)] for b in range(batch)])  # stays bound for every step
-    logits, _, rows, _ = forward.prefill([[1 + (b + t) % 1000 for t in range(PROMPT_TOKENS)] for b in range(batch)])
+    prompts = [[1 + (b + t) % 1000 for t in range(PROMPT_TOKENS)] for b in range(batch)]
+    logits, _, rows, _ = forward.prefill(prompts)
     forward.join(rows)
     forward.cache.reserve(batch, PROMPT_TOKENS + steps + 4)
     capacity = forward.cache.capacity  # one shape for every step: attention reads the whole cache
     ids, positions = logits.argmax(-1), torch.tensor(forward.lengths, device=device)
+    vs_eager = None
+    if compiled:
+        eager = LlamaForward(model)
+        eager_logits, _, eager_rows, _ = eager.prefill(prompts)
+        eager.join(eager_rows)
+        expected, got = eager.decode(eager_logits.argmax(-1).tolist()), forward.graphs(ids, positions)
+        vs_eager = {
+            "max_abs_logit_diff": float((got - expected).abs().max()),
+            "argmax_equal": bool(torch.equal(got.argmax(-1), expected.argmax(-1))),
+        }
+        ids, positions = got.argmax(-1), positions + 1
+        del eager
 
     def one() -> None:
         nonlocal ids, positions
@@ -362,12 +376,12 @@ def time_decode(
     if mixed is not None:
         mixed.unbind()
     if not profile:
-        return ms, []
+        return ms, [], vs_eager
     try:  # not yet run on a GPU: a profiler that fails costs its table, not the measurements after it
-        return ms, profiled(one, device)
+        return ms, profiled(one, device), vs_eager
     except Exception as e:
         print(f"  profiling failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        return ms, []
+        return ms, [], vs_eager
 
 
 def profiled(fn, device: torch.device, top: int = 15) -> list[dict]:
@@ -432,14 +446,14 @@ def decode_rows(
     for batch, compiled, mixed in runs:
         started = time.perf_counter()
         profiled_here = batch == (batches or mixed_batches)[0] and not mixed
-        ms, profile = time_decode(
+        ms, profile, vs_eager = time_decode(
             model, batch, steps, compiled, device, profile=profiled_here, adapters=adapters if mixed else []
         )
         wall_s = time.perf_counter() - started  # compilation included
         mode = ("mixed " if mixed else "") + ("compiled" if compiled else "eager")
         print(
             f"  decode batch {batch}, {mode}: {ms:.2f} ms a step, floor {floor_ms:.2f} ms "
-            f"({floor_ms / ms:.0%}), {wall_s:.0f} s wall",
+            f"({floor_ms / ms:.0%}), {wall_s:.0f} s wall" + (f"; against eager: {vs_eager}" if vs_eager else ""),
             flush=True,
         )
         if profile:
@@ -456,6 +470,7 @@ def decode_rows(
             "floor_ms": floor_ms,
             "floor_fraction": floor_ms / ms,
             "wall_s": wall_s,
+            "vs_eager": vs_eager,  # compiled: the first step's logits against an eager step's
             "profile": profile,  # the first batch size's: where a step's time goes
         }
 

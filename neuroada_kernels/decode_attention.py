@@ -5,11 +5,13 @@ owns one slot of a KV cache laid out `[slots, kv_heads, capacity, head_dim]`. Th
 new query and key (Hugging Face's rotate-half convention), writes the key and value at the row's
 position, and attends each query head to its row's keys 0..position (grouped-query: head h reads
 kv head h // (heads / kv_heads)). On the CPU in float32 it is one C++ pass
-(`neuroada_kernels/csrc/decode_attention.cpp`); on CUDA, eager, one Triton launch (a step that runs
-eager there, a mixed one or any with compilation off, is bound by its launches: the twin makes
-50 ATen calls a layer, views included); elsewhere, and inside a compiled graph (which fuses the twin itself), the torch
-twin below, which reads every row up to the longest and masks: positions past a row's own must hold
-finite values (zeros), or a masked NaN would still poison the row
+(`neuroada_kernels/csrc/decode_attention.cpp`); on CUDA one Triton launch that reads each row's
+own positions only: eager (a step that runs eager there is bound by its launches: the twin makes
+50 ATen calls a layer, views included), and inside a compiled graph as a registered operator
+(`torch.ops.neuroada.decode_attention`, one node that a CUDA graph replays; a graph runs at one
+length, the cache's whole capacity, which the twin would read for every row at every step);
+elsewhere the torch twin below, which reads every row up to the longest and masks: positions past
+a row's own must hold finite values (zeros), or a masked NaN would still poison the row
 (`neuroada_server.forward.llama.SlotCache.clear_tails` keeps them clean).
 """
 
@@ -134,7 +136,9 @@ def decode_attention(
     """The twin reads every row's keys up to `length`; given, it spares a device-to-host read of
     `positions.max()` per layer (a sync on a GPU, which would also break a captured graph)."""
     tensors = (q, k, v, cos, sin, keys, values)
-    if use_triton(q) and not torch.compiler.is_compiling() and triton_fits(q, k, keys, values):
+    if use_triton(q) and triton_fits(q, k, keys, values):
+        if torch.compiler.is_compiling():
+            return torch.ops.neuroada.decode_attention(q, k, v, cos, sin, keys, values, first, positions, scale)
         return decode_attention_triton(q, k, v, cos, sin, keys, values, first, positions, scale)
     if all(t.is_cpu and t.dtype == torch.float32 for t in tensors) and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -161,12 +165,23 @@ def triton_fits(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor, values: to
     )
 
 
-def decode_attention_triton(q, k, v, cos, sin, keys, values, first, positions, scale) -> torch.Tensor:
+def decode_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    first: int,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """The Triton kernel (same arguments as `decode_attention`; `triton_fits` must hold)."""
     B, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
     _decode_attention_kernel[(B, kv_heads)](
         out,
@@ -213,3 +228,8 @@ def decode_attention_ref(q, k, v, cos, sin, keys, values, first, positions, scal
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+if triton is not None:  # the kernel as one node of a compiled graph; it writes the cache in place
+    torch.library.custom_op("neuroada::decode_attention", decode_attention_triton, mutates_args=("keys", "values"))
+    torch.library.register_fake("neuroada::decode_attention", lambda q, *rest: q.new_empty(q.shape))

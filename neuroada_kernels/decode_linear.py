@@ -76,14 +76,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def gated_silu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def gated_silu(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_up: torch.Tensor | None = None
+) -> torch.Tensor:
     """`F.silu(F.linear(x, gate)) * F.linear(x, up)` (a gated MLP before its down projection), in
-    one call on the CPU kernel; x [..., K], gate and up [N, K] -> [..., N]."""
+    one call on the CPU kernel; x [..., K], gate and up [N, K] -> [..., N]. Elsewhere, given
+    `gate_up` ([2N, K]: gate's rows then up's, the two back to back in memory), one product reads
+    both (a GPU's decode step: one larger GEMV where two would each pay a launch)."""
     kernels = _decode_kernels(x, gate, up)
     if kernels is not None:
         K = x.shape[-1]
         out = kernels.decode_gated_silu(x.reshape(-1, K).contiguous(), gate.contiguous(), up.contiguous())
         return out.view(*x.shape[:-1], gate.shape[0])
+    if gate_up is not None:
+        g, u = linear(x, gate_up).split(gate.shape[0], dim=-1)  # [..., N] each
+        return F.silu(g) * u
     return F.silu(linear(x, gate)) * linear(x, up)
 
 

@@ -66,9 +66,10 @@ class DecodeGraphs:
         for tensor in self.cache.keys + self.cache.values:  # written in place, never an input to copy
             torch._dynamo.mark_static_address(tensor)
         for layer in forward.layers:
-            qkv = layer.qkv.weight()
-            if qkv is not None:  # a view of the packed buffer, not a parameter: static by mark
-                torch._dynamo.mark_static_address(qkv)
+            for pair in (layer.qkv, layer.gate_up):
+                view = pair.packed() if pair is not None else None
+                if view is not None:  # a view of the packed buffer, not a parameter: static by mark
+                    torch._dynamo.mark_static_address(view)
         for linear in self.linears:  # read through the mixed path's forwards too, not as a module's
             torch._dynamo.mark_static_address(linear.weight, guard=False)
         cuda = self.cache.device.type == "cuda"

@@ -15,7 +15,8 @@ as much again on a CPU. This forward keeps only the model's arithmetic:
 - a decode step whose attention (`neuroada_kernels.decode_attention`: rotary, the cache write and the
   attention of every row in one call per layer) reads each row's own keys;
 - one product for q, k and v where their weights lie back to back (`PackedWeights` packs a
-  layer's linears in order), read as one [q + k + v rows, hidden] matrix.
+  layer's linears in order), read as one [q + k + v rows, hidden] matrix; likewise a gated MLP's
+  gate and up, where no CPU kernel computes the pair in one call already (a GPU's step);
 - on the CPU in float32, a decode step's layers all in one C++ call (`neuroada_kernels.decode_layers`: the
   same kernels as the loop in `_layers`, in its order, to the bit) wherever every layer is on them;
   a prefill of a few tokens (past a cached prefix, most often) too, each token a row of the call.
@@ -202,6 +203,7 @@ class _Layer:
     mlp: nn.Module
     gated_mlp: bool  # down(silu(gate(x)) * up(x)) over plain linears: one kernel call may do its first half
     qkv: _BackToBack
+    gate_up: _BackToBack | None  # a gated MLP's
     linears: tuple[nn.Module, ...]  # q, k, v, o, then the MLP's gate, up and down where it has them
 
     @classmethod
@@ -222,6 +224,7 @@ class _Layer:
             mlp,
             gated and linears[0].bias is None and linears[1].bias is None,
             _BackToBack(attn.q_proj, attn.k_proj, attn.v_proj),
+            _BackToBack(linears[0], linears[1]) if gated else None,
             (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj) + tuple(m for m in linears if m is not None),
         )
 
@@ -619,7 +622,7 @@ def _hidden_between(first: int, states: torch.Tensor, start: int, stop: int) -> 
 def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
     mlp = layer.mlp
     if layer.gated_mlp and unwrapped(mlp) and unwrapped(mlp.gate_proj) and unwrapped(mlp.up_proj):
-        return mlp.down_proj(gated_silu(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+        return mlp.down_proj(gated_silu(x, mlp.gate_proj.weight, mlp.up_proj.weight, layer.gate_up.packed()))
     return mlp(x)
 
 

@@ -22,3 +22,5 @@ def test_the_gpu_suite_runs_its_smoke_shapes_on_the_cpu(tmp_path):
     plain = {(1, False, None), (1, True, None), (4, False, None), (4, True, None)}
     assert measured == plain | {(4, False, 20), (4, True, 20)}  # mixed: adapters of the largest --k
     assert all(r["step_ms"] > 0 and 0 < r["floor_fraction"] for r in result["decode"])
+    compiled = [r["vs_eager"] for r in result["decode"] if r["compiled"]]  # each graph's step against eager's
+    assert len(compiled) == 3 and all(c["max_abs_logit_diff"] < 0.1 for c in compiled)

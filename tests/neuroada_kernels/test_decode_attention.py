@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
 from neuroada_kernels import cpu_kernels, decode_attention, triton_available
 from neuroada_kernels.decode_attention import decode_attention_ref, decode_attention_triton, triton_fits
 
+attention_module = importlib.import_module("neuroada_kernels.decode_attention")  # the package's name is the function
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ CPU kernels could not be built here")
 
 
@@ -121,6 +125,29 @@ def test_the_triton_kernel_never_reads_past_a_rows_position():
     clean = decode_attention_triton(q, k, v, cos, sin, keys.clone(), values.clone(), 0, at, 1.0)
     keys[0, :, 4:], values[0, :, 4:] = float("nan"), float("nan")  # what a failed request may leave
     assert torch.equal(decode_attention_triton(q, k, v, cos, sin, keys, values, 0, at, 1.0), clean)
+
+
+@needs_triton
+@torch.inference_mode()
+def test_inside_a_compiled_graph_the_triton_kernel_is_one_node_writing_the_cache_as_eager(monkeypatch):
+    """On CUDA a compiled step's attention is the kernel as a registered op, not the twin (which
+    would read every row's whole capacity): here on CPU tensors through Triton's interpreter."""
+    q, k, v, cos, sin, keys, values, at = case(3, 8, 2, 8, [5, 0, 20])
+    keys_eager, values_eager = keys.clone(), values.clone()
+    expected = decode_attention_triton(q, k, v, cos, sin, keys_eager, values_eager, 1, at, 0.5)
+    monkeypatch.setattr(attention_module, "use_triton", lambda t: True)  # as on CUDA tensors
+    graphs = []
+
+    def backend(graph, example_inputs):  # keeps the graph; aot_eager functionalizes the cache writes as inductor does
+        graphs.append(graph)
+        return lookup_backend("aot_eager")(graph, example_inputs)
+
+    step = torch.compile(decode_attention, backend=backend, fullgraph=True)
+    out = step(q, k, v, cos, sin, keys, values, 1, at, 0.5)
+    assert torch.equal(out, expected) and torch.equal(keys, keys_eager) and torch.equal(values, values_eager)
+    [graph] = graphs
+    ops = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    assert ops == [torch.ops.neuroada.decode_attention]  # the whole call, one node
 
 
 def test_the_triton_kernel_takes_what_its_layout_allows():

@@ -91,6 +91,15 @@ def test_gated_silu_keeps_leading_dims_whichever_path_it_takes(lead, weight_dtyp
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
 
 
+def test_gated_silu_off_the_kernels_reads_gate_and_up_given_back_to_back_in_one_product():
+    gate_up = torch.randn(20, 24, dtype=torch.bfloat16)
+    gate, up = gate_up[:10], gate_up[10:]  # back to back, as a packed layer holds them
+    x = torch.randn(3, 24, dtype=torch.bfloat16)  # bf16 rows: no CPU kernel (a GPU's path)
+    expected = gated_silu(x, gate, up)  # two products
+    torch.testing.assert_close(gated_silu(x, gate, up, gate_up), expected)
+    assert not torch.equal(gated_silu(x, gate, up, gate_up.flip(0)), expected)  # the one product is what it reads
+
+
 @pytest.mark.parametrize("rows", [2, DECODE_MAX_ROWS + 8])  # the kernel's rows, and a prefill's
 def test_gradients_still_flow_through_f_linear(rows):
     x = torch.randn(rows, 8, requires_grad=True)
