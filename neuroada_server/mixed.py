@@ -111,7 +111,12 @@ class MixedAdapters:
             slots = [index_set.slot_of.get(r.version, 0) if r is not None else 0 for r in rows]
             if any(slots):
                 self._bound.append((index_set, torch.tensor(slots, dtype=torch.int64, device=self.device)))
-        for name in {n for s in self._sets.values() for n in s.units} - self._patched:
+        # Exactly the bound sets' layers: any other replaced forward would only cost its call, and
+        # would make the step's signature one no graph was traced for.
+        adapted = {name for index_set, _ in self._bound for name in index_set.units}
+        for name in self._patched - adapted:
+            self._unpatch(name)
+        for name in adapted - self._patched:
             self._patch(name)
 
     def per_token(self, counts: torch.Tensor):  # [B] int64: tokens of each bound row
@@ -159,10 +164,8 @@ class MixedAdapters:
     def unbind(self) -> None:
         """Leave the mixed path: the target linears get their own forward back, so the merged
         path runs the plain model."""
-        for name in self._patched:
-            del self.modules[name].forward
-        self._patched = set()
-        self._patched_names = ()
+        for name in list(self._patched):
+            self._unpatch(name)
         self._bound = []
 
     def _patch(self, name: str) -> None:
@@ -173,6 +176,11 @@ class MixedAdapters:
             self._forwards[name] = MixedForward(self, name, module)
         module.forward = self._forwards[name]
         self._patched.add(name)
+        self._patched_names = tuple(sorted(self._patched))
+
+    def _unpatch(self, name: str) -> None:
+        del self.modules[name].forward
+        self._patched.discard(name)
         self._patched_names = tuple(sorted(self._patched))
 
     def bound(self, name: str) -> list[tuple[_Unit, torch.Tensor]]:

@@ -173,17 +173,20 @@ def test_where_it_cannot_compile_every_step_runs_eager(caplog):
 class MixedSetting:
     """A bf16 model whose decode step is compiled, merged and, at warm-up, for mixed steps of
     adapters with k = 2 on q, v and down; adapters of that shape (a and a2 share an index set, b
-    has its own) and one of another (c: k = 3); a compiled forward and an eager one over the model."""
+    has its own) and two of others (c: k = 3; o: on o_proj); a compiled forward and an eager one
+    over the model."""
 
     def __init__(self, seed: int):
         self.model, packed = packed_bf16_model(seed)
         loader = AdapterLoader(packed, BaseModelSpec.from_model(self.model, TINY_NAME), fidelity_threshold=0.9)
 
-        def adapter(name: str, k: int, seed: int, scale: float = 0.5):
-            return loader.prepare(name, adapter_to_bytes(random_adapter(self.model, k=k, seed=seed, scale=scale)))
+        def adapter(name: str, k: int, seed: int, scale: float = 0.5, targets=("q_proj", "v_proj", "down_proj")):
+            made = random_adapter(self.model, k=k, seed=seed, scale=scale, targets=targets)
+            return loader.prepare(name, adapter_to_bytes(made))
 
         self.a, self.a2 = adapter("a", 2, seed=1), adapter("a2", 2, seed=1, scale=0.3)  # same indices
         self.b, self.c = adapter("b", 2, seed=2), adapter("c", 3, seed=3)
+        self.o = adapter("o", 2, seed=4, targets=("o_proj",))  # k = 2 on other layers
         assert self.a.adapter.metadata.index_hash == self.a2.adapter.metadata.index_hash
         assert self.a.adapter.metadata.index_hash != self.b.adapter.metadata.index_hash
         self.mixed = MixedAdapters(self.model, torch.device("cpu"), compiled_slots=4)
@@ -223,6 +226,8 @@ def test_mixed_steps_of_a_shape_traced_at_start_run_compiled_for_every_index_set
     assert setting.step([setting.b, setting.b, None])[1] == "mixed"  # another index set of the shape: the same graph
     assert setting.step([setting.a, setting.b, None])[1] is None  # two index sets at once: eager
     assert setting.step([setting.c, None, None])[1] is None  # k = 3, not traced: eager
+    assert setting.step([setting.o, None, setting.o])[1] is None  # other layers: eager
+    assert setting.step([setting.a, setting.a, None])[1] == "mixed"  # o's set, still kept, adds nothing to it
     assert setting.step(None)[1] == "merged"  # merged again
     assert setting.step([setting.a2, setting.a, setting.a])[1] == "mixed"
     assert len(setting.backend.graphs) == 4 and setting.graphs.broken is None  # nothing compiled after warm-up

@@ -411,9 +411,10 @@ def test_a_mixed_prefill_packs_its_tokens_each_with_its_rows_delta(monkeypatch):
     hook.remove()
     assert set(rows) == {4 * 9}
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
-    mixed.bind([None] * 4)
+    mixed.unbind()
     base, _, _, _ = LlamaForward(model).prefill(prompts)
-    assert torch.equal(base[1], packed[1])  # the row without an adapter: the base's logits
+    # The row without an adapter: the base's logits (to float32 rounding: the plain model's products differ in grouping)
+    torch.testing.assert_close(base[1], packed[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(base[0], packed[0]) and not torch.allclose(base[2], packed[2])
 
 
@@ -472,10 +473,10 @@ def test_a_short_mixed_prefill_adds_each_tokens_rows_delta_inside_the_one_call(m
     loop, _, _, _ = LlamaForward(model).prefill(prompts)
     torch.testing.assert_close(at_once, loop, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(llama_forward, "decode_layers", counted)
-    mixed.bind([None] * 3)
-    base, _, _, _ = LlamaForward(model).prefill(prompts)
     mixed.unbind()
-    assert torch.equal(base[1], at_once[1])  # the row without an adapter: the base's logits
+    base, _, _, _ = LlamaForward(model).prefill(prompts)
+    # The row without an adapter: the base's logits (to float32 rounding: the plain model's products differ in grouping)
+    torch.testing.assert_close(base[1], at_once[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(base[0], at_once[0]) and not torch.allclose(base[2], at_once[2])
 
 
