@@ -176,7 +176,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         """The decode step's graphs, mixed steps' for the store's commonest adapter shapes (listed by now)."""
-        self.decode_graphs.warm_up(self.catalog.mixed_shapes())
+        self.decode_graphs.warm_up(self.catalog.mixed_shapes()[: self.settings.compile_mixed_shapes])
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -129,6 +129,14 @@ class ServerSettings(BaseSettings):
         "holds it, padded; each bucket is a compilation at start-up); sizes above max_batch_size are dropped and "
         "max_batch_size is always one",
     )
+    compile_mixed_shapes: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="with compile_decode: mixed-adapter steps are compiled too for this many adapter shapes (k and "
+        "target layers), the store's commonest at start-up (each is a compilation per bucket at start-up); mixed "
+        "steps of other shapes run eager. 0: every mixed step eager",
+    )
     tool_call_parser: Literal["hermes", "llama3_json"] | None = Field(
         None,
         description='tool_choice "auto" (the default with tools): read tool calls back from the text in the model\'s '

@@ -14,8 +14,8 @@ What a captured graph needs, and how `DecodeGraphs` gives it:
 - a mixed step (per-row deltas: the target linears' forwards replaced by the mixed path's, its
   stacks and indices read in place) runs compiled where a graph was traced at start for its
   `MixedAdapters.signature`: the layers adapted, k and the stacks' size. `warm_up` traces one
-  per bucket for each of the commonest (k, targets) of the store's adapters (a rehearsal: zeros
-  bound, no adapter needed), and every index set of that signature runs on it;
+  per bucket for each (k, targets) it is given, the store's commonest (a rehearsal: zeros bound,
+  no adapter needed), and every index set of that signature runs on it;
 - every other step runs eager: a mixed step of another signature (an adapter uploaded since, or
   rows of two index sets), a batch split apart to find a failing row, prefills (a joining
   group's shape is its prompts'). After warm-up nothing compiles: a step that would need a new
@@ -42,7 +42,6 @@ from neuroada_server.mixed import MixedAdapters
 
 log = logging.getLogger(__name__)
 
-MAX_MIXED_SHAPES = 2  # (k, targets) traced for mixed steps at start: each is a compilation per bucket
 _MERGED = ((), ())  # the signature of a step with no forward replaced
 
 
@@ -106,12 +105,12 @@ class DecodeGraphs:
     @torch.inference_mode()
     def warm_up(self, mixed_shapes: Sequence[tuple[int, Sequence[str]]] = ()) -> bool:
         """Compile (and capture) every bucket before serving, on the thread that will run the steps (a
-        CUDA graph tree is its thread's): the merged step, then a mixed step for each of the first
-        MAX_MIXED_SHAPES (k, target layers) in `mixed_shapes` (with `mixed`). The padding rows' slots
-        are free at start. False (logged, every step eager) where the merged step fails to compile;
-        a mixed shape that fails is logged and left eager."""
+        CUDA graph tree is its thread's): the merged step, then a mixed step for each (k, target
+        layers) in `mixed_shapes` (with `mixed`). The padding rows' slots are free at start. False
+        (logged, every step eager) where the merged step fails to compile; a mixed shape that fails
+        is logged and left eager."""
         started = time.perf_counter()
-        shapes = list(mixed_shapes)[:MAX_MIXED_SHAPES] if self.mixed is not None else []
+        shapes = list(mixed_shapes) if self.mixed is not None else []
         # Dynamo keeps at most `recompile_limit` graphs of a function (`LlamaForward.step`, over every
         # forward in the process): room is made for these.
         torch._dynamo.config.recompile_limit += len(self.buckets) * (1 + len(shapes))
