@@ -9,7 +9,7 @@ What a captured graph needs, and how `DecodeGraphs` gives it:
   overwrites), and attention reads the cache's whole capacity, every row masked to its own length;
 - fixed addresses: the cache is allocated once for the most rows and the longest sequence the
   server admits (`SlotCache.reserve` never grows it after), its tensors and the packed q/k/v
-  views marked static; weights switch in place in the packed buffer, so the graph reads the
+  and gate/up views marked static; weights switch in place in the packed buffer, so the graph reads the
   applied adapter's weights (merged steps run compiled);
 - a mixed step (per-row deltas: the target linears' forwards replaced by the mixed path's, its
   stacks and indices read in place) runs compiled where a graph was traced at start for its
