@@ -18,13 +18,13 @@
 4. Decode on a LLaMA-7B-shaped model of random bf16 weights (packed as the server packs them),
    our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled as the
    server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead": CUDA graphs; the
-   KV cache marked static, attention over its whole capacity so every step has one shape),
+   KV cache marked static, one shape every step: attention over the cache's whole capacity),
    against the HBM floor: the weights' bytes per step over the copy bandwidth. Goal: compiled
    batch 1 at 70% of the floor or better. At the first batch size, eager and compiled, torch's
    profiler lists where a step's device time goes. Then mixed steps (`--mixed-decode-batch`, 8):
    the rows split between two adapters of k = the largest `--k` on every linear, sharing their
    index set (magnitude selection), eager and compiled as the server compiles them (a graph
-   traced for that adapter shape at warm-up).
+   traced for that adapter shape at warm-up), profiled at their first batch size too.
 5. With --embedded: decode.py, a short serve_load.py and train_cost.py (floor, ours with the
    Triton gather product, LoRA; float32) on the embedded model (subprocesses).
 """
@@ -373,15 +373,15 @@ def time_decode(
         one()
     assert not compiled or forward.graphs.covers(forward, batch)  # its mixed steps too: a graph replays
     ms = elapsed_ms(one, device, repeats=steps)
+    table = []
+    if profile:
+        try:  # not yet run on a GPU: a profiler that fails costs its table, not the measurements after it
+            table = profiled(one, device)
+        except Exception as e:
+            print(f"  profiling failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if mixed is not None:
         mixed.unbind()
-    if not profile:
-        return ms, [], vs_eager
-    try:  # not yet run on a GPU: a profiler that fails costs its table, not the measurements after it
-        return ms, profiled(one, device), vs_eager
-    except Exception as e:
-        print(f"  profiling failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        return ms, [], vs_eager
+    return ms, table, vs_eager
 
 
 def profiled(fn, device: torch.device, top: int = 15) -> list[dict]:
@@ -445,7 +445,7 @@ def decode_rows(
         adapters = [loader.place(f"random{i}", a) for i, a in enumerate(shared_index_adapters(model, loader.base, k))]
     for batch, compiled, mixed in runs:
         started = time.perf_counter()
-        profiled_here = batch == (batches or mixed_batches)[0] and not mixed
+        profiled_here = batch == (mixed_batches if mixed else batches)[0]  # where a step's time goes, each kind
         ms, profile, vs_eager = time_decode(
             model, batch, steps, compiled, device, profile=profiled_here, adapters=adapters if mixed else []
         )
@@ -471,7 +471,7 @@ def decode_rows(
             "floor_fraction": floor_ms / ms,
             "wall_s": wall_s,
             "vs_eager": vs_eager,  # compiled: the first step's logits against an eager step's
-            "profile": profile,  # the first batch size's: where a step's time goes
+            "profile": profile,  # each kind's first batch size's: where a step's time goes
         }
 
 
