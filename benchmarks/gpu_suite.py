@@ -16,9 +16,9 @@
    replayed from a CUDA graph (the kernels' own time). Goal: at most 5% at k = 20. Then the
    same under each candidate Triton launch (`TritonLaunch`: tile sizes, the k loop unrolled).
 4. Decode on a LLaMA-7B-shaped model of random bf16 weights (packed as the server packs them),
-   our decoder's step (`LlamaForward.step`) at batch 1, 8 and 32, eager and compiled as the
-   server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead": CUDA graphs; the
-   KV cache marked static, one shape every step: attention over the cache's whole capacity),
+   our decoder's step (`LlamaForward.step`) at batch 1 and 8 (`--decode-batch`), eager and
+   compiled as the server compiles it (`DecodeGraphs`: `torch.compile`, mode "reduce-overhead":
+   CUDA graphs; the KV cache marked static, one shape every step: attention given its whole capacity),
    against the HBM floor: the weights' bytes per step over the copy bandwidth. Goal: compiled
    batch 1 at 70% of the floor or better. At the first batch size, eager and compiled, torch's
    profiler lists where a step's device time goes. Then mixed steps (`--mixed-decode-batch`, 8):
@@ -349,7 +349,7 @@ def time_decode(
     logits, _, rows, _ = forward.prefill(prompts)
     forward.join(rows)
     forward.cache.reserve(batch, PROMPT_TOKENS + steps + 4)
-    capacity = forward.cache.capacity  # one shape for every step: attention reads the whole cache
+    capacity = forward.cache.capacity  # one shape for every step: attention is given the whole cache
     ids, positions = logits.argmax(-1), torch.tensor(forward.lengths, device=device)
     vs_eager = None
     if compiled:

@@ -244,11 +244,9 @@ class MixedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight, self.bias)
-        for index_set, slots in self.adapters._bound:  # the hot path: a call per target layer per step
-            unit = index_set.units.get(self.name)
-            if unit is not None:
-                # Indices were checked against the base when the adapter was loaded; slots are ours.
-                add_mixed_delta_(out, x, unit.indices, unit.values, slots, check_ranges=False)
+        for unit, slots in self.adapters.bound(self.name):  # the hot path: a call per target layer per step
+            # Indices were checked against the base when the adapter was loaded; slots are ours.
+            add_mixed_delta_(out, x, unit.indices, unit.values, slots, check_ranges=False)
         return out
 
     def deltas(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

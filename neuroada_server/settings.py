@@ -116,11 +116,10 @@ class ServerSettings(BaseSettings):
         None,
         description="compile our decoder's step (torch.compile; CUDA graphs on a GPU) once per batch-size bucket at "
         "start-up, over a KV cache allocated whole (max_batch_size rows of max_prompt_tokens + max_new_tokens); "
-        "merged steps and mixed steps of the store's two commonest adapter shapes (k, targets), other mixed steps "
-        "eager; a compilation that fails leaves every step eager. Default: on where our "
-        "decoder runs on a CUDA GPU (an eager step there is bound by kernel launches) and that whole cache takes at "
-        "most half the free GPU memory, off on the CPU (our float32 kernels are not traceable, and compiling the "
-        "rest does not pay)",
+        "merged steps and mixed steps of the store's commonest adapter shapes (compile_mixed_shapes), other mixed "
+        "steps eager; a compilation that fails leaves every step eager. Default: on where our decoder runs on a CUDA "
+        "GPU (an eager step there is bound by kernel launches) and that whole cache takes at most half the free GPU "
+        "memory, off on the CPU (our float32 kernels are not traceable, and compiling the rest does not pay)",
     )
     compile_batch_sizes: str = Field(
         "1,4,16",

@@ -6,11 +6,12 @@ What a captured graph needs, and how `DecodeGraphs` gives it:
 
 - fixed shapes: a batch of B rows runs as the smallest bucket >= B, the rows past B padded (token
   0 at position 0 of a slot no row holds: what the padding writes there, a newcomer's prefill
-  overwrites), and attention reads the cache's whole capacity, every row masked to its own length;
+  overwrites), and attention is given the cache's whole capacity (the torch twin reads all of it,
+  every row masked to its own length; on CUDA the Triton kernel reads each row's own positions);
 - fixed addresses: the cache is allocated once for the most rows and the longest sequence the
-  server admits (`SlotCache.reserve` never grows it after), its tensors and the packed q/k/v
-  and gate/up views marked static; weights switch in place in the packed buffer, so the graph reads the
-  applied adapter's weights (merged steps run compiled);
+  server admits (`SlotCache.reserve` never grows it after), its tensors and the packed q/k/v and
+  gate/up views marked static; weights switch in place in the packed buffer, so the graph reads
+  the applied adapter's weights (merged steps run compiled);
 - a mixed step (per-row deltas: the target linears' forwards replaced by the mixed path's, its
   stacks and indices read in place) runs compiled where a graph was traced at start for its
   `MixedAdapters.signature`: the layers adapted, k and the stacks' size. `warm_up` traces one
