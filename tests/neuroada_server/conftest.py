@@ -37,6 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(condition, timeout: float = 30):
+    """`condition()`'s first truthy value, polled until `timeout` s (then its last value): for state
+    another thread or process reaches in its own time, which a loaded machine may stretch."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def spawn_serve(env_overrides: dict[str, str], timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """`neuroada serve` in its own process on a free port, as a user starts it; waits for /health."""
     port = free_port()

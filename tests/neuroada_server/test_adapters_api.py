@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from tests.neuroada_server.conftest import (
     long_request,
     make_settings,
     offline_greedy,
+    wait_for,
 )
 
 
@@ -368,8 +368,8 @@ def test_uploads_beyond_the_concurrency_bound_get_429(store, tiny_model_dir):
         first = threading.Thread(target=lambda: c.put("/adapters/slow", content=slow_body()))
         first.start()
         assert holding.wait(30)
-        time.sleep(0.2)
-        streamed_so_far = list(store.glob(".slow.safetensors.*.tmp"))
+        # The temp file appears once the server holds the upload slot and reads the body.
+        streamed_so_far = wait_for(lambda: list(store.glob(".slow.safetensors.*.tmp")))
         r = c.put("/adapters/other", content=data)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         release.set()

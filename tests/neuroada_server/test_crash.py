@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.neuroada_server.conftest import spawn_serve
+from tests.neuroada_server.conftest import spawn_serve, wait_for
 
 
 def start(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
@@ -40,7 +40,7 @@ def test_sigkill_during_upload_then_restart(tiny_model_dir, store):
     uploader = threading.Thread(target=upload)
     uploader.start()
     assert sent_half.wait(10)
-    time.sleep(0.3)
+    assert wait_for(lambda: list(store.glob(".new.*.tmp")))  # the server is streaming it to disk
     proc.kill()  # SIGKILL: no shutdown code runs
     proc.wait(timeout=30)
     uploader.join(timeout=30)
