@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import torch
+from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from neuroada import errors
 from neuroada.fingerprint import BaseModelSpec
-from neuroada.format import LayerDelta, SparseAdapter, build_adapter
+from neuroada.format import AdapterMetadata, LayerDelta, SparseAdapter, build_adapter, index_set_hash
 
 TINY_NAME = "tiny-llama"
+Q = "model.layers.0.self_attn.q_proj"  # [64, 64] in tiny_llama
+DOWN = "model.layers.1.mlp.down_proj"  # [64, 96] in tiny_llama
 
 
 def _tiny_shape(vocab_size: int) -> dict:
@@ -140,3 +144,80 @@ def logits_over_a_batch_life(forward) -> list[torch.Tensor]:
         seen.append(logits)
         tokens = logits.argmax(-1).tolist()
     return seen
+
+
+def write_raw(path, layers: dict, k: int, spec: BaseModelSpec, meta_overrides: dict | None = None) -> bytes:
+    """A safetensors file with the given tensors and otherwise consistent metadata."""
+    tensors = {}
+    for name, (indices, values) in layers.items():
+        tensors[f"{name}.indices"] = indices
+        tensors[f"{name}.values"] = values
+    names = sorted(layers)
+    meta = AdapterMetadata(
+        base_model=TINY_NAME,
+        base_fingerprint=spec.fingerprint,
+        k=k,
+        selection="magnitude",
+        index_hash=index_set_hash({n: layers[n][0] for n in names}),
+        targets=names,
+        created="2026-11-26T00:00:00+00:00",
+    ).to_strings()
+    meta.update(meta_overrides or {})
+    data = st_save(tensors, metadata=meta)
+    path.write_bytes(data)
+    return data
+
+
+def good_layer(d_out=64, k=2):
+    """A valid (indices, values) pair for a tiny_llama linear with `d_out` outputs."""
+    indices = torch.arange(k, dtype=torch.int16).repeat(d_out, 1)
+    return indices, torch.full((d_out, k), 0.01, dtype=torch.bfloat16)
+
+
+def malformed_layers(name: str):
+    """One adapter fault by name: (layers for `write_raw`, the error it must raise, a fragment of its message)."""
+    idx, val = good_layer()
+    if name == "unknown module":
+        return {"model.layers.0.self_attn.nope": (idx, val)}, errors.UnknownModuleError, "nope"
+    if name == "not linear":
+        return {"model.layers.0.input_layernorm": (idx, val)}, errors.NotLinearError, "input_layernorm"
+    if name == "d_out mismatch":
+        i, v = good_layer(d_out=65)
+        return {Q: (i, v)}, errors.DOutMismatchError, "d_out=65"
+    if name == "shapes differ":
+        return {Q: (idx, val[:, :1].contiguous())}, errors.ShapeError, Q
+    if name == "index out of range":
+        i = idx.clone()
+        i[5, 1] = 96  # DOWN has d_in = 96
+        return {DOWN: (i, val)}, errors.IndexOutOfRangeError, "96"
+    if name == "negative index":
+        i = idx.clone()
+        i[0, 0] = -3
+        return {Q: (i, val)}, errors.IndexOutOfRangeError, "-3"
+    if name == "duplicate index":
+        i = idx.clone()
+        i[7] = torch.tensor([4, 4])
+        return {Q: (i, val)}, errors.DuplicateIndexError, "row 7"
+    if name == "non-finite value":
+        v = val.clone()
+        v[3, 0] = float("nan")
+        return {Q: (idx, v)}, errors.NonFiniteValueError, Q
+    if name == "float32 values":
+        return {Q: (idx, val.float())}, errors.DtypeError, "bfloat16"
+    if name == "int64 indices":
+        return {Q: (idx.long(), val)}, errors.DtypeError, "int16 or int32"
+    raise AssertionError(name)
+
+
+MALFORMED = [  # the names malformed_layers knows
+    "unknown module",
+    "not linear",
+    "d_out mismatch",
+    "shapes differ",
+    "index out of range",
+    "negative index",
+    "duplicate index",
+    "non-finite value",
+    "float32 values",
+    "int64 indices",
+]

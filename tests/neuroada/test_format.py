@@ -11,7 +11,6 @@ from safetensors.torch import save as st_save
 from neuroada import errors
 from neuroada.fingerprint import BaseModelSpec, fingerprint
 from neuroada.format import (
-    AdapterMetadata,
     adapter_to_bytes,
     build_adapter,
     index_set_hash,
@@ -20,11 +19,18 @@ from neuroada.format import (
     read_adapter_header,
     save_adapter,
 )
-from tests.helpers import TINY_NAME, random_adapter, tiny_llama
+from tests.helpers import (
+    MALFORMED,
+    TINY_NAME,
+    Q,
+    good_layer,
+    malformed_layers,
+    random_adapter,
+    tiny_llama,
+    write_raw,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-Q = "model.layers.0.self_attn.q_proj"  # [64, 64]
-DOWN = "model.layers.1.mlp.down_proj"  # [64, 96]
 
 
 @pytest.fixture
@@ -75,84 +81,9 @@ def test_failed_write_leaves_the_old_file_and_no_temp_file(model, tmp_path, monk
 # --- malformed files: each fault is produced by a real file and named in the message -------------
 
 
-def write_raw(path, layers: dict, k: int, spec: BaseModelSpec, meta_overrides: dict | None = None) -> bytes:
-    """A safetensors file with the given tensors and otherwise consistent metadata."""
-    tensors = {}
-    for name, (indices, values) in layers.items():
-        tensors[f"{name}.indices"] = indices
-        tensors[f"{name}.values"] = values
-    names = sorted(layers)
-    meta = AdapterMetadata(
-        base_model=TINY_NAME,
-        base_fingerprint=spec.fingerprint,
-        k=k,
-        selection="magnitude",
-        index_hash=index_set_hash({n: layers[n][0] for n in names}),
-        targets=names,
-        created="2026-11-26T00:00:00+00:00",
-    ).to_strings()
-    meta.update(meta_overrides or {})
-    data = st_save(tensors, metadata=meta)
-    path.write_bytes(data)
-    return data
-
-
-def good_layer(d_out=64, k=2):
-    indices = torch.arange(k, dtype=torch.int16).repeat(d_out, 1)
-    return indices, torch.full((d_out, k), 0.01, dtype=torch.bfloat16)
-
-
-def _case(name, spec):
-    idx, val = good_layer()
-    if name == "unknown module":
-        return {"model.layers.0.self_attn.nope": (idx, val)}, errors.UnknownModuleError, "nope"
-    if name == "not linear":
-        return {"model.layers.0.input_layernorm": (idx, val)}, errors.NotLinearError, "input_layernorm"
-    if name == "d_out mismatch":
-        i, v = good_layer(d_out=65)
-        return {Q: (i, v)}, errors.DOutMismatchError, "d_out=65"
-    if name == "shapes differ":
-        return {Q: (idx, val[:, :1].contiguous())}, errors.ShapeError, Q
-    if name == "index out of range":
-        i = idx.clone()
-        i[5, 1] = 96  # DOWN has d_in = 96
-        return {DOWN: (i, val)}, errors.IndexOutOfRangeError, "96"
-    if name == "negative index":
-        i = idx.clone()
-        i[0, 0] = -3
-        return {Q: (i, val)}, errors.IndexOutOfRangeError, "-3"
-    if name == "duplicate index":
-        i = idx.clone()
-        i[7] = torch.tensor([4, 4])
-        return {Q: (i, val)}, errors.DuplicateIndexError, "row 7"
-    if name == "non-finite value":
-        v = val.clone()
-        v[3, 0] = float("nan")
-        return {Q: (idx, v)}, errors.NonFiniteValueError, Q
-    if name == "float32 values":
-        return {Q: (idx, val.float())}, errors.DtypeError, "bfloat16"
-    if name == "int64 indices":
-        return {Q: (idx.long(), val)}, errors.DtypeError, "int16 or int32"
-    raise AssertionError(name)
-
-
-CASES = [
-    "unknown module",
-    "not linear",
-    "d_out mismatch",
-    "shapes differ",
-    "index out of range",
-    "negative index",
-    "duplicate index",
-    "non-finite value",
-    "float32 values",
-    "int64 indices",
-]
-
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", MALFORMED)
 def test_each_tensor_fault_raises_its_own_error(case, spec, tmp_path):
-    layers, error, fragment = _case(case, spec)
+    layers, error, fragment = malformed_layers(case)
     path = tmp_path / "bad.safetensors"
     write_raw(path, layers, k=next(iter(layers.values()))[0].shape[1], spec=spec)
     with pytest.raises(error, match=fragment.replace(".", r"\.")) as info:

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
+from neuroada.fingerprint import BaseModelSpec
 from neuroada.format import adapter_to_bytes, read_adapter
-from tests.helpers import random_adapter, tiny_llama
-from tests.neuroada.test_format import CASES, _case, write_raw
+from tests.helpers import MALFORMED, malformed_layers, random_adapter, tiny_llama, write_raw
 from tests.neuroada_server.conftest import (
     LONG_TOKENS,
     RunningServer,
@@ -106,12 +106,10 @@ def test_deleting_the_applied_adapter_reverts_it_first(server, store):
         assert c.delete("/adapters/b").status_code == 404
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", MALFORMED)
 def test_each_malformed_upload_is_refused_and_changes_nothing(case, server, store, tmp_path):
-    from neuroada.fingerprint import BaseModelSpec
-
     spec = BaseModelSpec.from_model(tiny_llama(seed=0), "tiny")
-    layers, _, fragment = _case(case, spec)
+    layers, _, fragment = malformed_layers(case)
     data = write_raw(tmp_path / "bad.safetensors", layers, k=next(iter(layers.values()))[0].shape[1], spec=spec)
     _assert_upload_refused(server, store, "a", data, 422, fragment)
 
