@@ -16,7 +16,14 @@ import pytest
 from neuroada.format import adapter_to_bytes, save_adapter
 from neuroada_server.engine import Engine
 from tests.helpers import random_adapter, tiny_llama
-from tests.neuroada_server.conftest import RunningServer, generate, long_request, make_settings, offline_greedy
+from tests.neuroada_server.conftest import (
+    RunningServer,
+    generate,
+    long_request,
+    make_settings,
+    offline_greedy,
+    wait_for,
+)
 
 ADAPTER_BYTES = 640 * 4  # random_adapter(k=2) on the tiny model: 640 int16 indices and 640 bf16 values
 DEVICE_BYTES = 640 * 2 + 640 * (8 + 4)  # values, plus its own index set: int64 offsets, fp32 base weights
@@ -86,10 +93,10 @@ def test_a_request_cancelled_while_queued_lets_go_of_its_adapter(tiny_model_dir,
         with long_request(c):  # holds the one batch row: t001's request waits in the queue
             with pytest.raises(httpx.TimeoutException):  # its client hangs up while it waits
                 httpx.post(f"{s.url}/generate?adapter=t001", json={"prompt": "hi", "max_new_tokens": 4}, timeout=1.0)
-            deadline = time.monotonic() + 10
-            while _metric(c.get("/metrics").text, "neuroada_requests_total", adapter="t001", status="499") < 1:
-                assert time.monotonic() < deadline, "the cancelled request never ended"
-                time.sleep(0.05)
+            cancelled = wait_for(
+                lambda: _metric(c.get("/metrics").text, "neuroada_requests_total", adapter="t001", status="499") >= 1
+            )
+            assert cancelled, "the cancelled request never ended"
         for name in ["t002", "t003"]:  # two loads into two resident slots: t001 must make room
             assert generate(c, "hello", name, n=4) == offline_greedy(store / f"{name}.safetensors", "hello", 4)
         assert _tiers(c)["t001"] != "resident"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -23,6 +22,7 @@ from tests.neuroada_server.conftest import (
     make_settings,
     metric,
     offline_greedy,
+    wait_for,
 )
 
 
@@ -217,9 +217,7 @@ def test_openai_n_choices_are_queued_all_or_none(tiny_model_dir, store):
         with long_request(c):  # holds the one batch row: nothing leaves the queue meanwhile
             assert c.post("/v1/completions", json=body | {"n": 3}).status_code == 429  # 3 > 2: none queued
             two = pool.submit(c.post, "/v1/completions", json=body | {"n": 2})  # so both of these fit
-            deadline = time.monotonic() + 10
-            while metric(c, "neuroada_queue_depth") < 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_for(lambda: metric(c, "neuroada_queue_depth") >= 2)
             assert metric(c, "neuroada_queue_depth") == 2
         assert two.result(timeout=60).status_code == 200  # once the long request hung up
         assert [ch["index"] for ch in two.result().json()["choices"]] == [0, 1]
