@@ -31,6 +31,19 @@ OURS = ("llama", "mistral", "qwen2", "qwen3")
 PAD = 0
 
 
+def _model_with_two_adapters():
+    """A tiny Llama on the C++ decode kernels; adapter `a` (k = 2) on every projection and `b` (k = 3)
+    on q, v and down, both prepared; the mixed path's state, nothing bound."""
+    model = tiny_llama(seed=7)
+    packed = PackedWeights(model)
+    kernels.use_decode_linears(model)
+    loader = AdapterLoader(packed, BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
+    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=3, seed=2, scale=0.3)))
+    return model, a, b, MixedAdapters(model, torch.device("cpu"))
+
+
 def decode_steps_at_once(calls: list):
     """`decode_layers` for decode steps alone (a slot per row), their arguments kept in `calls`; a
     prefill (tokens sharing a slot) gets None and runs the loop: steps compared to the bit with the
@@ -123,15 +136,8 @@ def test_a_decode_step_runs_every_layer_in_one_call_to_the_bit(family, weight_dt
 def test_a_mixed_step_adds_each_rows_deltas_inside_the_one_call_to_the_bit(monkeypatch):
     if kernels.cpu_kernels() is None:
         pytest.skip("the C++ CPU kernels are not built here")
-    model = tiny_llama(seed=7)
-    packed = PackedWeights(model)
-    kernels.use_decode_linears(model)
-    loader = AdapterLoader(packed, BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
-    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
-    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=3, seed=2, scale=0.3)))  # q, v, down
+    model, a, b, mixed = _model_with_two_adapters()
     rows = [a, None, b, a]
-    mixed = MixedAdapters(model, torch.device("cpu"))
     calls = []
 
     def steps() -> list[torch.Tensor]:
@@ -384,14 +390,7 @@ def test_a_prefill_leaves_its_padding_out_of_the_products_unless_rows_are_bound(
 
 @torch.inference_mode()
 def test_a_mixed_prefill_packs_its_tokens_each_with_its_rows_delta(monkeypatch):
-    model = tiny_llama(seed=7)
-    packed_weights = PackedWeights(model)
-    kernels.use_decode_linears(model)
-    loader = AdapterLoader(packed_weights, BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
-    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
-    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=3, seed=2, scale=0.3)))
-    mixed = MixedAdapters(model, torch.device("cpu"))
+    model, a, b, mixed = _model_with_two_adapters()
     prompts = random_prompts(12, [6, 2, 9, 4])
     rows = []
 
@@ -446,14 +445,7 @@ def test_a_short_prefill_runs_its_tokens_as_rows_of_the_one_call(family, monkeyp
 def test_a_short_mixed_prefill_adds_each_tokens_rows_delta_inside_the_one_call(monkeypatch):
     if kernels.cpu_kernels() is None:
         pytest.skip("the C++ CPU kernels are not built here")
-    model = tiny_llama(seed=7)
-    packed_weights = PackedWeights(model)
-    kernels.use_decode_linears(model)
-    loader = AdapterLoader(packed_weights, BaseModelSpec.from_model(model, TINY_NAME), fidelity_threshold=0.9)
-    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    a = loader.prepare("a", adapter_to_bytes(random_adapter(model, k=2, seed=1, scale=0.3, targets=every)))
-    b = loader.prepare("b", adapter_to_bytes(random_adapter(model, k=3, seed=2, scale=0.3)))
-    mixed = MixedAdapters(model, torch.device("cpu"))
+    model, a, b, mixed = _model_with_two_adapters()
     prompts = random_prompts(12, [6, 2, 9])
     calls = []
 
