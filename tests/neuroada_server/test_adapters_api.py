@@ -366,7 +366,7 @@ def test_uploads_beyond_the_concurrency_bound_get_429(store, tiny_model_dir):
         first = threading.Thread(target=lambda: c.put("/adapters/slow", content=slow_body()))
         first.start()
         assert holding.wait(30)
-        # The temp file appears once the server holds the upload slot and reads the body.
+        # The server makes the temp file once it holds the upload slot, then streams the body into it.
         streamed_so_far = wait_for(lambda: list(store.glob(".slow.safetensors.*.tmp")))
         r = c.put("/adapters/other", content=data)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
